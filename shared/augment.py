@@ -1,0 +1,270 @@
+"""Replayable augmented views.
+
+A view is fully determined by (spec, seed, sample key, view index v).  ``sample_view`` draws every random choice
+from one counter-based generator (Philox) keyed by a stable hash of (seed, key, v) — never from global RNG state,
+worker id, batch position or process count — and returns them as a ``ViewParams`` record.  ``apply_view`` is a
+pure function of (spec, image, params).  Stage 1 and stage 2 call the same two functions, so the student trains
+on exactly the pixels the teacher saw.
+
+Views are uint8 tensors (C, H, W): 4x less to move between processes and to the GPU than float, and bit-exact
+comparison is trivial.  Normalisation happens on the device, per model (``to_model_input``).
+
+Recipe follows timm/DeiT: random-resized-crop -> horizontal flip -> RandAugment (timm's ``rand-m9-mstd0.5-inc1``
+op set, each op applied with probability ``ra_prob``) -> random erasing (per-pixel Gaussian fill).  Positions and
+sizes are sampled in *relative* units so a view's params do not depend on the image size; ``apply_view`` turns
+them into pixels.  The crop box is clamped to the image instead of timm's 10-try rejection loop (documented
+deviation: at most a slightly different crop-size distribution).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Augmentation recipe.  Part of the cache's identity: a cache is only valid for the spec it was built with."""
+    image_size: int = 28
+    rrc: bool = True
+    rrc_scale: tuple[float, float] = (0.08, 1.0)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"          # bilinear | bicubic | nearest
+    hflip: float = 0.5
+    ra_num_ops: int = 2                      # 0 disables RandAugment
+    ra_magnitude: float = 9.0
+    ra_magnitude_std: float = 0.5
+    ra_prob: float = 0.5
+    erase_prob: float = 0.25
+    erase_area: tuple[float, float] = (0.02, 1 / 3)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
+    mean: tuple[float, ...] = (0.5,)         # pixel statistics in [0, 1]: random-erasing fill (N(mean, std))
+    std: tuple[float, ...] = (0.5,)          # and the default student input normalisation
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ViewSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation option(s) {unknown}; known: {sorted(known)}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"augment.image_size must be positive, got {self.image_size}")
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(f"augment.interpolation must be one of {sorted(_INTERPOLATION)}, got {self.interpolation!r}")
+        if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"augment.rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
+        for name in ("hflip", "ra_prob", "erase_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} is a probability, got {getattr(self, name)}")
+        if self.ra_num_ops < 0:
+            raise ValueError(f"augment.ra_num_ops must be >= 0, got {self.ra_num_ops}")
+
+    @property
+    def num_params(self) -> int:
+        return ViewParams.size(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The params record
+
+@dataclass
+class ViewParams:
+    """All random choices of one view.  Encodes to a fixed-size float32 record; every field is exactly
+    representable in float32 (integers < 2**24), so decode(encode(p)) == p and apply sees the same numbers."""
+    crop: tuple[float, float, float, float] = (1.0, 0.0, 0.5, 0.5)   # area fraction, log aspect, u_top, u_left
+    flip: bool = False
+    ops: list[tuple[int, float]] = field(default_factory=list)       # (op id or -1 for skipped, signed level)
+    erase: tuple[float, float, float, float] | None = None           # area fraction, log aspect, u_top, u_left
+    noise_seed: int = 0
+
+    HEAD = 5     # crop(4) + flip
+    TAIL = 6     # erase flag + erase(4) + noise seed
+
+    @staticmethod
+    def size(spec: ViewSpec) -> int:
+        return ViewParams.HEAD + 2 * spec.ra_num_ops + ViewParams.TAIL
+
+    def encode(self, spec: ViewSpec) -> np.ndarray:
+        ops = list(self.ops) + [(-1, 0.0)] * (spec.ra_num_ops - len(self.ops))
+        record = [*self.crop, float(self.flip)]
+        for op, level in ops:
+            record += [op, level]
+        record += [1.0, *self.erase] if self.erase is not None else [0.0, 0.0, 0.0, 0.0, 0.0]
+        record.append(self.noise_seed)
+        return np.asarray(record, dtype=np.float32)
+
+    @classmethod
+    def decode(cls, record: np.ndarray, spec: ViewSpec) -> "ViewParams":
+        record = np.asarray(record, dtype=np.float32)
+        if record.shape != (cls.size(spec),):
+            raise ValueError(f"params record has shape {record.shape}, spec expects ({cls.size(spec)},)")
+        r = [float(x) for x in record]
+        n = spec.ra_num_ops
+        ops = [(int(r[cls.HEAD + 2 * i]), r[cls.HEAD + 2 * i + 1]) for i in range(n)]
+        tail = r[cls.HEAD + 2 * n:]
+        erase = tuple(tail[1:5]) if tail[0] > 0 else None
+        return cls(crop=tuple(r[0:4]), flip=r[4] > 0, ops=ops, erase=erase, noise_seed=int(tail[5]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def view_generator(seed: int, key: str, view: int) -> np.random.Generator:
+    """Counter-based generator keyed by a stable hash of (seed, key, view): same stream in any process."""
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{key}\x1f{int(view)}".encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(digest, "little")))
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _sample_box(rng: np.random.Generator, area: tuple[float, float], ratio: tuple[float, float]) -> tuple:
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    return (_f32(rng.uniform(*area)), _f32(rng.uniform(*log_ratio)), _f32(rng.uniform()), _f32(rng.uniform()))
+
+
+def sample_view(spec: ViewSpec, seed: int, key: str, view: int) -> ViewParams:
+    rng = view_generator(seed, key, view)
+    # every draw happens whether or not the op is enabled, so switching one op off leaves the others' draws alone
+    crop = _sample_box(rng, spec.rrc_scale, spec.rrc_ratio)
+    flip = bool(rng.uniform() < spec.hflip)
+    ops = []
+    for _ in range(spec.ra_num_ops):
+        applied = rng.uniform() < spec.ra_prob
+        op = int(rng.integers(len(RAND_OPS)))
+        magnitude = min(max(rng.normal(spec.ra_magnitude, spec.ra_magnitude_std), 0.0), _MAX_LEVEL)
+        sign = -1.0 if rng.uniform() < 0.5 else 1.0
+        ops.append((op if applied else -1, _f32(sign * magnitude) if applied else 0.0))
+    erase_on = rng.uniform() < spec.erase_prob
+    erase = _sample_box(rng, spec.erase_area, spec.erase_ratio)
+    noise_seed = int(rng.integers(1 << 24))
+    return ViewParams(crop=crop if spec.rrc else (1.0, 0.0, 0.5, 0.5), flip=flip, ops=ops,
+                      erase=erase if erase_on else None, noise_seed=noise_seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Applying
+
+_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+_MAX_LEVEL = 10.0
+
+
+def box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
+    """Relative (area, log aspect, u_top, u_left) -> integer (top, left, h, w), clamped inside the image."""
+    area, log_ratio, u_top, u_left = box
+    target = area * height * width
+    ratio = math.exp(log_ratio)
+    w = min(max(int(round(math.sqrt(target * ratio))), 1), width)
+    h = min(max(int(round(math.sqrt(target / ratio))), 1), height)
+    top = min(int(u_top * (height - h + 1)), height - h)
+    left = min(int(u_left * (width - w + 1)), width - w)
+    return top, left, h, w
+
+
+def _fill(image: Image.Image):
+    return 128 if image.mode == "L" else (128, 128, 128)
+
+
+def _affine(image: Image.Image, coeffs: tuple) -> Image.Image:
+    return image.transform(image.size, Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=_fill(image))
+
+
+def _enhance(cls):
+    return lambda img, level: cls(img).enhance(1.0 + level / _MAX_LEVEL * 0.9)
+
+
+# timm's RandAugment "increasing" op set; level in [-10, 10] (sign used by signed ops)
+RAND_OPS: list[tuple[str, callable]] = [
+    ("AutoContrast", lambda img, level: ImageOps.autocontrast(img)),
+    ("Equalize", lambda img, level: ImageOps.equalize(img)),
+    ("Invert", lambda img, level: ImageOps.invert(img)),
+    ("Rotate", lambda img, level: img.rotate(level / _MAX_LEVEL * 30.0, resample=Image.BILINEAR,
+                                             fillcolor=_fill(img))),
+    ("PosterizeIncreasing", lambda img, level: ImageOps.posterize(img, 4 - int(abs(level) / _MAX_LEVEL * 4))),
+    ("SolarizeIncreasing", lambda img, level: ImageOps.solarize(img, 256 - int(abs(level) / _MAX_LEVEL * 256))),
+    ("SolarizeAdd", lambda img, level: _solarize_add(img, int(abs(level) / _MAX_LEVEL * 110))),
+    ("ColorIncreasing", _enhance(ImageEnhance.Color)),
+    ("ContrastIncreasing", _enhance(ImageEnhance.Contrast)),
+    ("BrightnessIncreasing", _enhance(ImageEnhance.Brightness)),
+    ("SharpnessIncreasing", _enhance(ImageEnhance.Sharpness)),
+    ("ShearX", lambda img, level: _affine(img, (1, level / _MAX_LEVEL * 0.3, 0, 0, 1, 0))),
+    ("ShearY", lambda img, level: _affine(img, (1, 0, 0, level / _MAX_LEVEL * 0.3, 1, 0))),
+    ("TranslateXRel", lambda img, level: _affine(img, (1, 0, level / _MAX_LEVEL * 0.45 * img.size[0], 0, 1, 0))),
+    ("TranslateYRel", lambda img, level: _affine(img, (1, 0, 0, 0, 1, level / _MAX_LEVEL * 0.45 * img.size[1]))),
+]
+
+
+def _solarize_add(image: Image.Image, add: int, threshold: int = 128) -> Image.Image:
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return image.point(lut * (3 if image.mode == "RGB" else 1))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.array(image, dtype=np.uint8)  # a writable copy: erasing writes into the tensor
+    if array.ndim == 2:
+        return torch.from_numpy(array).unsqueeze(0)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.Tensor:
+    """The view as a uint8 tensor (C, image_size, image_size).  Pure: same inputs, same bytes."""
+    width, height = image.size
+    top, left, h, w = box_pixels(params.crop, height, width)
+    size = (spec.image_size, spec.image_size)
+    if (top, left, h, w) != (0, 0, height, width) or image.size != size:
+        image = image.resize(size, _INTERPOLATION[spec.interpolation], box=(left, top, left + w, top + h))
+    if params.flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    for op, level in params.ops:
+        if op >= 0:
+            image = RAND_OPS[op][1](image, level)
+    view = to_uint8_tensor(image)
+    if params.erase is not None:
+        c = view.shape[0]
+        top, left, h, w = box_pixels(params.erase, spec.image_size, spec.image_size)
+        generator = torch.Generator().manual_seed(params.noise_seed)
+        mean = torch.tensor(_per_channel(spec.mean, c)).view(c, 1, 1)
+        std = torch.tensor(_per_channel(spec.std, c)).view(c, 1, 1)
+        noise = torch.randn((c, h, w), generator=generator) * std + mean
+        view[:, top:top + h, left:left + w] = (noise * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return view
+
+
+def eval_view(spec: ViewSpec, image: Image.Image) -> torch.Tensor:
+    """The deterministic evaluation view: the whole image resized to image_size."""
+    size = (spec.image_size, spec.image_size)
+    if image.size != size:
+        image = image.resize(size, _INTERPOLATION[spec.interpolation])
+    return to_uint8_tensor(image)
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
+    if len(values) == channels:
+        return list(values)
+    if len(values) == 1:
+        return list(values) * channels
+    if channels == 1:
+        return [sum(values) / len(values)]
+    raise ValueError(f"normalisation has {len(values)} values for a {channels}-channel image")
+
+
+def to_model_input(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, C, H, W) views -> normalised float, on whatever device ``views`` lives on."""
+    c = views.shape[1]
+    mean_t = torch.tensor(_per_channel(mean, c), device=views.device).view(1, c, 1, 1)
+    std_t = torch.tensor(_per_channel(std, c), device=views.device).view(1, c, 1, 1)
+    return (views.float().div_(255.0) - mean_t) / std_t
