@@ -52,12 +52,13 @@ class ViewSpec:
         if unknown:
             raise ValueError(f"unknown augmentation option(s) {unknown}; known: {sorted(known)}")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        spec = cls(**data)
-        spec.validate()
-        return spec
+        return cls(**data)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.image_size <= 0:
