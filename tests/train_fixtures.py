@@ -1,0 +1,49 @@
+"""Helpers for the trainer tests: a real logit cache written through ``shared.cache_schema`` with real teacher
+logits computed here (the trainer never imports the cache builder)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared.augment import ViewSpec, to_model_input
+from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK, create_arrays, open_root
+from shared.manifest import Manifest
+from shared.reader import pieces_for_rows, read_piece
+from shared.views import render_view
+
+
+def teacher_outputs(model: torch.nn.Module, views: torch.Tensor, mean, std) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.eval()(to_model_input(views, mean, std))
+    return (out["cls"] if isinstance(out, dict) else out).float()
+
+
+def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: int,
+                teachers: dict[str, dict], topk: int, chunk_rows: int = 16) -> LogitCache:
+    """``teachers``: name -> {"model", "kind", "mean", "std", "sha256"}.  Writes every (view, chunk) unit."""
+    records = [TeacherRecord(name, t.get("kind", "conv"), t.get("arch", "test"), t.get("sha256", ""),
+                             manifest.num_classes, list(t["mean"]), list(t["std"]), None,
+                             {"checkpoint": t["checkpoint"]} if t.get("checkpoint") else {})
+               for name, t in teachers.items()]
+    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, manifest.num_classes, views, topk, seed,
+                       spec.to_dict(), chunk_rows, records)
+    root = open_root(url, "w")
+    create_arrays(root, attrs, spec.num_params)
+    root.attrs.update(attrs.to_json_dict())
+    cache = LogitCache(root, attrs)
+    for v in range(views):
+        for chunk in range(attrs.num_chunks):
+            lo, hi = attrs.chunk_rows_range(chunk)
+            samples = [s for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
+            rendered = [render_view(spec, seed, v, s) for s in samples]
+            images = torch.stack([r[0] for r in rendered])
+            params = np.stack([r[1] for r in rendered])
+            outputs = {}
+            for name, t in teachers.items():
+                logits = teacher_outputs(t["model"], images, t["mean"], t["std"])
+                top = logits.topk(topk, dim=1)
+                outputs[name] = TopK(top.values.half().numpy(), top.indices.numpy().astype(np.uint8),
+                                     torch.logsumexp(logits, 1).numpy().astype(np.float32))
+            cache.write_unit(v, chunk, params, outputs)
+    root.attrs["status"] = STATUS_COMPLETE
+    return LogitCache.open(url)

@@ -1,0 +1,92 @@
+"""Thin click commands: parse options into config overrides, call one library function."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def _overrides(pairs: dict[str, object], sets: tuple[str, ...]) -> list[str]:
+    """Named CLI options become ``section.key=value`` overrides, applied before the explicit ``--set`` ones."""
+    out = [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+    return out + list(sets)
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(f"{type(exc).__name__}: {exc}")
+
+
+@click.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--data", help="Training manifest (data.train).")
+@click.option("--test-data", help="Test manifest, evaluated after every epoch (data.test).")
+@click.option("--cache", help="Logit cache URL (data.cache).")
+@click.option("--kd", type=click.Choice(["cached", "online", "none"]), help="Distillation mode (kd.mode).")
+@click.option("--conv-teacher", help="Cached teacher feeding the conv token (kd.conv_teacher).")
+@click.option("--inv-teacher", help="Cached teacher feeding the inv token (kd.inv_teacher).")
+@click.option("--student", help="Student architecture (student.arch).")
+@click.option("--epochs", type=int, help="train.epochs")
+@click.option("--batch-size", type=int, help="Per-rank batch size (train.batch_size).")
+@click.option("--allow-repeat-views", is_flag=True, default=None, help="Allow more epochs than cached views.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--resume", is_flag=True, help="Continue from <out>/state.safetensors.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config override (repeatable).")
+def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student, epochs, batch_size,
+          allow_repeat_views, out, resume, sets):
+    """Train a student (CiT) from a config; `torchrun --nproc-per-node N -m trainer.cli train ...` for DDP."""
+    from shared.cache_schema import CacheError
+    from shared.config import ConfigError
+    from trainer.data import DataError
+    from trainer.engine import CheckpointError
+    from trainer.train import load_run_config, train as run
+    pairs = {"data.train": data, "data.test": test_data, "data.cache": cache, "kd.mode": kd,
+             "kd.conv_teacher": conv_teacher, "kd.inv_teacher": inv_teacher, "student.arch": student,
+             "train.epochs": epochs, "train.batch_size": batch_size, "data.allow_repeat_views": allow_repeat_views}
+    try:
+        cfg = load_run_config(config, _overrides(pairs, sets))
+        run(cfg, out, resume=resume)
+    except (ConfigError, CacheError, DataError, CheckpointError) as exc:
+        _fail(exc)
+
+
+@click.group()
+def teacher():
+    """Teacher models."""
+
+
+@teacher.command("train")
+@click.option("--arch", required=True, help="Model name for shared.models.create_model (e.g. rednet_small).")
+@click.option("--kind", required=True, type=click.Choice(["conv", "inv", "other"]))
+@click.option("--data", required=True, help="Training manifest.")
+@click.option("--test-data", required=True, help="Test manifest (accuracy each epoch, stored in the checkpoint).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config ([train] [augment] [data] [loss]).")
+@click.option("--epochs", type=int)
+@click.option("--resume", is_flag=True)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Extra create_model keyword.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE")
+def teacher_train(arch, kind, data, test_data, out, config, epochs, resume, options, sets):
+    """Train a teacher on the replayable augmentation; saves the checkpoint with its test accuracy."""
+    import tomllib
+    from shared.config import ConfigError
+    from trainer.engine import CheckpointError
+    from trainer.teacher import TeacherSpec, train_teacher
+    from trainer.train import load_run_config
+    try:
+        extra = {}
+        for item in options:
+            key, _, raw = item.partition("=")
+            try:
+                extra[key] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                extra[key] = raw
+        cfg = load_run_config(config, _overrides({"train.epochs": epochs}, sets))
+        train_teacher(TeacherSpec(arch, kind, data, test_data, out, extra), cfg, resume=resume)
+    except (ConfigError, CheckpointError) as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":   # torchrun -m trainer.cli train ...
+    group = click.Group(commands={"train": train, "teacher": teacher})
+    sys.exit(group())

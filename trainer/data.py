@@ -1,0 +1,250 @@
+"""Stage 2's data path: shard stream -> replayed view of this epoch -> joined with its cached teacher logits.
+
+Epoch t uses view v = t mod E.  ``ShardStream`` hands each DataLoader worker contiguous *pieces* (rows [lo, hi) of
+one shard) whose samples arrive together, so the join reads one block per piece, view and teacher (one Zarr
+call per array) and serves the piece's samples from it — never one Zarr call per sample.  With
+``verify_views`` each replayed view's params record is compared with the one the cache builder stored, so a
+replay that drifted from what the teacher saw fails loudly instead of silently training on mismatched logits.
+
+Views stay uint8 until they reach the device (4x less to pin and copy); normalisation happens there.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from shared.augment import ViewSpec
+from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
+from shared.manifest import Manifest
+from shared.reader import Piece, ShardStream, seed_worker
+from shared.views import render_eval, render_view
+
+
+@dataclass
+class DataConfig:
+    """``[data]``: where the samples and the cache are, and how views are chosen."""
+    train: str = ""                   # training manifest
+    test: str = ""                    # test manifest: evaluated after every epoch when set
+    cache: str = ""                   # logit cache URL (kd.mode = cached)
+    view_seed: int = 0                # augmentation seed; must equal the cache's
+    views: int = 0                    # E; 0 = the cache's E, or without a cache a fresh view every epoch
+    allow_repeat_views: bool = False  # train more epochs than views (later epochs replay earlier views)
+    num_workers: int = 2
+    shuffle: bool = True
+    verify_views: bool = True         # check each replayed view's params against the cache's record
+
+
+class DataError(ValueError):
+    """The data, the cache and the training options do not fit together; the message says how."""
+
+
+def view_index(epoch: int, views: int) -> int:
+    """The view epoch ``epoch`` trains on: ``epoch mod E`` (E = 0: every epoch a fresh view)."""
+    return epoch % views if views > 0 else epoch
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checks done before training starts
+
+def check_cache(attrs: CacheAttrs, manifest: Manifest, spec: ViewSpec, view_seed: int, teachers: list[str],
+                num_classes: int, url: str = "") -> None:
+    """Raise ``CacheError`` listing *every* way the cache does not fit this training run."""
+    problems = []
+    if attrs.dataset_fingerprint != manifest.fingerprint:
+        problems.append(f"it was built for dataset {attrs.dataset_fingerprint[:12]}… but the training manifest "
+                        f"{manifest.path} is {manifest.fingerprint[:12]}… (cache from other shards?)")
+    if attrs.num_samples != manifest.num_samples:
+        problems.append(f"it has {attrs.num_samples} rows, the manifest {manifest.num_samples}")
+    if attrs.num_classes != num_classes:
+        problems.append(f"it has {attrs.num_classes} classes, the student {num_classes}")
+    if attrs.seed != view_seed:
+        problems.append(f"its augmentation seed is {attrs.seed}, data.view_seed is {view_seed}")
+    mine, theirs = spec.to_dict(), ViewSpec.from_dict(attrs.augment).to_dict()
+    differ = [f"{k}: cache {theirs[k]!r} vs config {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+    if differ:
+        problems.append("its augmentation spec differs (" + "; ".join(differ) + ")")
+    names = [t.name for t in attrs.teachers]
+    for name in teachers:
+        if name not in names:
+            problems.append(f"teacher {name!r} is not in it (it has {names})")
+        elif attrs.teacher(name).num_classes != num_classes:
+            problems.append(f"teacher {name!r} has {attrs.teacher(name).num_classes} classes, the student "
+                            f"{num_classes}")
+    if problems:
+        raise CacheError(f"cache {url or '?'} does not match this training run: " + "; ".join(problems))
+
+
+def check_views(epochs: int, views: int, allow_repeat: bool) -> None:
+    """More epochs than views means the student sees the same view (and teacher output) again: the 'fixed
+    teacher' regime that overfits.  Refuse unless allowed, then only warn."""
+    if views > 0 and epochs > views:
+        message = (f"{epochs} epochs but only E={views} views: epochs {views}..{epochs - 1} replay views "
+                   f"(epoch t uses view t mod {views})")
+        if not allow_repeat:
+            raise DataError(message + "; build the cache with more views or pass --allow-repeat-views "
+                            "(data.allow_repeat_views=true)")
+        warnings.warn(message, stacklevel=2)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Samples and batches
+
+@dataclass
+class Sample:
+    view: torch.Tensor                   # uint8 (C, H, W)
+    label: int
+    row: int
+    topk: list[TopK] = field(default_factory=list)   # one per teacher: values (K,), indices (K,), lse ()
+
+
+@dataclass
+class Batch:
+    views: torch.Tensor                  # uint8 (B, C, H, W)
+    labels: torch.Tensor                 # int64 (B,)
+    rows: torch.Tensor                   # int64 (B,)
+    topk_values: torch.Tensor | None = None    # float16 (T, B, K)
+    topk_indices: torch.Tensor | None = None   # int (T, B, K), narrow dtype until on the device
+    topk_lse: torch.Tensor | None = None       # float32 (T, B)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pin thread (pin_memory=True)."""
+        return Batch(*(t.pin_memory() if t is not None else None for t in self._tensors()))
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self._tensors()))
+
+    def _tensors(self):
+        return (self.views, self.labels, self.rows, self.topk_values, self.topk_indices, self.topk_lse)
+
+    def targets(self, teachers: list[str]) -> dict[str, tuple]:
+        """Teacher name -> cached (values, indices, lse), the form ``CiTLoss`` reconstructs from."""
+        if self.topk_values is None:
+            return {}
+        return {name: (self.topk_values[i], self.topk_indices[i], self.topk_lse[i]) for i, name in enumerate(teachers)}
+
+
+def collate(samples: list[Sample]) -> Batch:
+    views = torch.stack([s.view for s in samples])
+    labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
+    rows = torch.tensor([s.row for s in samples], dtype=torch.int64)
+    if not samples[0].topk:
+        return Batch(views, labels, rows)
+    teachers = range(len(samples[0].topk))
+    values = np.stack([np.stack([s.topk[t].values for s in samples]) for t in teachers])
+    indices = np.stack([np.stack([s.topk[t].indices for s in samples]) for t in teachers])
+    lse = np.stack([np.stack([s.topk[t].lse for s in samples]) for t in teachers])
+    if indices.dtype == np.uint16 or indices.dtype == np.uint32:   # torch lacks some unsigned types
+        indices = indices.astype(np.int64)
+    return Batch(views, labels, rows, torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+@dataclass
+class _Block:
+    """One piece's rows for the current view: params records and each teacher's top-k."""
+    piece: Piece
+    params: np.ndarray | None
+    topk: list[TopK]
+
+
+class TrainViews(IterableDataset):
+    """This rank's (and DataLoader worker's) samples of one epoch: replayed view + label + cached top-k."""
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, view_seed: int, views: int, *, seed: int = 0,
+                 shuffle: bool = True, cache_url: str = "", teachers: tuple[str, ...] = (), verify: bool = True,
+                 rank: int | None = None, world: int | None = None):
+        self.stream = ShardStream(manifest, seed=seed, shuffle=shuffle, rank=rank, world=world)
+        self.spec, self.view_seed, self.views = spec, view_seed, views
+        self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
+        self._cache: LogitCache | None = None
+        self.reads = 0          # Zarr block reads by this process (tests assert one per piece and array)
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    @property
+    def view(self) -> int:
+        return view_index(self.epoch, self.views)
+
+    def cache(self) -> LogitCache:
+        if self._cache is None:   # opened lazily, i.e. inside each worker process
+            self._cache = LogitCache.open(self.cache_url)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None    # every worker opens its own handle
+        return state
+
+    def _fetch(self, piece: Piece) -> _Block:
+        cache = self.cache()
+        params = cache.read_params(self.view, piece.lo, piece.hi) if self.verify else None
+        topk = [cache.read_topk(name, self.view, piece.lo, piece.hi) for name in self.teachers]
+        self.reads += len(topk) + (params is not None)
+        return _Block(piece, params, topk)
+
+    def __iter__(self) -> Iterator[Sample]:
+        block: _Block | None = None
+        join = bool(self.cache_url) and (bool(self.teachers) or self.verify)
+        for raw in self.stream:
+            image, params = render_view(self.spec, self.view_seed, self.view, raw)
+            topk = []
+            if join:
+                if block is None or block.piece != raw.piece:
+                    block = self._fetch(raw.piece)
+                i = raw.row - raw.piece.lo
+                if block.params is not None and not np.array_equal(params, block.params[i]):
+                    raise DataError(f"replayed view {self.view} of sample {raw.key!r} (row {raw.row}) differs from "
+                                    f"the view the cache's teachers saw (params {params.tolist()} vs cached "
+                                    f"{block.params[i].tolist()}): the augmentation code or its inputs changed "
+                                    "since the cache was built")
+                topk = [TopK(t.values[i], t.indices[i], t.lse[i]) for t in block.topk]
+            yield Sample(image, raw.label, raw.row, topk)
+
+    def num_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
+        """Batches rank ``rank``'s DataLoader yields per epoch (each worker ends with its own partial batch)."""
+        consumers = max(num_workers, 1)
+        total, world = self.stream.manifest.num_samples, self.stream.world * consumers
+        rank = self.stream.rank if rank is None else rank
+        count = 0
+        for w in range(consumers):
+            c = rank * consumers + w
+            rows = (c + 1) * total // world - c * total // world
+            count += -(-rows // batch_size)
+        return count
+
+    def rows_this_rank(self) -> int:
+        return self.stream.rows_per_rank()[self.stream.rank]
+
+
+class EvalViews(IterableDataset):
+    """The deterministic evaluation view of every sample of this rank's share of a (test) manifest."""
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, rank: int | None = None, world: int | None = None):
+        self.stream = ShardStream(manifest, shuffle=False, rank=rank, world=world)
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[Sample]:
+        for raw in self.stream:
+            yield Sample(render_eval(self.spec, raw), raw.label, raw.row)
+
+
+def make_loader(dataset: IterableDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Workers are not persistent: each epoch's iterator picks up the dataset's new epoch."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=seed_worker if num_workers else None,
+                      prefetch_factor=4 if num_workers else None)
