@@ -47,3 +47,57 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
             cache.write_unit(v, chunk, params, outputs)
     root.attrs["status"] = STATUS_COMPLETE
     return LogitCache.open(url)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Tiny models for the mechanics tests (a stand-in until / besides shared.models' real ones)
+
+class TinyNet(torch.nn.Module):
+    """A few-thousand-parameter CNN with named heads; train mode returns {head: logits}, eval the class head."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, heads=("cls",), **_):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(in_chans, 8, 3, 2), torch.nn.BatchNorm2d(8), torch.nn.GELU(),
+                                        torch.nn.Conv2d(8, 16, 3, 2), torch.nn.GELU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.token = torch.nn.Parameter(torch.zeros(16))
+        self.heads = torch.nn.ModuleDict({h: torch.nn.Linear(16, num_classes) for h in heads})
+
+    def no_weight_decay(self):
+        return {"token"}
+
+    def forward_heads(self, x):
+        z = self.stem(x) + self.token
+        return {h: m(z) for h, m in self.heads.items()}
+
+    def forward(self, x):
+        out = self.forward_heads(x)
+        return out if self.training else out["cls"]
+
+
+def tiny_create_model(name: str, **kwargs) -> torch.nn.Module:
+    kwargs = {k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans", "heads")}
+    return TinyNet(**kwargs)
+
+
+def install_tiny_models() -> None:
+    """Make ``shared.models.create_model`` build ``TinyNet`` (for subprocess runs of the CLI in tests)."""
+    import importlib
+    models = importlib.import_module("shared.models")
+    models.create_model = tiny_create_model
+    try:
+        importlib.import_module("shared.checkpoint")
+    except ImportError:   # TEMP until shared/checkpoint.py lands
+        import sys
+        import types
+        import shared
+        stub = types.ModuleType("shared.checkpoint")
+        stub.save_checkpoint = lambda model, path, meta: torch.save(model.state_dict(), path)
+        sys.modules["shared.checkpoint"] = shared.checkpoint = stub
+
+
+if __name__ == "__main__":   # python -m tests.train_fixtures train ...: the CLI with tiny models
+    import click
+    install_tiny_models()
+    from trainer.cli import teacher, train
+    click.Group(commands={"train": train, "teacher": teacher})()

@@ -305,7 +305,7 @@ RESUME_FREE = {("train", "epochs"), ("train", "progress"), ("train", "log_interv
 
 def check_same_run(current: dict, stored: dict) -> None:
     """Resuming with a different run config (other than epochs / logging / workers) is an error naming the keys."""
-    old, new = stored.get("config", {}), current.get("config", {})
+    old, new = stored.get("config", {}), json.loads(json.dumps(current.get("config", {})))   # tuples -> lists
     differ = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
               for s in sorted(set(old) | set(new)) for k in sorted(set(old.get(s, {})) | set(new.get(s, {})))
               if (s, k) not in RESUME_FREE and old.get(s, {}).get(k) != new.get(s, {}).get(k)]

@@ -1,0 +1,361 @@
+"""Stage 2: the loss (Eq. 1), the cache join, cached/online parity, resume, DDP, and clear errors on bad input."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.losses import CiTLoss, KDTerm, LossConfig, kd_kl, reconstruct_logits
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loss: a direct float64 computation of Eq. 1 on hand-made logits
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _teacher_probs(full: np.ndarray, k: int, tau: float) -> np.ndarray:
+    """The documented target: top-k exact, tail classes at the one logit carrying the tail mass, tempered by τ."""
+    b, c = full.shape
+    lse = np.log(np.exp(full).sum(1))
+    top = np.argsort(-full, 1)[:, :k]
+    recon = np.empty_like(full)
+    for i in range(b):
+        p_top = np.exp(full[i, top[i]] - lse[i])
+        tail = 1.0 - p_top.sum()
+        recon[i, :] = lse[i] + np.log(tail / (c - k))
+        recon[i, top[i]] = full[i, top[i]]
+    return np.exp(_log_softmax(recon / tau))
+
+
+def _eq1(student: dict[str, np.ndarray], labels: np.ndarray, teachers: list[np.ndarray], k: int,
+         lambdas: tuple, taus: tuple, smoothing: float) -> float:
+    log_q = _log_softmax(student["cls"])
+    c = log_q.shape[1]
+    nll = -log_q[np.arange(len(labels)), labels]
+    ce = ((1 - smoothing) * nll + smoothing * (-log_q).mean(1)).mean()
+    total = lambdas[0] * ce
+    for head, full, lam, tau in zip(("conv", "inv"), teachers, lambdas[1:], taus):
+        p = _teacher_probs(full, k, tau)
+        log_s = _log_softmax(student[head] / tau)
+        kl = (p * (np.log(p) - log_s)).sum(1).mean()
+        total += lam * tau * tau * kl
+    return float(total)
+
+
+def _topk(full: np.ndarray, k: int):
+    t = torch.from_numpy(full)
+    top = t.topk(k, 1)
+    return top.values, top.indices, torch.logsumexp(t, 1)
+
+
+@pytest.mark.parametrize("taus", [(1.0, 1.0), (2.0, 0.5)])
+def test_loss_equals_eq1_with_tail_reconstruction(taus):
+    rng = np.random.default_rng(0)
+    b, c, k = 6, 12, 4
+    student = {h: rng.normal(size=(b, c)) * 2 for h in ("cls", "conv", "inv")}
+    teachers = [rng.normal(size=(b, c)) * 3 for _ in range(2)]
+    labels = rng.integers(0, c, b)
+    lambdas, smoothing = (0.7, 1.3, 0.4), 0.1
+    cfg = LossConfig(lambda0=lambdas[0], lambda1=lambdas[1], lambda2=lambdas[2], tau1=taus[0], tau2=taus[1],
+                     label_smoothing=smoothing)
+    terms = [KDTerm("conv", "conv", "t1", cfg.lambda1, cfg.tau1), KDTerm("inv", "inv", "t2", cfg.lambda2, cfg.tau2)]
+    loss_mod = CiTLoss(cfg, terms, c).double()
+    targets = {"t1": _topk(teachers[0], k), "t2": _topk(teachers[1], k)}
+    loss, parts = loss_mod({h: torch.from_numpy(v) for h, v in student.items()}, torch.from_numpy(labels), targets)
+    expected = _eq1(student, labels, teachers, k, lambdas, taus, smoothing)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert set(parts) == {"ce", "kd_conv", "kd_inv", "loss"}
+
+
+def test_reconstruction_is_exact_at_tau_1_and_keeps_the_tail_mass():
+    rng = np.random.default_rng(1)
+    full = rng.normal(size=(5, 10)) * 2
+    values, indices, lse = _topk(full, 3)
+    recon = reconstruct_logits(values, indices, lse, 10)
+    assert torch.allclose(torch.logsumexp(recon, 1), lse.float(), atol=1e-5)       # total mass 1
+    p = torch.softmax(recon, 1)
+    p_true = torch.softmax(torch.from_numpy(full).float(), 1)
+    assert torch.allclose(p.gather(1, indices), p_true.gather(1, indices), atol=1e-6)   # top-k exact
+    tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, indices, False)
+    per_tail = p[tail].view(5, 7)
+    assert torch.allclose(per_tail, per_tail[:, :1].expand(5, 7))                       # spread uniformly
+    # K = C: the logits themselves; renormalise: no tail mass
+    v, i, l = _topk(full, 10)
+    assert torch.allclose(reconstruct_logits(v, i, l, 10), torch.from_numpy(full).float(), atol=1e-6)
+    renorm = torch.softmax(reconstruct_logits(values, indices, lse, 10, tail="renormalize"), 1)
+    assert torch.allclose(renorm.gather(1, indices).sum(1), torch.ones(5))
+    assert torch.allclose(renorm.gather(1, indices), p_true.gather(1, indices) /
+                          p_true.gather(1, indices).sum(1, keepdim=True), atol=1e-6)
+
+
+def test_kl_is_batchmean_times_tau_squared():
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s / 3, 1), torch.log_softmax(t / 3, 1), reduction="batchmean",
+                                     log_target=True) * 9
+    assert kd_kl(s, t, 3.0).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Fixtures: tiny shards, a real cache of two teachers' logits (K = C, E = 3), tiny models
+
+from shared.augment import ViewSpec                                      # noqa: E402
+from shared.cache_schema import CacheError                                # noqa: E402
+from shared.config import ConfigError                                     # noqa: E402
+from tests.shard_fixtures import make_shards                              # noqa: E402
+from tests.train_fixtures import TinyNet, build_cache, install_tiny_models  # noqa: E402
+from trainer.data import DataError, collate                                       # noqa: E402
+from trainer.engine import CheckpointError                                # noqa: E402
+from trainer import train as train_mod                                    # noqa: E402
+
+SPEC = ViewSpec(image_size=28, ra_magnitude_std=0.0)   # magnitude 10 crashes PosterizeIncreasing (shared.augment)
+VIEW_SEED, VIEWS, N = 5, 3, 101      # odd N: DDP ranks get 50 and 51 rows
+
+
+@pytest.fixture(autouse=True)
+def tiny_models(monkeypatch):
+    import importlib
+    models = importlib.import_module("shared.models")
+    from tests import train_fixtures
+    monkeypatch.setattr(models, "create_model", train_fixtures.tiny_create_model, raising=False)
+    try:
+        importlib.import_module("shared.checkpoint")
+    except ImportError:   # TEMP until shared/checkpoint.py lands
+        import types
+        import shared
+        stub = types.ModuleType("shared.checkpoint")
+        stub.save_checkpoint = lambda model, path, meta: torch.save(model.state_dict(), path)
+        monkeypatch.setitem(sys.modules, "shared.checkpoint", stub)
+        monkeypatch.setattr(shared, "checkpoint", stub, raising=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    train = make_shards(str(root / "train"), num_samples=N, shard_size=25, seed=0, prefix="tr")
+    make_shards(str(root / "test"), num_samples=32, shard_size=32, seed=1, prefix="te")
+    make_shards(str(root / "other"), num_samples=N, shard_size=25, seed=2, prefix="ot")
+    torch.manual_seed(0)
+    teachers = {name: {"model": TinyNet(), "kind": kind, "mean": (0.4,), "std": (0.3,)}
+                for name, kind in (("regnet", "conv"), ("rednet", "inv"))}
+    build_cache(str(root / "cache"), train, SPEC, VIEW_SEED, VIEWS, teachers, topk=10)
+    return {"root": root, "train": str(root / "train/tr.json"), "test": str(root / "test/te.json"),
+            "other": str(root / "other/ot.json"), "cache": str(root / "cache"), "teachers": teachers}
+
+
+def config(data, *extra: str, epochs: int = 2, mode: str = "cached", conv: str = "regnet", inv: str = "rednet"):
+    sets = [f"data.train={json.dumps(data['train'])}", f"data.cache={json.dumps(data['cache'])}",
+            f"data.view_seed={VIEW_SEED}", "augment.ra_magnitude_std=0.0", "data.num_workers=0",
+            f"train.epochs={epochs}", "train.batch_size=16", "train.progress=false", f"kd.mode={mode}",
+            f"kd.conv_teacher={json.dumps(conv)}", f"kd.inv_teacher={json.dumps(inv)}", *extra]
+    return train_mod.load_run_config(None, sets)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The join
+
+def test_join_reads_one_block_per_piece_and_matches_the_cache(data):
+    from shared.cache_schema import LogitCache
+    p = train_mod.prepare(config(data))
+    ds = p.train_set
+    cache = LogitCache.open(data["cache"])
+    for epoch in (0, 4):                      # view 0, then view 4 mod 3 = 1
+        ds.set_epoch(epoch)
+        ds.reads = 0
+        samples = list(ds)
+        assert sorted(s.row for s in samples) == list(range(N))
+        pieces = len(ds.stream.pieces())
+        assert ds.reads == pieces * 3         # params + two teachers, once per piece
+        for s in samples[:10]:
+            top = cache.read_topk("rednet", epoch % VIEWS, s.row, s.row + 1)
+            np.testing.assert_array_equal(s.topk[1].values, top.values[0])
+            np.testing.assert_array_equal(s.topk[1].indices, top.indices[0])
+
+
+def test_replay_drift_is_detected(data, monkeypatch):
+    p = train_mod.prepare(config(data))
+    import trainer.data as data_mod
+    real = data_mod.render_view
+    monkeypatch.setattr(data_mod, "render_view", lambda spec, seed, view, raw: real(spec, seed + 1, view, raw))
+    with pytest.raises(DataError, match="differs from the view the cache's teachers saw"):
+        next(iter(p.train_set))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Cached mode runs no teacher; bad input fails before the first step
+
+def _forbid_teachers(monkeypatch):
+    import importlib
+    from tests.train_fixtures import tiny_create_model
+    models = importlib.import_module("shared.models")
+    built = []
+
+    def student_only(name, **kw):
+        if name != "cit_nano":
+            raise AssertionError(f"teacher {name!r} constructed in cached mode")
+        built.append(name)
+        return tiny_create_model(name, **kw)
+
+    def no_checkpoint(*a, **k):
+        raise AssertionError("a teacher checkpoint was loaded in cached mode")
+
+    monkeypatch.setattr(models, "create_model", student_only, raising=False)
+    monkeypatch.setattr(train_mod, "load_online_teachers", no_checkpoint)
+    monkeypatch.setattr(train_mod.OnlineTeachers, "forward", no_checkpoint)
+    try:
+        checkpoint = importlib.import_module("shared.checkpoint")
+        monkeypatch.setattr(checkpoint, "load_checkpoint", no_checkpoint, raising=False)
+    except ImportError:
+        pass
+    return built
+
+
+def test_cached_mode_never_runs_a_teacher(data, tmp_path, monkeypatch):
+    built = _forbid_teachers(monkeypatch)
+    result = train_mod.train(config(data, epochs=2), str(tmp_path / "run"))
+    assert built == ["cit_nano"]
+    lines = [json.loads(x) for x in open(tmp_path / "run/metrics.jsonl")]
+    assert [r["view"] for r in lines] == [0, 1] and all(r["train_samples"] == N for r in lines)
+    assert all(r["train_kd_conv"] > 0 and r["train_kd_inv"] > 0 for r in lines)
+    assert len(result.history) == 2
+
+
+@pytest.mark.parametrize("variant, sets, heads, parts", [
+    ("none", ["kd.mode=none"], {"cls"}, {"ce"}),
+    ("conv only", ['kd.inv_teacher=""'], {"cls", "conv"}, {"ce", "kd_conv"}),
+    ("inv only", ['kd.conv_teacher=""'], {"cls", "inv"}, {"ce", "kd_inv"}),
+    ("two of a kind", ['kd.inv_teacher="regnet"'], {"cls", "conv", "inv"}, {"ce", "kd_conv", "kd_inv"}),
+    ("one token", ["kd.shared_token=true"], {"cls"}, {"ce", "kd_conv", "kd_inv"}),
+])
+def test_ablation_variants_from_one_command_line(data, variant, sets, heads, parts):
+    p = train_mod.prepare(config(data, *sets, epochs=1))
+    assert set(p.student.heads) == heads, variant
+    batch = next(iter(torch.utils.data.DataLoader(p.train_set, batch_size=8, collate_fn=collate)))
+    p.student.train()
+    loss, got = p.loss_fn(p.student, batch)
+    assert {k for k in got if k not in ("loss", "acc")} == parts, variant
+    assert torch.isfinite(loss)
+
+
+def _fails_before_training(tmp_path, cfg, error, match):
+    with pytest.raises(error, match=match):
+        train_mod.train(cfg, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run/state.safetensors")
+
+
+def test_cache_from_other_shards(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, f"data.train={json.dumps(data['other'])}"), CacheError,
+                           "cache from other shards")
+
+
+def test_teacher_not_in_cache(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, conv="resnet"), CacheError,
+                           r"teacher 'resnet' is not in it \(it has \['regnet', 'rednet'\]\)")
+
+
+def test_cache_class_count_differs_from_student(data, tmp_path):
+    make_shards(str(tmp_path / "c12"), num_samples=N, shard_size=25, seed=0, num_classes=12, prefix="tr")
+    cfg = config(data, f"data.train={json.dumps(str(tmp_path / 'c12/tr.json'))}")
+    _fails_before_training(tmp_path, cfg, CacheError, "it has 10 classes, the student 12")
+
+
+def test_augmentation_or_seed_differs(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, "augment.hflip=0.0", "data.view_seed=6"), CacheError,
+                           r"augmentation seed is 5, data.view_seed is 6; .*hflip: cache 0.5 vs config 0.0")
+
+
+def test_more_epochs_than_views(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, epochs=VIEWS + 1), DataError, "--allow-repeat-views")
+    with pytest.warns(UserWarning, match="replay views"):
+        train_mod.prepare(config(data, "data.allow_repeat_views=true", epochs=VIEWS + 1))
+
+
+def test_misconfigured_kd(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, conv="", inv=""), ConfigError, "no teacher is mapped")
+    _fails_before_training(tmp_path, config(data, 'data.cache=""'), ConfigError, "needs a logit cache")
+    _fails_before_training(tmp_path, config(data, 'student.heads=["cls", "conv"]'), ConfigError, "needs a 'inv' head")
+    with pytest.raises(ConfigError, match="unknown option"):
+        config(data, "loss.lambda3=1")
+
+
+def test_corrupt_checkpoint_on_resume(data, tmp_path):
+    run = tmp_path / "run"
+    train_mod.train(config(data, epochs=1), str(run))
+    state = run / "state.safetensors"
+    blob = bytearray(state.read_bytes())
+    blob[-100] ^= 0xFF                                     # one flipped bit in the tensor bytes
+    state.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train_mod.train(config(data, epochs=2), str(run), resume=True)
+    state.write_bytes(bytes(blob[: len(blob) // 2]))       # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train_mod.train(config(data, epochs=2), str(run), resume=True)
+    with pytest.raises(CheckpointError, match="no training state"):
+        train_mod.train(config(data, epochs=2), str(tmp_path / "empty"), resume=True)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Resume after kill -9, and 2-process DDP: subprocesses running the real CLI (with tiny models)
+
+def _cli(data, out, *extra: str, epochs: int = 3, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    args = ["--data", data["train"], "--cache", data["cache"], "--conv-teacher", "regnet", "--inv-teacher", "rednet",
+            "--epochs", str(epochs), "--batch-size", "10", "--out", str(out),
+            "--set", f"data.view_seed={VIEW_SEED}", "--set", "augment.ra_magnitude_std=0.0",
+            "--set", "train.progress=false"]
+    for item in extra:
+        args += ["--set", item] if "=" in item else [item]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, *launcher, "-m", "tests.train_fixtures", "train", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    from trainer.engine import load_state
+    tensors, _ = load_state(str(run / "state.safetensors"))
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
+
+
+def test_kill_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path):
+    full = _cli(data, tmp_path / "full", "data.num_workers=2")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _cli(data, tmp_path / "cut", "data.num_workers=2", "train.debug_kill_at_step=15")   # epoch 1 of 11/epoch
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from trainer.engine import load_state
+    _, info = load_state(str(tmp_path / "cut/state.safetensors"))
+    assert info["meta"]["epoch"] == 0                                  # died inside epoch 1
+    resumed = _cli(data, tmp_path / "cut", "data.num_workers=2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    lines = [json.loads(x) for x in open(tmp_path / "cut/metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+
+
+def test_torchrun_two_ranks_see_every_sample_once_per_epoch(data, tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    run = _cli(data, tmp_path / "ddp", "train.debug_rows=true", "data.num_workers=1", epochs=2, launcher=launcher)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    per_rank: dict[tuple[int, int], int] = {}
+    for rank in (0, 1):
+        for line in open(tmp_path / f"ddp/rows.rank{rank}.jsonl"):
+            rec = json.loads(line)
+            seen[rec["epoch"]] += rec["rows"]
+            per_rank[rec["epoch"], rank] = len(rec["rows"])
+    for epoch, rows in seen.items():
+        assert sorted(rows) == list(range(N)), epoch                    # every sample once, none twice
+        assert sorted([per_rank[epoch, 0], per_rank[epoch, 1]]) == [50, 51]   # uneven ranks: Join, no hang
+    lines = [json.loads(x) for x in open(tmp_path / "ddp/metrics.jsonl")]
+    assert [r["train_samples"] for r in lines] == [N, N]
