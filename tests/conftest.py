@@ -1,0 +1,121 @@
+"""Shared fixtures that make *small* datasets on the fly: fake Fashion-MNIST IDX files, an ImageFolder tree, shards."""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.shards import ShardWriter, encode_png
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs by default; "
+                                       "deselect with -m 'not slow')")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array: magic 0x0000 08 <ndim>, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write(idx_bytes(array))
+
+
+def fake_images(n: int, labels: np.ndarray, seed: int, size: int = 28) -> np.ndarray:
+    """Non-constant images with a class-dependent bright bar, so corruptions always have something to move."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, 4 + 2 * int(label) % (size - 8):, 6:10] = 200 + label
+    return images
+
+
+@dataclass
+class FakeIDX:
+    folder: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def make_fake_fashion_mnist(folder: str, train: int = 200, test: int = 50, seed: int = 0) -> FakeIDX:
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    train_labels = rng.permutation(np.arange(train) % 10).astype(np.uint8)
+    test_labels = rng.permutation(np.arange(test) % 10).astype(np.uint8)
+    fake = FakeIDX(folder, fake_images(train, train_labels, seed + 1), train_labels,
+                   fake_images(test, test_labels, seed + 2), test_labels)
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), fake.train_images)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), fake.train_labels)
+    write_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"), fake.test_images)
+    write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), fake.test_labels)
+    return fake
+
+
+@pytest.fixture(scope="session")
+def fake_fashion_mnist(tmp_path_factory) -> FakeIDX:
+    """200 train (20 per class) + 50 test images in the four standard *-ubyte.gz files.  Read-only: copy it to
+    modify it."""
+    return make_fake_fashion_mnist(str(tmp_path_factory.mktemp("fake-fmnist")))
+
+
+@pytest.fixture
+def image_folder_tree(tmp_path) -> str:
+    """root/<class>/... with 3 classes × 6 images of mixed formats (PNG grey, JPEG RGB, BMP), a nested folder,
+    names that sanitise to the same key (``a.b.png`` / ``a_b.png``), and an ignored text file."""
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "dog", "fish"]):
+        (root / name / "nested").mkdir(parents=True)
+        for i in range(6):
+            rgb = rng.integers(0, 256, (20 + c, 24, 3), dtype=np.uint8)
+            path = root / name / ("nested" if i == 5 else "") / f"img {i}"
+            if i % 3 == 0:
+                Image.fromarray(rgb[:, :, 0]).save(f"{path}.png")
+            elif i % 3 == 1:
+                Image.fromarray(rgb).save(f"{path}.jpg", quality=90)
+            else:
+                Image.fromarray(rgb).save(f"{path}.bmp")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / "a.b.png")
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / "a_b.png")
+        (root / name / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def write_samples(path: str, samples: list[dict]) -> str:
+    """A tar shard written member by member, bypassing ShardWriter's checks (to make *bad* shards)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def good_sample(key: str, label: int, seed: int = 0) -> dict:
+    image = np.random.default_rng(seed).integers(0, 256, (12, 12), dtype=np.uint8)
+    return {"__key__": key, "png": encode_png(image), "cls": str(label).encode()}
+
+
+@pytest.fixture
+def small_shards(tmp_path) -> list[str]:
+    """Three shards of 8 valid samples each (classes 0..3), as third-party shards to be scanned."""
+    folder = tmp_path / "third-party"
+    folder.mkdir()
+    with ShardWriter(str(folder / "part-%03d.tar"), 8) as writer:
+        for i in range(24):
+            writer.write(good_sample(f"img_{i:04d}", i % 4, seed=i))
+    return [w.path for w in writer.written]
