@@ -359,3 +359,16 @@ def test_torchrun_two_ranks_see_every_sample_once_per_epoch(data, tmp_path):
         assert sorted([per_rank[epoch, 0], per_rank[epoch, 1]]) == [50, 51]   # uneven ranks: Join, no hang
     lines = [json.loads(x) for x in open(tmp_path / "ddp/metrics.jsonl")]
     assert [r["train_samples"] for r in lines] == [N, N]
+
+
+def test_shipped_configs_parse():
+    import glob
+    paths = glob.glob(os.path.join(REPO, "configs", "**", "*.toml"), recursive=True)
+    assert len(paths) >= 8
+    variants = {}
+    for path in paths:
+        cfg = train_mod.load_run_config(path)
+        variants[os.path.basename(path)] = (cfg.kd.mode, train_mod.student_heads(cfg))
+    assert variants["none.toml"] == ("none", ("cls",))
+    assert variants["one_token.toml"] == ("cached", ("cls",))
+    assert variants["cit.toml"] == ("cached", ("cls", "conv", "inv"))

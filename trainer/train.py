@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
-from shared.config import ConfigError, load_config, section
+from shared.config import ConfigError, load_config, section, set_dotted
 from shared.manifest import Manifest
 from trainer.data import DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader
 from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, evaluate, fit, setup_runtime,
@@ -86,9 +86,31 @@ class RunConfig:
 SECTIONS = {"data": DataConfig, "student": StudentConfig, "train": TrainConfig, "kd": KDConfig, "loss": LossConfig}
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A TOML config; a top-level ``extends = "base.toml"`` (relative to the file) is loaded first and
+    overlaid, so ablation configs state only what they change."""
+    path = os.path.abspath(path)
+    if path in _seen:
+        raise ConfigError(f"config {path} extends itself (via {' -> '.join(_seen)})")
+    cfg = load_config(path)
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+    return _merge(read_config_file(os.path.join(os.path.dirname(path), base), _seen + (path,)), cfg)
+
+
 def load_run_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A TOML file (sections [data] [augment] [student] [train] [kd] [loss]) plus ``section.key=value`` overrides."""
-    cfg = load_config(path, overrides)
+    cfg = read_config_file(path) if path else {}
+    for item in overrides:
+        set_dotted(cfg, item)
     unknown = sorted(set(cfg) - set(SECTIONS) - {"augment"})
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(SECTIONS) + ['augment']}")
