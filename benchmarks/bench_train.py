@@ -1,0 +1,234 @@
+"""Student training throughput with cached, online and no KD, side by side; trainer peak memory vs dataset size.
+
+Throughput: the real trainer (``trainer.train.prepare`` + ``engine.train_one_epoch``: data loader with workers,
+replay, cache join, forward, Eq. 1, backward, AdamW) over the same shards and views for each mode, at cit_nano and
+cit_tiny size.  Modes are interleaved round by round (none, cached, online, none, ...) and the median epoch is
+reported, so load from other jobs on the machine hits them alike.  The no-KD baseline uses the same three-head
+student (``student.heads = [cls, conv, inv]``): the ratio isolates the cost of distillation, not of the tokens.
+The cache is built by ``cit cache build``'s library function from the two default teachers (random weights:
+throughput does not depend on them).
+
+Memory: a fresh process trains one cached-KD epoch on datasets of growing size (cache written directly with
+random logits and the real view params); its peak RSS and its DataLoader workers' peak RSS are recorded.  The
+trainer streams, so both should stay flat as the dataset grows.
+
+    python benchmarks/bench_train.py [--quick] [--out benchmarks/results/train.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from shared.augment import ViewSpec, sample_view               # noqa: E402
+from shared.io import atomic_write_text                        # noqa: E402
+
+CONV_TEACHER = ("resnet18", {"small_input": True})   # default conv teacher: timm name + small-input stem
+INV_TEACHER = ("rednet_small", {})                       # default involution teacher
+SPEC = ViewSpec(image_size=28)
+
+
+def make_data(folder: str, num_samples: int, shard_size: int = 512, seed: int = 0) -> str:
+    """Random 28x28 grey images in shards (content does not matter for throughput or memory)."""
+    from shared.manifest import Manifest, ShardInfo, file_sha256
+    from shared.shards import ShardWriter, encode_png
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with ShardWriter(os.path.join(folder, "s-%04d.tar"), shard_size) as writer:
+        for i in range(num_samples):
+            writer.write({"__key__": f"s{i:07d}", "png": encode_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+                          "cls": str(i % 10)})
+    shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
+    manifest = Manifest(shards, 10, [f"c{c}" for c in range(10)], name="bench")
+    path = os.path.join(folder, "train.json")
+    manifest.save(path)
+    return path
+
+
+def make_teachers(folder: str) -> dict[str, str]:
+    from shared import checkpoint, models
+    paths = {}
+    for name, kind, (arch, options) in (("conv", "conv", CONV_TEACHER), ("inv", "inv", INV_TEACHER)):
+        torch.manual_seed(0)
+        model = models.create_model(arch, num_classes=10, in_chans=1, **options)
+        path = os.path.join(folder, f"{name}.safetensors")
+        checkpoint.save_checkpoint(model, path, {"arch": arch, "kind": kind, "num_classes": 10, "in_chans": 1,
+                                                 "mean": list(SPEC.mean), "std": list(SPEC.std),
+                                                 "model_kwargs": options})
+        paths[name] = path
+    return paths
+
+
+def run_config(manifest: str, cache: str, arch: str, mode: str, batch_size: int, workers: int, epochs: int,
+               checkpoints: dict[str, str]):
+    from trainer.train import load_run_config
+    sets = [f"data.train={json.dumps(manifest)}", f"data.cache={json.dumps(cache)}", f"student.arch={arch}",
+            'student.heads=["cls", "conv", "inv"]', f"kd.mode={mode}", 'kd.conv_teacher="conv"',
+            'kd.inv_teacher="inv"', f"train.batch_size={batch_size}", f"data.num_workers={workers}",
+            f"train.epochs={epochs}", "train.progress=false", "data.allow_repeat_views=true",
+            *(f"kd.checkpoints.{k}={json.dumps(v)}" for k, v in checkpoints.items())]
+    return load_run_config(None, sets)
+
+
+def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: int, batch_size: int,
+               workers: int, modes: tuple[str, ...]) -> dict:
+    """Median samples/s of whole training epochs per mode, modes interleaved within each round."""
+    import warnings
+
+    from trainer.engine import make_optimizer, train_one_epoch
+    from trainer.train import prepare
+    prepared = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in modes:
+            p = prepare(run_config(manifest, cache, arch, mode, batch_size, workers, rounds + 1, checkpoints))
+            p.student.to(p.runtime.device)
+            opt = make_optimizer(p.student, p.cfg.train, p.runtime.device)
+            from trainer.data import make_loader
+            loader = make_loader(p.train_set, batch_size, workers, pin_memory=p.runtime.device.type == "cuda")
+            steps = p.train_set.num_batches(batch_size, workers)
+            prepared[mode] = (p, opt, loader, steps)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    samples = {}
+    for epoch in range(rounds + 1):                  # epoch 0 warms up every mode (allocator, workers, caches)
+        for mode in modes:
+            p, opt, loader, steps = prepared[mode]
+            p.train_set.set_epoch(epoch)
+            torch.manual_seed(epoch)
+            started = time.perf_counter()
+            metrics, _ = train_one_epoch(p.student, loader, p.loss_fn, opt, p.cfg.train, p.runtime, epoch=epoch,
+                                         step=epoch * steps, steps_per_epoch=steps)
+            if p.runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            if epoch > 0:
+                times[mode].append(time.perf_counter() - started)
+            samples[mode] = metrics["samples"]
+    out = {m: {"samples_per_s": samples[m] / statistics.median(times[m]), "epoch_seconds": times[m]} for m in modes}
+    if "cached" in out and "none" in out:
+        out["cached_over_none"] = out["cached"]["samples_per_s"] / out["none"]["samples_per_s"]
+    if "cached" in out and "online" in out:
+        out["cached_over_online"] = out["cached"]["samples_per_s"] / out["online"]["samples_per_s"]
+    out["params"] = sum(p.numel() for p in prepared[modes[0]][0].student.parameters())
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Memory: one process per dataset size
+
+def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) -> None:
+    """A complete cache with random top-k but the real view params (so the trainer's replay check passes)."""
+    from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK, create_arrays, \
+        open_root
+    from shared.manifest import Manifest
+    from shared.reader import pieces_for_rows, read_piece
+    manifest = Manifest.load(manifest_path)
+    records = [TeacherRecord(n, n, "random", "", 10, list(SPEC.mean), list(SPEC.std)) for n in ("conv", "inv")]
+    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, 10, views, 10, seed, SPEC.to_dict(), 1024, records)
+    root = open_root(url, "w")
+    create_arrays(root, attrs, SPEC.num_params)
+    root.attrs.update(attrs.to_json_dict())
+    cache = LogitCache(root, attrs)
+    rng = np.random.default_rng(0)
+    for chunk in range(attrs.num_chunks):
+        lo, hi = attrs.chunk_rows_range(chunk)
+        keys = [s.key for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
+        for v in range(views):
+            params = np.stack([sample_view(SPEC, seed, k, v).encode(SPEC) for k in keys])
+            logits = np.sort(rng.normal(size=(hi - lo, 10)).astype(np.float32), 1)[:, ::-1]
+            top = TopK(logits.astype(np.float16), np.tile(np.arange(10, dtype=np.uint8), (hi - lo, 1)),
+                       np.log(np.exp(logits).sum(1)).astype(np.float32))
+            cache.write_unit(v, chunk, params, {"conv": top, "inv": top})
+    root.attrs["status"] = STATUS_COMPLETE
+
+
+def memory_child(manifest: str, cache: str, workers: int) -> None:
+    """Train one cached-KD epoch of cit_nano, print peak RSS (MiB) of this process and of its workers."""
+    from trainer.train import train
+    cfg = run_config(manifest, cache, "cit_nano", "cached", 64, workers, 1, {})
+    with tempfile.TemporaryDirectory() as out:
+        train(cfg, out)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": own, "worker_peak_rss_mib": children}))
+
+
+def memory_curve(folder: str, sizes: list[int], workers: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        sub = os.path.join(folder, f"mem{n}")
+        manifest = make_data(sub, n, shard_size=1024, seed=n)
+        cache = os.path.join(sub, "cache.zarr")
+        write_random_cache(cache, manifest, views=1)
+        env = dict(os.environ, PYTHONPATH=REPO)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", manifest, cache, str(workers)],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        rows.append({"samples": n, **json.loads(proc.stdout.strip().splitlines()[-1]),
+                     "seconds": time.perf_counter() - started})
+        print(f"  memory: {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/train.json"))
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers (2 cores: 1 leaves one for compute)")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
+    quick = args.quick
+    n, rounds, batch = (512, 2, 64) if quick else (2048, 3, 64)
+    sizes = [1000, 4000] if quick else [1000, 4000, 16000, 64000]
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
+              "settings": {"quick": quick, "samples": n, "rounds": rounds, "batch_size": batch,
+                           "workers": args.workers, "threads": torch.get_num_threads(),
+                           "teachers": {"conv": CONV_TEACHER[0], "inv": INV_TEACHER[0]}},
+              "throughput": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        from cache_builder.build import build_cache
+        manifest = make_data(os.path.join(folder, "data"), n)
+        checkpoints = make_teachers(folder)
+        cache = os.path.join(folder, "cache.zarr")
+        build_cache(manifest, checkpoints, cache, views=rounds + 1, topk=10, spec=SPEC, seed=0, progress=False,
+                    workers=args.workers)
+        for arch in ("cit_nano", "cit_tiny"):
+            modes = ("none", "cached", "online")
+            print(f"throughput {arch} ...", flush=True)
+            result["throughput"][arch] = throughput(manifest, cache, checkpoints, arch, rounds, batch, args.workers,
+                                                    modes)
+            r = result["throughput"][arch]
+            print(f"  {arch}: " + ", ".join(f"{m} {r[m]['samples_per_s']:.0f}/s" for m in modes)
+                  + f"; cached/none {r['cached_over_none']:.3f}, cached/online {r['cached_over_online']:.2f}",
+                  flush=True)
+        print("memory ...", flush=True)
+        result["memory"] = memory_curve(folder, sizes, args.workers)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
