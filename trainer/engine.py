@@ -93,6 +93,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
     dev = torch.device(f"cuda:{local}" if use_cuda and ":" not in device else device if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True     # fixed input sizes: let cuDNN pick the fastest kernels
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -209,6 +210,10 @@ def restore_state(tensors: dict[str, torch.Tensor], info: dict, model: nn.Module
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in info["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return info["meta"]
 
 
@@ -325,7 +330,8 @@ class FitResult:
 
 def fit(model: nn.Module, loss_fn: LossFn, train_set, cfg: TrainConfig, runtime: Runtime, out_dir: str, *,
         num_workers: int = 0, eval_fn: Callable[[nn.Module], dict] | None = None, resume: bool = False,
-        run_meta: dict | None = None, check_resume: Callable[[dict], None] | None = None) -> FitResult:
+        run_meta: dict | None = None, check_resume: Callable[[dict], None] | None = None,
+        find_unused_parameters: bool = False) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs of ``train_set`` (a ``TrainViews``), checkpointing each epoch.
 
     ``run_meta`` is stored in the checkpoint; on ``resume`` the stored one is passed to ``check_resume`` (which
@@ -347,7 +353,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_set, cfg: TrainConfig, runtime:
     wrapped = model
     if runtime.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
     from trainer.data import make_loader
     loader = make_loader(train_set, cfg.batch_size, num_workers, pin_memory=runtime.device.type == "cuda")
     per_rank = [train_set.num_batches(cfg.batch_size, num_workers, rank=r) for r in range(runtime.world)]

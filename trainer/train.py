@@ -286,7 +286,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         test_set = EvalViews(Manifest.load(cfg.data.test), cfg.augment, runtime.rank, runtime.world)
         eval_fn = make_eval_fn(test_set, cfg, runtime, mean, std)
     run_meta = {"config": cfg.to_dict(), "dataset_fingerprint": manifest.fingerprint, "views": views,
-                "heads": list(heads), "num_classes": num_classes, "in_chans": in_chans}
+                "heads": list(heads), "num_classes": num_classes, "in_chans": in_chans,
+                "trained_heads": sorted({"cls"} | {t.head for t in terms})}
     return Prepared(cfg, runtime, manifest, train_set, student, loss_fn, teachers, eval_fn, views, run_meta)
 
 
@@ -340,7 +341,8 @@ def train(cfg: RunConfig, out_dir: str, resume: bool = False) -> FitResult:
     p = prepare(cfg)
     result = fit(p.student, p.loss_fn, p.train_set, cfg.train, p.runtime, out_dir,
                  num_workers=cfg.data.num_workers, eval_fn=p.eval_fn, resume=resume, run_meta=p.run_meta,
-                 check_resume=lambda stored: check_same_run(p.run_meta, stored))
+                 check_resume=lambda stored: check_same_run(p.run_meta, stored),
+                 find_unused_parameters=bool(set(p.run_meta["heads"]) - set(p.run_meta["trained_heads"])))
     if p.runtime.main:
         save_student(result, p, out_dir)
     return result
