@@ -420,3 +420,41 @@ def test_cached_and_online_kd_agree(data, tmp_path, monkeypatch):
     ratio = ((w_cached - w_online).norm() / (w_cached - initial).norm()).item()
     assert ratio < 0.02, ratio
     assert not torch.equal(w_cached, initial)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Teachers train with the same loop
+
+def test_teacher_train_saves_checkpoint_with_test_accuracy(data, tmp_path, monkeypatch):
+    from trainer.teacher import TeacherSpec, train_teacher
+    import shared.checkpoint as checkpoint
+    saved = {}
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda model, path, meta: saved.update(path=path, meta=meta))
+    cfg = train_mod.load_run_config(None, ["augment.ra_magnitude_std=0.0", "data.num_workers=0", "train.epochs=2",
+                                           "train.batch_size=32", "train.progress=false"])
+    out = str(tmp_path / "t.safetensors")
+    result = train_teacher(TeacherSpec("rednet_small", "inv", data["train"], data["test"], out), cfg)
+    assert [r["view"] for r in result.history] == [0, 1]            # views = 0: a fresh view every epoch
+    assert all(0 <= r["test_acc_cls"] <= 1 and r["test_samples"] == 32 for r in result.history)
+    assert saved["path"] == out
+    meta = saved["meta"]
+    assert meta["kind"] == "inv" and meta["arch"] == "rednet_small" and meta["num_classes"] == 10
+    assert meta["test_accuracy"] == result.history[-1]["test_acc_cls"]
+    assert meta["mean"] == list(SPEC.mean) and meta["in_chans"] == 1
+
+
+def test_report_groups_seeds_into_variants(data, tmp_path):
+    from trainer.report import markdown, report
+    folders = []
+    for seed, (mode, acc) in enumerate([("cached", 0.8), ("cached", 0.9), ("none", 0.5)]):
+        cfg = config(data, f"train.seed={seed}", mode=mode).to_dict()
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        (folder / "run.json").write_text(json.dumps({"config": cfg, "final": {"test_acc_cls": acc,
+                                                                               "test_acc_mean": acc + 0.01}}))
+        folders.append(str(folder))
+    rows = report(folders, out=str(tmp_path / "r.json"))
+    assert [len(r["seeds"]) for r in rows] == [2, 1]
+    assert rows[0]["acc_cls"]["mean"] == pytest.approx(0.85) and rows[0]["acc_cls"]["std"] == pytest.approx(0.0707, 1e-3)
+    assert "no KD" in rows[1]["variant"] and "conv=regnet inv=rednet" in rows[0]["variant"]
+    assert "85.00 ± 7.07" in markdown(rows)

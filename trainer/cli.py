@@ -50,6 +50,39 @@ def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student
         _fail(exc)
 
 
+@click.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False), help="Model checkpoint.")
+@click.option("--data", "data", multiple=True, help="Test manifest (repeatable).")
+@click.option("--corrupt-dir", type=click.Path(file_okay=False), help="Also every manifest in this folder.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def evaluate(checkpoint, data, corrupt_dir, batch_size, workers, device, out):
+    """Accuracy of a student (class head and mean of heads) or teacher on test sets and corrupted copies."""
+    from trainer.evaluate import evaluate_checkpoint, format_report
+    try:
+        report = evaluate_checkpoint(checkpoint, list(data), corrupt_dir=corrupt_dir, batch_size=batch_size,
+                                     num_workers=workers, device=device, out=out)
+    except ValueError as exc:
+        _fail(exc)
+    click.echo(format_report(report))
+
+
+@click.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the table as JSON.")
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False), help="Write the table as Markdown.")
+def report(runs, out, markdown_out):
+    """Ablation table over `cit train` output folders: mean ± std over seeds per variant."""
+    from trainer.report import markdown, report as run_report
+    try:
+        rows = run_report(list(runs), out, markdown_out)
+    except ValueError as exc:
+        _fail(exc)
+    click.echo(markdown(rows))
+
+
 @click.group()
 def teacher():
     """Teacher models."""
@@ -88,5 +121,5 @@ def teacher_train(arch, kind, data, test_data, out, config, epochs, resume, opti
 
 
 if __name__ == "__main__":   # torchrun -m trainer.cli train ...
-    group = click.Group(commands={"train": train, "teacher": teacher})
+    group = click.Group(commands={"train": train, "teacher": teacher, "eval": evaluate, "report": report})
     sys.exit(group())

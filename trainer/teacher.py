@@ -87,7 +87,8 @@ def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False) -> Fi
         meta = {"arch": spec.arch, "kind": spec.kind, "num_classes": manifest.num_classes, "in_chans": in_chans,
                 "mean": list(mean), "std": list(std), "test_accuracy": accuracy,
                 "model_kwargs": {"img_size": cfg.augment.image_size, **(spec.options or {})},
-                "dataset_fingerprint": manifest.fingerprint, "test_fingerprint": test.fingerprint}
+                "augment": cfg.augment.to_dict(), "dataset_fingerprint": manifest.fingerprint,
+                "test_fingerprint": test.fingerprint}
         os.makedirs(os.path.dirname(os.path.abspath(spec.out)), exist_ok=True)
         checkpoint.save_checkpoint(result.model.eval(), spec.out, meta)
     return result
