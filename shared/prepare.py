@@ -247,7 +247,7 @@ class Staging:
     """A hidden folder inside ``out_dir`` where splits are built; ``publish`` moves them into place."""
 
     def __init__(self, out_dir: str):
-        self.out_dir = out_dir
+        self.out_dir, self.created = out_dir, not os.path.exists(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         self.root = tempfile.mkdtemp(prefix=".partial-", dir=out_dir)
 
@@ -304,6 +304,8 @@ class Staging:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.created and not os.listdir(self.out_dir):   # a failed first run leaves nothing behind
+            os.rmdir(self.out_dir)
 
 
 def chunks(rows: np.ndarray, shard_size: int) -> list[np.ndarray]:
