@@ -281,7 +281,7 @@ class Staging:
                 pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
         built: dict[str, tuple[list[ShardInfo], ImageStats]] = {name: ([], ImageStats()) for name in splits}
-        for (name, i, _), path, result in zip(tasks, paths, results):
+        for (name, i, _), result in zip(tasks, results):
             shards, stats = built[name]
             shards.append(ShardInfo(f"{posixpath.basename(name)}/{SHARD_PATTERN % i}", result.samples, result.sha256))
             stats.update(result.stats)
