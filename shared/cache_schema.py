@@ -1,7 +1,7 @@
 """The logit cache's Zarr v3 layout — the one place it is written down.  Both stages and ``cit cache`` use it.
 
     <root>/                       group; attributes = CacheAttrs (format, fingerprint, spec, seed, E, K, teachers,
-                                  status)
+                                  build settings, status)
     <root>/params                 float32 (E, N, P)   view params records (shared.augment.ViewParams)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
     <root>/<teacher>/values       float16 (E, N, K)   top-k logits, sorted descending
@@ -10,10 +10,19 @@
 
 All data arrays are chunked ``(1, chunk_rows, ...)``: a work unit is (view, row chunk), and a writer owns every
 chunk of its unit in every array, so no two processes ever write the same chunk (partial-chunk writes from
-several processes lose rows).  The unit's ``done`` element is written last; a cache is ``complete`` only when
-every element of ``done`` is 1.  Readers fetch row *blocks* (one Zarr call per array per block), never rows.
+several processes lose rows).  The unit's ``done`` element (its own 1-byte chunk) is written last; a cache is
+``complete`` only when every element of ``done`` is 1.  Readers fetch row *blocks* (one Zarr call per array per
+block), never rows.
 
-Readable with plain ``zarr``:  ``g = zarr.open_group(url, mode="r"); g["t1/values"][v, rows]``.
+Codecs (all standard Zarr v3, readable by plain ``zarr``): Blosc/zstd with *bitshuffle* on every data array,
+a transpose to K-major order inside each chunk for the (E, N, K) arrays (all top-1 logits of a chunk together,
+then all top-2, ...: neighbouring values share exponent and high mantissa bits, which bitshuffle turns into long
+zero runs), and a crc32c checksum on every chunk, so a corrupted or truncated chunk fails loudly on read.
+
+Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
+``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.
+
+Readable with plain ``zarr``:  ``g = zarr.open_group(url, mode="r"); g["t1/values"][v, lo:hi]``.
 """
 from __future__ import annotations
 
@@ -22,10 +31,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, TransposeCodec
 
 CACHE_FORMAT = 1
-STATUS_BUILDING, STATUS_COMPLETE = "building", "complete"
+STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
+RESERVED_NAMES = ("params", "done")
 
 
 class CacheError(ValueError):
@@ -41,8 +51,8 @@ class TeacherRecord:
     num_classes: int
     mean: list[float]
     std: list[float]
-    test_accuracy: float | None = None
-    extra: dict = field(default_factory=dict)
+    test_accuracy: float | None = None   # measured by the builder on the test set (None: not measured)
+    extra: dict = field(default_factory=dict)   # informational: checkpoint path, test set fingerprint, ...
 
 
 @dataclass
@@ -59,10 +69,15 @@ class CacheAttrs:
     status: str = STATUS_BUILDING
     format: int = CACHE_FORMAT
     created_by: str = "cit"
+    build: dict = field(default_factory=dict)   # settings that change the stored bits: batch_size, precision
 
     @property
     def num_chunks(self) -> int:
         return -(-self.num_samples // self.chunk_rows)
+
+    @property
+    def num_units(self) -> int:
+        return self.views * self.num_chunks
 
     def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.chunk_rows
@@ -75,10 +90,23 @@ class CacheAttrs:
         raise CacheError(f"teacher {name!r} is not in this cache; it has {[t.name for t in self.teachers]}")
 
     def identity(self) -> dict:
-        """What must agree for two builds to be the same cache (status excluded)."""
+        """What must agree for two builds to be the same cache: everything that determines the stored arrays.
+        Excluded: the status and per-teacher measurements/notes (``test_accuracy``, ``extra``)."""
         data = asdict(self)
         data.pop("status")
-        return data
+        for teacher in data["teachers"]:
+            teacher.pop("test_accuracy")
+            teacher.pop("extra")
+        return json.loads(json.dumps(data))
+
+    def identity_diff(self, other: "CacheAttrs") -> list[str]:
+        """Human-readable list of the identity fields that differ (for error messages)."""
+        a, b = self.identity(), other.identity()
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}")
+        return out
 
     def to_json_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -90,6 +118,11 @@ class CacheAttrs:
         return cls(**data)
 
 
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def index_dtype(num_classes: int) -> np.dtype:
     if num_classes <= 256:
         return np.dtype(np.uint8)
@@ -98,31 +131,52 @@ def index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int32)
 
 
-def _compressors(dtype: np.dtype):
-    return [BloscCodec(cname="zstd", clevel=5, shuffle=BloscShuffle.shuffle if dtype.itemsize > 1
-                       else BloscShuffle.noshuffle, typesize=dtype.itemsize)]
+def _codecs(dtype: np.dtype, ndim: int) -> dict:
+    """``create_array`` keyword arguments for a data array of ``dtype`` and rank ``ndim`` (see module doc)."""
+    dtype = np.dtype(dtype)
+    return {
+        "filters": [TransposeCodec(order=(0, 2, 1))] if ndim == 3 else [],
+        "serializer": BytesCodec(),
+        "compressors": [BloscCodec(cname="zstd", clevel=7, shuffle=BloscShuffle.bitshuffle,
+                                   typesize=dtype.itemsize), Crc32cCodec()],
+    }
+
+
+def expected_arrays(attrs: CacheAttrs, num_params: int) -> dict[str, tuple[tuple, tuple, np.dtype]]:
+    """path -> (shape, chunks, dtype) of every array of the layout."""
+    e, n, k, r = attrs.views, attrs.num_samples, attrs.topk, attrs.chunk_rows
+    arrays = {"params": ((e, n, num_params), (1, r, num_params), np.dtype(np.float32)),
+              "done": ((e, attrs.num_chunks), (1, 1), np.dtype(np.uint8))}
+    for teacher in attrs.teachers:
+        arrays[f"{teacher.name}/values"] = ((e, n, k), (1, r, k), np.dtype(np.float16))
+        arrays[f"{teacher.name}/indices"] = ((e, n, k), (1, r, k), index_dtype(attrs.num_classes))
+        arrays[f"{teacher.name}/lse"] = ((e, n), (1, r), np.dtype(np.float32))
+    return arrays
+
+
+def normalize_url(url: str) -> str:
+    """``file://`` URLs become plain paths, so Zarr uses its LocalStore (atomic chunk writes via rename)."""
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def open_root(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    url = normalize_url(url)
     kwargs = {"storage_options": storage_options} if storage_options and "://" in url else {}
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
 
 
 def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int) -> None:
     """Create every array of the layout (empty); attributes are written by the caller."""
-    e, n, k, r = attrs.views, attrs.num_samples, attrs.topk, attrs.chunk_rows
-
-    def make(path, shape, chunks, dtype, fill):
-        dtype = np.dtype(dtype)
-        root.create_array(path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                          compressors=_compressors(dtype), overwrite=True)
-
-    make("params", (e, n, num_params), (1, r, num_params), np.float32, np.nan)
-    make("done", (e, attrs.num_chunks), (1, 1), np.uint8, 0)
-    for teacher in attrs.teachers:
-        make(f"{teacher.name}/values", (e, n, k), (1, r, k), np.float16, np.nan)
-        make(f"{teacher.name}/indices", (e, n, k), (1, r, k), index_dtype(attrs.num_classes), 0)
-        make(f"{teacher.name}/lse", (e, n), (1, r), np.float32, np.nan)
+    fills = {"params": np.nan, "done": 0}
+    for path, (shape, chunks, dtype) in expected_arrays(attrs, num_params).items():
+        leaf = path.rsplit("/", 1)[-1]
+        if path == "done":   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
+            codecs = {"serializer": BytesCodec(), "compressors": None}
+        else:
+            codecs = _codecs(dtype, len(shape))
+        fill = fills.get(path, {"values": np.nan, "indices": 0, "lse": np.nan}.get(leaf, 0))
+        root.create_array(path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True,
+                          **codecs)
 
 
 @dataclass
@@ -133,11 +187,31 @@ class TopK:
     lse: np.ndarray       # float32 (B,)
 
 
+def read_attrs(root: zarr.Group, url: str = "") -> CacheAttrs:
+    data = dict(root.attrs)
+    if "dataset_fingerprint" not in data:
+        raise CacheError(f"{url or 'this store'} is a Zarr group but not a cit cache (no cit attributes)")
+    if data.get("format") != CACHE_FORMAT:
+        raise CacheError(f"cache {url} has format {data.get('format')}, this cit reads format {CACHE_FORMAT}")
+    try:
+        return CacheAttrs.from_json_dict(data)
+    except TypeError as exc:
+        raise CacheError(f"cache {url} has malformed attributes: {exc}") from None
+
+
 class LogitCache:
     """Read (and, for the builder, write) access to a cache through the layout above."""
 
-    def __init__(self, root: zarr.Group, attrs: CacheAttrs):
-        self.root, self.attrs = root, attrs
+    def __init__(self, root: zarr.Group, attrs: CacheAttrs, url: str = ""):
+        self.root, self.attrs, self.url = root, attrs, url
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at ``path``, opened once (each open costs a metadata read, a round trip on object stores)."""
+        array = self._arrays.get(path)
+        if array is None:
+            array = self._arrays[path] = self.root[path]
+        return array
 
     @classmethod
     def open(cls, url: str, mode: str = "r", allow_incomplete: bool = False,
@@ -146,42 +220,61 @@ class LogitCache:
             root = open_root(url, mode, storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise CacheError(f"no cit cache at {url}: {exc}") from None
-        data = dict(root.attrs)
-        if "dataset_fingerprint" not in data:
-            raise CacheError(f"{url} is a Zarr group but not a cit cache (no cit attributes)")
-        if data.get("format") != CACHE_FORMAT:
-            raise CacheError(f"cache {url} has format {data.get('format')}, this cit reads format {CACHE_FORMAT}")
-        attrs = CacheAttrs.from_json_dict(data)
+        attrs = read_attrs(root, url)
+        if attrs.status == STATUS_CREATING:
+            raise CacheError(f"cache {url} was interrupted while being created; rerun `cit cache build` with the "
+                             "same options to finish it")
         if attrs.status != STATUS_COMPLETE and not allow_incomplete:
-            done = int(np.asarray(root["done"][:]).sum())
-            raise CacheError(f"cache {url} is incomplete ({done} of {attrs.views * attrs.num_chunks} chunks "
+            try:
+                done = int(np.asarray(root["done"][:]).sum())
+            except KeyError:
+                done = 0
+            raise CacheError(f"cache {url} is incomplete ({done} of {attrs.num_units} chunks "
                              "written); finish it by rerunning `cit cache build` with the same options, "
                              "or pass allow_incomplete")
-        return cls(root, attrs)
+        return cls(root, attrs, url)
 
     @property
     def teacher_names(self) -> list[str]:
         return [t.name for t in self.attrs.teachers]
 
+    @property
+    def is_complete(self) -> bool:
+        return self.attrs.status == STATUS_COMPLETE
+
     def read_topk(self, teacher: str, view: int, lo: int, hi: int) -> TopK:
         self.attrs.teacher(teacher)
-        group = self.root[teacher]
-        return TopK(np.asarray(group["values"][view, lo:hi]), np.asarray(group["indices"][view, lo:hi]),
-                    np.asarray(group["lse"][view, lo:hi]))
+        return TopK(np.asarray(self.array(f"{teacher}/values")[view, lo:hi]),
+                    np.asarray(self.array(f"{teacher}/indices")[view, lo:hi]),
+                    np.asarray(self.array(f"{teacher}/lse")[view, lo:hi]))
 
     def read_params(self, view: int, lo: int, hi: int) -> np.ndarray:
-        return np.asarray(self.root["params"][view, lo:hi])
+        return np.asarray(self.array("params")[view, lo:hi])
 
     def done_map(self) -> np.ndarray:
-        return np.asarray(self.root["done"][:])
+        return np.asarray(self.array("done")[:])
 
     def write_unit(self, view: int, chunk: int, params: np.ndarray, outputs: dict[str, TopK]) -> None:
         """Write one whole (view, chunk) unit in every array, then mark it done (last, so a kill leaves it undone)."""
         lo, hi = self.attrs.chunk_rows_range(chunk)
-        self.root["params"][view, lo:hi] = params
+        if set(outputs) != set(self.teacher_names):
+            raise CacheError(f"write_unit needs outputs for exactly the teachers {self.teacher_names}, "
+                             f"got {sorted(outputs)}")
+        self.array("params")[view, lo:hi] = params
         for name, out in outputs.items():
-            group = self.root[name]
-            group["values"][view, lo:hi] = out.values
-            group["indices"][view, lo:hi] = out.indices
-            group["lse"][view, lo:hi] = out.lse
-        self.root["done"][view, chunk] = 1
+            self.array(f"{name}/values")[view, lo:hi] = out.values
+            self.array(f"{name}/indices")[view, lo:hi] = out.indices
+            self.array(f"{name}/lse")[view, lo:hi] = out.lse
+        self.array("done")[view, chunk] = 1
+
+    def set_status(self, status: str) -> None:
+        self.root.attrs["status"] = status
+        self.attrs.status = status
+
+    def mark_complete(self) -> bool:
+        """Mark the cache complete if (and only if) every unit is done; returns whether it is complete."""
+        if not bool(np.all(self.done_map() == 1)):
+            return False
+        if self.attrs.status != STATUS_COMPLETE:
+            self.set_status(STATUS_COMPLETE)
+        return True

@@ -1,0 +1,740 @@
+"""Stage 1: run every teacher over E replayable views of every sample and store top-k logits in the Zarr cache.
+
+Work unit = (view, row chunk), one Zarr chunk in every array.  The pipeline of one process (rank):
+
+    pending units (done map) --split--> this rank's units, grouped by chunk
+    DataLoader workers: read the chunk's rows (one sequential pass over its shard(s)), then per fixed batch of
+        rows: decode once, render every pending view of the chunk (``sample_view`` + ``apply_view``) -> uint8
+    main process: uint8 batch -> device (pinned, non_blocking) -> each teacher (eval, inference mode, its own
+        normalisation, bf16 autocast on CUDA only) -> log-sum-exp + top-k on the device -> one packed tensor ->
+        one device->host copy (pinned, non_blocking, event; no host sync in the loop)
+    writer thread: waits on the batch's event, checks finiteness (error names teacher and sample key), assembles
+        the unit, ``LogitCache.write_unit`` (data chunks first, ``done`` last)
+
+Bit-exactness: a unit's rows are cut into batches ``[lo + b*B, lo + (b+1)*B)`` — fixed by (chunk, batch size),
+never by resume point, rank or worker count — and ``batch_size``/precision are part of the cache identity, so a
+resumed or multi-process build computes every unit exactly as an uninterrupted single-process build does.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shared.augment import ViewSpec, _per_channel, apply_view, sample_view
+from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError,
+                                 LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays, index_dtype,
+                                 normalize_url, open_root, read_attrs)
+from shared.manifest import Manifest, ManifestError, verify_shards
+from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
+from shared.shards import ShardError, iter_shard
+from shared.views import decode, render_eval
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_CHUNK_ROWS = 4096
+
+
+class BuildError(ValueError):
+    """Bad input for a cache build (or a teacher misbehaving); the message names the culprit."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teachers
+
+@dataclass
+class Teacher:
+    name: str
+    checkpoint: str
+    model: torch.nn.Module
+    record: TeacherRecord
+    in_chans: int | None
+
+
+def _meta(meta, *names, default=None):
+    for name in names:
+        if isinstance(meta, dict) and name in meta:
+            return meta[name]
+        if not isinstance(meta, dict) and hasattr(meta, name):
+            return getattr(meta, name)
+    return default
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+
+
+def parse_teacher_args(items) -> list[tuple[str, str]]:
+    """``["conv=ckpt.pt", ...]`` or a dict -> [(name, path)], names checked (valid group names, unique)."""
+    pairs = list(items.items()) if isinstance(items, dict) else []
+    if not isinstance(items, dict):
+        for item in items:
+            if isinstance(item, (tuple, list)):
+                pairs.append((str(item[0]), str(item[1])))
+                continue
+            if "=" not in item:
+                raise BuildError(f"--teacher {item!r} must look like NAME=CHECKPOINT")
+            name, path = item.split("=", 1)
+            pairs.append((name.strip(), path.strip()))
+    if not pairs:
+        raise BuildError("at least one --teacher NAME=CHECKPOINT is needed")
+    seen = set()
+    for name, _ in pairs:
+        if not _NAME.match(name) or name in RESERVED_NAMES:
+            raise BuildError(f"teacher name {name!r} is not allowed: use letters, digits, '_' and '-', and not "
+                             f"{' or '.join(RESERVED_NAMES)}")
+        if name in seen:
+            raise BuildError(f"teacher name {name!r} is given twice")
+        seen.add(name)
+    return pairs
+
+
+def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device) -> list[Teacher]:
+    from shared.checkpoint import load_checkpoint
+    teachers = []
+    for name, path in pairs:
+        try:
+            model, meta = load_checkpoint(path, expect_classes=num_classes)
+        except FileNotFoundError:
+            raise BuildError(f"teacher {name}: checkpoint {path} does not exist") from None
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise BuildError(f"teacher {name}: cannot use checkpoint {path}: {exc}") from None
+        classes = int(_meta(meta, "num_classes"))
+        if classes != num_classes:   # load_checkpoint checks too; never trust a single guard
+            raise BuildError(f"teacher {name} ({path}) predicts {classes} classes but the data has {num_classes}")
+        mean, std = _meta(meta, "mean", "input_mean"), _meta(meta, "std", "input_std")
+        if mean is None or std is None:
+            raise BuildError(f"teacher {name}: checkpoint {path} does not record its input normalisation")
+        kind = str(_meta(meta, "kind", default="other") or "other")
+        record = TeacherRecord(name=name, kind=kind, arch=str(_meta(meta, "arch", default="?")),
+                               checkpoint_sha256=str(_meta(meta, "sha256", "checkpoint_sha256", default="")),
+                               num_classes=classes, mean=[float(x) for x in mean], std=[float(x) for x in std],
+                               extra={"checkpoint": str(path)})
+        acc = _meta(meta, "test_accuracy", "accuracy")
+        if acc is not None:
+            record.extra["checkpoint_test_accuracy"] = float(acc)
+        model = model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        in_chans = _meta(meta, "in_chans")
+        teachers.append(Teacher(name, str(path), model, record, int(in_chans) if in_chans is not None else None))
+    return teachers
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise BuildError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "bf16" and device.type != "cuda":
+        raise BuildError("bf16 autocast is only used on CUDA; use --precision fp32 (or auto) on CPU")
+    return precision
+
+
+class TeacherRunner:
+    """Runs every teacher on a uint8 batch on the device; returns device tensors, never syncs with the host."""
+
+    def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int):
+        self.teachers, self.device, self.precision, self.topk = teachers, device, precision, topk
+        self._norm: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False      # same algorithm for the same shapes: reproducible bits
+            torch.backends.cudnn.deterministic = True
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def normalise(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
+        """Exactly ``shared.augment.to_model_input`` (same ops, same bits), with the teacher's mean/std kept on the
+        device: building them from Python lists every batch would be a blocking host->device copy on CUDA."""
+        c = views.shape[1]
+        key = (teacher.name, c)
+        if key not in self._norm:
+            mean = torch.tensor(_per_channel(teacher.record.mean, c), device=views.device).view(1, c, 1, 1)
+            std = torch.tensor(_per_channel(teacher.record.std, c), device=views.device).view(1, c, 1, 1)
+            self._norm[key] = (mean, std)
+        mean, std = self._norm[key]
+        return (views.float().div_(255.0) - mean) / std
+
+    def logits(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on the device -> float32 logits (B, classes)."""
+        with self._autocast():
+            out = teacher.model(self.normalise(teacher, views))
+        if isinstance(out, dict):       # models with several heads: the class head
+            out = out["cls"]
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float()
+
+    def packed_topk(self, views: torch.Tensor) -> torch.Tensor:
+        """float32 (B, T, 2K+1): per teacher [top-k values (rounded to fp16), their indices, lse]."""
+        parts = []
+        for teacher in self.teachers:
+            logits = self.logits(teacher, views)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            values, indices = torch.topk(logits, self.topk, dim=1, largest=True, sorted=True)
+            parts.append(torch.cat([values.half().float(), indices.float(), lse], dim=1))
+        return torch.stack(parts, dim=1)
+
+
+def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, idx_dtype: np.dtype) -> TopK:
+    block = packed[:, teacher_index]
+    return TopK(values=block[:, :topk].astype(np.float16),
+                indices=block[:, topk:2 * topk].astype(idx_dtype),
+                lse=np.ascontiguousarray(block[:, 2 * topk]).astype(np.float32))
+
+
+def check_finite(out: TopK, teacher: str, keys: list[str], where: str) -> None:
+    bad = ~(np.isfinite(out.lse) & np.isfinite(out.values.astype(np.float32)).all(axis=1))
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise BuildError(f"teacher {teacher} produced non-finite logits (NaN/Inf) on sample {keys[first]!r} "
+                         f"({where}; {int(bad.sum())} of {len(keys)} samples in that batch); nothing was stored "
+                         "for it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: units of work rendered in DataLoader workers
+
+def default_chunk_rows(manifest: Manifest) -> int:
+    counts = collections.Counter(s.samples for s in manifest.shards if s.samples > 0)
+    if not counts:
+        return 1
+    common = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    return max(1, min(common, MAX_DEFAULT_CHUNK_ROWS))
+
+
+def read_rows(manifest: Manifest, lo: int, hi: int) -> list[RawSample]:
+    samples = []
+    for piece in pieces_for_rows(manifest, lo, hi):
+        samples.extend(read_piece(manifest, piece))
+    if len(samples) != hi - lo:
+        raise ShardError(f"rows {lo}..{hi} of {manifest.path}: read {len(samples)} samples, expected {hi - lo}")
+    return samples
+
+
+def batch_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+
+
+class UnitStream(IterableDataset):
+    """Yields one rendered batch at a time: for each chunk group, for each fixed batch of rows, for each view.
+    A worker decodes each image once and renders all of the chunk's pending views from it."""
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int, batch_size: int,
+                 groups: list[tuple[int, list[int]]]):
+        self.manifest, self.spec, self.seed = manifest, spec, seed
+        self.chunk_rows, self.batch_size, self.groups = chunk_rows, batch_size, groups
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        n = self.manifest.num_samples
+        for i, (chunk, views) in enumerate(self.groups):
+            if i % workers != worker:
+                continue
+            lo, hi = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, n)
+            samples = read_rows(self.manifest, lo, hi)
+            bounds = batch_bounds(lo, hi, self.batch_size)
+            for b, (a, z) in enumerate(bounds):
+                raws = samples[a - lo:z - lo]
+                images = [decode(raw) for raw in raws]
+                keys = [raw.key for raw in raws]
+                for view in views:
+                    tensors, records = [], []
+                    for raw, image in zip(raws, images):
+                        params = sample_view(self.spec, self.seed, raw.key, view)
+                        tensors.append(apply_view(self.spec, image, params))
+                        records.append(params.encode(self.spec))
+                    yield {"view": view, "chunk": chunk, "batch": b, "nbatches": len(bounds),
+                           "images": torch.stack(tensors), "params": torch.from_numpy(np.stack(records)),
+                           "keys": keys}
+
+
+class EvalStream(IterableDataset):
+    """Evaluation views (whole image resized) of a manifest with labels, in fixed batches."""
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, batch_size: int, chunk_rows: int):
+        self.manifest, self.spec, self.batch_size, self.chunk_rows = manifest, spec, batch_size, chunk_rows
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        n = self.manifest.num_samples
+        for i, lo in enumerate(range(0, n, self.chunk_rows)):
+            if i % workers != worker:
+                continue
+            samples = read_rows(self.manifest, lo, min(lo + self.chunk_rows, n))
+            for a in range(0, len(samples), self.batch_size):
+                raws = samples[a:a + self.batch_size]
+                yield {"images": torch.stack([render_eval(self.spec, r) for r in raws]),
+                       "labels": torch.tensor([r.label for r in raws], dtype=torch.int64),
+                       "keys": [r.key for r in raws]}
+
+
+def make_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
+    kwargs = {"prefetch_factor": 4, "worker_init_fn": seed_worker} if workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher accuracy (eval views of the test set)
+
+def measure_accuracy(runner: TeacherRunner, test: Manifest, spec: ViewSpec, batch_size: int, workers: int,
+                     progress: bool = False) -> dict[str, float]:
+    """Top-1 accuracy of every teacher on the eval views of ``test``; raises naming teacher and key on NaN."""
+    device = runner.device
+    correct = {t.name: torch.zeros((), dtype=torch.int64, device=device) for t in runner.teachers}
+    finite = {t.name: [] for t in runner.teachers}
+    keys: list[str] = []
+    stream = EvalStream(test, spec, batch_size, max(batch_size, default_chunk_rows(test)))
+    with torch.inference_mode():
+        for item in _progress(make_loader(stream, workers, device), progress, "teacher accuracy", None):
+            views = item["images"].to(device, non_blocking=True)
+            labels = item["labels"].to(device, non_blocking=True)
+            keys.extend(item["keys"])
+            for teacher in runner.teachers:
+                logits = runner.logits(teacher, views)
+                finite[teacher.name].append(torch.isfinite(logits).all(dim=1))
+                correct[teacher.name] += (logits.argmax(dim=1) == labels).sum()
+    out = {}
+    for teacher in runner.teachers:
+        ok = torch.cat(finite[teacher.name]).cpu().numpy() if finite[teacher.name] else np.ones(0, bool)
+        if not ok.all():
+            key = keys[int(np.argmin(ok))]
+            raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on test sample {key!r} "
+                             f"of {test.path} ({int((~ok).sum())} of {len(ok)} test samples)")
+        out[teacher.name] = int(correct[teacher.name].item()) / max(1, test.num_samples)
+    return out
+
+
+def _progress(iterable, enabled: bool, desc: str, total, unit: str = "batch"):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output location
+
+def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs | None]:
+    """("absent" | "empty" | "cache" | "foreign", attrs): what ``url`` holds now."""
+    url = normalize_url(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.exists(path):
+        return "absent", None
+    if fs.isfile(path):
+        return "foreign", None
+    if not fs.ls(path, detail=False):
+        return "empty", None
+    try:
+        root = open_root(url, "r", storage_options)
+        return "cache", read_attrs(root, url)
+    except Exception:  # noqa: BLE001 — any failure to read it as a cit cache means "something else is there"
+        return "foreign", None
+
+
+def remove_store(url: str, storage_options: dict | None) -> None:
+    url = normalize_url(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_shards_readable(manifest: Manifest, verify: bool) -> None:
+    """Every listed shard exists (and, with ``verify``, has its recorded sha256) — before any work is written."""
+    if verify:
+        try:
+            verify_shards(manifest)
+        except (ManifestError, OSError) as exc:
+            raise BuildError(f"unreadable shards: {exc}") from None
+        return
+    for i in range(len(manifest.shards)):
+        url = manifest.shard_url(i)
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            ok = fs.isfile(path)
+        except OSError as exc:
+            raise BuildError(f"unreadable shard {url}: {exc}") from None
+        if not ok:
+            raise BuildError(f"shard {url} listed in manifest {manifest.path} does not exist")
+
+
+def data_channels(manifest: Manifest) -> int:
+    """Channels of the first sample's image (1 for L, 3 for RGB)."""
+    for i in range(len(manifest.shards)):
+        if manifest.shards[i].samples == 0:
+            continue
+        for sample in iter_shard(manifest.shard_url(i)):
+            raw = RawSample(sample["__key__"], 0, 0, sample, manifest.shard_url(i), None)
+            return 1 if decode(raw).mode == "L" else 3
+    raise BuildError(f"manifest {manifest.path} has no samples")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build
+
+@dataclass
+class BuildSummary:
+    url: str
+    complete: bool
+    views_built: int               # (sample, view) pairs run through every teacher in this call (all ranks)
+    units_built: int
+    units_skipped: int             # already done before this call
+    seconds: float
+    teachers: dict[str, float | None] = field(default_factory=dict)   # name -> test accuracy
+
+    @property
+    def views_per_second(self) -> float:
+        return self.views_built / self.seconds if self.seconds > 0 else float("nan")
+
+    def line(self) -> str:
+        acc = ", ".join(f"{k} acc={'n/a' if v is None else f'{v:.4f}'}" for k, v in self.teachers.items())
+        state = "complete" if self.complete else "INCOMPLETE"
+        return (f"cache {self.url}: {state}; built {self.units_built} units ({self.views_built} views) in "
+                f"{self.seconds:.1f}s = {self.views_per_second:.1f} views/s; {self.units_skipped} units were "
+                f"already done; teachers: {acc}")
+
+
+class _Dist:
+    """Collectives over a gloo group (works for CPU tensors whatever backend the caller initialised)."""
+
+    def __init__(self):
+        self.rank, self.world = distributed_context()
+        self.owned = False
+        self.group = None
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self.owned = True
+            elif dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def sum(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10, spec: ViewSpec | dict | None = None,
+                seed: int = 0, batch_size: int = 256, workers: int | None = None, device: str = "auto",
+                precision: str = "auto", chunk_rows: int | None = None, test_data: str | None = None,
+                min_teacher_acc: float | None = None, force: bool = False, verify_shards: bool = True,
+                storage_options: dict | None = None, progress: bool = True) -> BuildSummary:
+    """Build (or resume) the logit cache at ``out``; see the module doc.  Safe to call under torchrun."""
+    started = time.perf_counter()
+    spec = spec if isinstance(spec, ViewSpec) else ViewSpec.from_dict(spec or {})
+    if views < 1:
+        raise BuildError(f"--views must be >= 1, got {views}")
+    if topk < 1:
+        raise BuildError(f"--topk must be >= 1, got {topk}")
+    if batch_size < 1:
+        raise BuildError(f"--batch-size must be >= 1, got {batch_size}")
+    if min_teacher_acc is not None and not 0 <= min_teacher_acc <= 1:
+        raise BuildError(f"--min-teacher-acc is a fraction in [0, 1], got {min_teacher_acc}")
+    if min_teacher_acc is not None and not test_data:
+        raise BuildError("--min-teacher-acc needs --test-data to measure the teachers on")
+    pairs = parse_teacher_args(teachers)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    try:
+        manifest = Manifest.load(data)
+    except ManifestError as exc:
+        raise BuildError(str(exc)) from None
+    if manifest.num_samples == 0:
+        raise BuildError(f"manifest {data} lists no samples")
+    if topk > manifest.num_classes:
+        raise BuildError(f"--topk {topk} is larger than the number of classes ({manifest.num_classes}) of {data}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    precision = resolve_precision(precision, dev)
+    chunk_rows = chunk_rows or default_chunk_rows(manifest)
+    if chunk_rows < 1:
+        raise BuildError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    loaded = load_teachers(pairs, manifest.num_classes, dev)
+    runner = TeacherRunner(loaded, dev, precision, topk)
+    intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
+                          num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,
+                          augment=spec.to_dict(), chunk_rows=chunk_rows, teachers=[t.record for t in loaded],
+                          status=STATUS_CREATING, build={"batch_size": batch_size, "precision": precision})
+
+    comm = _Dist()
+    try:
+        # ---- rank 0: every check that can fail, then create or reopen the store; the others wait for its verdict
+        error, attrs_json = None, None
+        if comm.rank == 0:
+            try:
+                attrs = _prepare(manifest, loaded, runner, intended, spec, seed, out, test_data, min_teacher_acc,
+                                 force, verify_shards, storage_options, batch_size, workers, progress)
+                attrs_json = attrs.to_json_dict()
+            except Exception as exc:  # noqa: BLE001 — re-raised below after telling the other ranks
+                error = exc
+        verdict = comm.broadcast((None if error is None else f"{type(error).__name__}: {error}", attrs_json))
+        if error is not None:
+            raise error
+        if verdict[0] is not None:
+            raise BuildError(f"rank 0 refused the build: {verdict[0]}")
+        attrs = CacheAttrs.from_json_dict(verdict[1])
+
+        cache = LogitCache.open(out, "r+", allow_incomplete=True, storage_options=storage_options)
+        done = cache.done_map()
+        comm.barrier()                    # everyone has read the same done map before anyone writes
+        pending = [(c, v) for c in range(attrs.num_chunks) for v in range(views) if done[v, c] != 1]
+        skipped = attrs.num_units - len(pending)
+        mine = pending[comm.rank * len(pending) // comm.world:(comm.rank + 1) * len(pending) // comm.world]
+        groups: list[tuple[int, list[int]]] = []
+        for c, v in mine:
+            if groups and groups[-1][0] == c:
+                groups[-1][1].append(v)
+            else:
+                groups.append((c, [v]))
+
+        failed, built_views, built_units = 0, 0, 0
+        try:
+            built_units, built_views = _run_units(cache, runner, manifest, spec, seed, attrs, groups, batch_size,
+                                                  workers, progress and comm.rank == 0)
+        except BaseException:
+            failed = 1
+            raise
+        finally:
+            failed = comm.sum(failed)
+            built_units, built_views = comm.sum(built_units), comm.sum(built_views)
+            complete = False
+            if comm.rank == 0 and not failed:
+                complete = cache.mark_complete()
+            complete = bool(comm.broadcast(complete))
+        summary = BuildSummary(out, complete, built_views, built_units, skipped, time.perf_counter() - started,
+                               {t.name: t.test_accuracy for t in attrs.teachers})
+        if failed:
+            raise BuildError(f"another rank failed; cache {out} is left incomplete (rerun to resume)")
+        return summary
+    finally:
+        comm.close()
+
+
+def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, test_data, min_teacher_acc, force,
+             verify, storage_options, batch_size, workers, progress) -> CacheAttrs:
+    """All refusals happen here, before anything is written; returns the attrs of the (created or resumed) cache."""
+    check_shards_readable(manifest, verify)
+    channels = data_channels(manifest)
+    for t in loaded:
+        if t.in_chans is not None and t.in_chans != channels:
+            raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
+                             f"of {manifest.path} have {channels} channel(s)")
+    state, existing = inspect_out(out, storage_options)
+    if state == "foreign":
+        raise BuildError(f"--out {out} already holds something that is not a cit cache; refusing to touch it "
+                         "(choose another location or delete it yourself)")
+    if state == "cache":
+        diff = existing.identity_diff(intended)
+        if diff and not force:
+            raise BuildError(f"--out {out} already holds a different cache ({'; '.join(diff[:4])}); pass --force to "
+                             "replace it, or choose another --out")
+        if existing.status == STATUS_COMPLETE and not diff:
+            log.info("cache %s is already complete", out)
+    resume = state == "cache" and not force and not existing.identity_diff(intended)
+    _probe(runner, manifest, spec, seed, intended.chunk_rows)
+
+    # teacher accuracy: measured once per cache; reused on resume when measured on the same test set
+    records = [replace(r) for r in intended.teachers]
+    test_fp = None
+    if test_data:
+        try:
+            test = Manifest.load(test_data)
+        except ManifestError as exc:
+            raise BuildError(f"--test-data: {exc}") from None
+        if test.num_classes != manifest.num_classes:
+            raise BuildError(f"--test-data {test_data} has {test.num_classes} classes, --data has "
+                             f"{manifest.num_classes}")
+        test_fp = test.fingerprint
+        stored = {t.name: t for t in existing.teachers} if resume else {}
+        reuse = all(stored.get(r.name) is not None and stored[r.name].test_accuracy is not None
+                    and stored[r.name].extra.get("test_fingerprint") == test_fp for r in records)
+        if reuse:
+            acc = {r.name: stored[r.name].test_accuracy for r in records}
+        else:
+            check_shards_readable(test, verify)
+            acc = measure_accuracy(runner, test, spec, batch_size, workers, progress)
+        for r in records:
+            r.test_accuracy = acc[r.name]
+            r.extra["test_fingerprint"] = test_fp
+            r.extra["test_samples"] = test.num_samples
+        if min_teacher_acc is not None:
+            low = [f"{r.name}={r.test_accuracy:.4f}" for r in records if r.test_accuracy < min_teacher_acc]
+            if low:
+                raise BuildError(f"teacher accuracy below --min-teacher-acc {min_teacher_acc} on {test_data}: "
+                                 f"{', '.join(low)} (check the checkpoint and its input normalisation)")
+    elif resume:   # keep what an earlier run measured
+        stored = {t.name: t for t in existing.teachers}
+        for r in records:
+            r.test_accuracy = stored[r.name].test_accuracy
+            r.extra = {**stored[r.name].extra, **r.extra}
+
+    num_params = spec.num_params
+    if resume and existing.status != STATUS_CREATING:
+        attrs = replace(existing, teachers=records)
+        root = open_root(out, "r+", storage_options)
+        if [r.__dict__ for r in records] != [t.__dict__ for t in existing.teachers]:
+            root.attrs.put(attrs.to_json_dict())
+        return attrs
+    if state == "cache" and not resume:   # --force: replace whatever cache is there
+        log.warning("--force: replacing the cache at %s", out)
+        remove_store(out, storage_options)
+    attrs = replace(intended, teachers=records, status=STATUS_CREATING)
+    root = open_root(out, "a" if resume else "w", storage_options)
+    root.attrs.put(attrs.to_json_dict())           # creating: identity known, arrays not yet
+    create_arrays(root, attrs, num_params)
+    attrs.status = STATUS_BUILDING
+    root.attrs.put(attrs.to_json_dict())
+    return attrs
+
+
+def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int) -> None:
+    """Run every teacher on a few real views before anything is written: shapes and finiteness."""
+    n = min(8, manifest.num_samples, chunk_rows)
+    raws = read_rows(manifest, 0, n)
+    tensors = [apply_view(spec, decode(r), sample_view(spec, seed, r.key, 0)) for r in raws]
+    views = torch.stack(tensors).to(runner.device)
+    keys = [r.key for r in raws]
+    with torch.inference_mode():
+        for teacher in runner.teachers:
+            try:
+                logits = runner.logits(teacher, views)
+            except RuntimeError as exc:
+                raise BuildError(f"teacher {teacher.name} ({teacher.checkpoint}) fails on the views "
+                                 f"{tuple(views.shape[1:])} of {manifest.path}: {exc}") from None
+            if logits.ndim != 2 or logits.shape[1] != manifest.num_classes:
+                raise BuildError(f"teacher {teacher.name} returns logits of shape {tuple(logits.shape)}, expected "
+                                 f"(batch, {manifest.num_classes})")
+            ok = torch.isfinite(logits).all(dim=1).cpu().numpy()
+            if not ok.all():
+                raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on sample "
+                                 f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")
+
+
+@dataclass
+class _Unit:
+    view: int
+    chunk: int
+    nbatches: int
+    parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
+
+
+def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, idx_dtype) -> None:
+    packed, params, keys = [], [], []
+    for b in range(unit.nbatches):
+        host, event, p, k = unit.parts[b]
+        if event is not None:
+            event.synchronize()
+        packed.append(host.numpy())
+        params.append(p.numpy())
+        keys.extend(k)
+    packed = np.concatenate(packed)
+    outputs = {}
+    for i, name in enumerate(names):
+        out = unpack_topk(packed, i, topk, idx_dtype)
+        check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
+        outputs[name] = out
+    cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs)
+
+
+def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
+               attrs: CacheAttrs, groups, batch_size: int, workers: int, progress: bool) -> tuple[int, int]:
+    if not groups:
+        return 0, 0
+    device = runner.device
+    names = [t.name for t in runner.teachers]
+    idx_dtype = index_dtype(attrs.num_classes)
+    total = sum((min((c + 1) * attrs.chunk_rows, attrs.num_samples) - c * attrs.chunk_rows) * len(vs)
+                for c, vs in groups)
+    stream = UnitStream(manifest, spec, seed, attrs.chunk_rows, batch_size, groups)
+    loader = make_loader(stream, min(workers, len(groups)), device)
+    units: dict[tuple[int, int], _Unit] = {}
+    futures: collections.deque = collections.deque()
+    built_units = built_views = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="cache build", unit="view", unit_scale=True, dynamic_ncols=True,
+                   file=sys.stderr, smoothing=0.05)
+    cuda = device.type == "cuda"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
+        try:
+            with torch.inference_mode():
+                for item in loader:
+                    views = item["images"].to(device, non_blocking=True)
+                    packed = runner.packed_topk(views)
+                    event = None
+                    if cuda:
+                        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                        host.copy_(packed, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                    else:
+                        host = packed
+                    key = (item["view"], item["chunk"])
+                    unit = units.setdefault(key, _Unit(item["view"], item["chunk"], item["nbatches"]))
+                    unit.parts[item["batch"]] = (host, event, item["params"], item["keys"])
+                    rows = len(item["keys"])
+                    built_views += rows
+                    if bar is not None:
+                        bar.update(rows)
+                    if len(unit.parts) == unit.nbatches:
+                        del units[key]
+                        futures.append(writer.submit(_write, cache, unit, names, attrs.topk, idx_dtype))
+                        built_units += 1
+                    while futures and (futures[0].done() or len(futures) > 8):
+                        futures.popleft().result()      # re-raises a writer error (NaN, storage) here
+            while futures:
+                futures.popleft().result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return built_units, built_views

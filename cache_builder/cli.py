@@ -1,0 +1,138 @@
+"""``cit cache build | info | verify`` — thin: parse options, call one library function, print its summary."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from shared.cache_schema import CacheError
+from shared.config import ConfigError
+from shared.manifest import ManifestError
+
+
+def _storage_options(items: tuple[str, ...]) -> dict | None:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE", param_hint="--storage-option")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out or None
+
+
+class CacheCommandError(click.ClickException):
+    """A refused build or unreadable cache: ``Error: <message>``, exit code 2 (as every ``cit`` library error)."""
+    exit_code = 2
+
+
+def _fail(exc: Exception) -> click.ClickException:
+    return CacheCommandError(str(exc))
+
+
+@click.group()
+def cache():
+    """Stage 1: build, inspect and verify the offline teacher-logit cache (Zarr v3)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cache.command()
+@click.option("--data", required=True, help="Manifest (JSON) of the training shards.")
+@click.option("--teacher", "teachers", multiple=True, required=True, metavar="NAME=CHECKPOINT",
+              help="A teacher to cache; repeat for several.  NAME becomes its group in the store.")
+@click.option("--views", "-E", "views", type=int, required=True, help="Views per sample (E).")
+@click.option("--topk", "-K", "topk", type=int, default=10, show_default=True, help="Logits kept per view (K).")
+@click.option("--out", required=True, help="Output URL: a path, file://, s3://, memory://.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML config; its [augment] section is the augmentation spec.")
+@click.option("--set", "overrides", multiple=True, metavar="augment.KEY=VALUE", help="Override a config value.")
+@click.option("--seed", type=int, default=None, help="View seed [the config's data.view_seed, else 0].")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Teacher batch size (part of the cache identity: changes the bits).")
+@click.option("--workers", type=int, default=None, help="DataLoader workers rendering views [min(4, cores)].")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--chunk-rows", type=int, default=None,
+              help="Rows per chunk = work unit [the most common shard size, at most 4096].")
+@click.option("--test-data", default=None, help="Manifest of the test split: each teacher's accuracy is measured "
+              "on its eval views before the build and stored in the cache.")
+@click.option("--min-teacher-acc", type=float, default=None, help="Refuse teachers below this test accuracy (0..1).")
+@click.option("--force", is_flag=True, help="Replace an existing cache at --out.")
+@click.option("--no-verify-shards", is_flag=True, help="Only check the shards exist (skip sha256 of every shard).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_size, workers, device, precision,
+          chunk_rows, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
+    """Run the teachers over E replayable views of every sample and store top-k logits (resumable)."""
+    from cache_builder.build import BuildError, build_cache
+    from shared.augment import ViewSpec
+    from shared.config import load_config, section
+    from shared.reader import distributed_context
+    try:
+        foreign = [o for o in overrides if not o.strip().startswith("augment.")]
+        if foreign:
+            raise ConfigError(f"`cit cache build --set` takes augment.* options only, got {foreign}")
+        cfg = load_config(config_path, overrides)
+        spec = section(cfg, "augment", ViewSpec)
+        if seed is None:
+            seed = int(cfg.get("data", {}).get("view_seed", 0))
+        summary = build_cache(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
+                              batch_size=batch_size, workers=workers, device=device, precision=precision,
+                              chunk_rows=chunk_rows, test_data=test_data, min_teacher_acc=min_teacher_acc,
+                              force=force, verify_shards=not no_verify_shards,
+                              storage_options=_storage_options(storage_options), progress=not no_progress)
+    except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    if distributed_context()[0] == 0:
+        click.echo(summary.line())
+
+
+@cache.command()
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+def info(url, as_json, storage_options):
+    """Teachers, accuracy, K, E, N, fingerprint, size on disk, bytes per view per teacher, completeness."""
+    from cache_builder.info import cache_info, format_info
+    try:
+        result = cache_info(url, _storage_options(storage_options))
+    except CacheError as exc:
+        raise _fail(exc) from None
+    click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
+
+
+@cache.command()
+@click.argument("url")
+@click.option("--data", default=None, help="Manifest the cache should have been built from (fingerprint check).")
+@click.option("--recompute", type=int, default=0, show_default=True, metavar="M",
+              help="Re-run the teachers on M random stored views and compare.")
+@click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Checkpoint for --recompute (default: the path recorded at build time).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Which random views --recompute picks.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(url, data, recompute, teachers, device, seed, storage_options, as_json):
+    """Check structure, completeness, fingerprint, finiteness, index range, sorting (and recompute M views)."""
+    from cache_builder.verify import verify_cache
+    try:
+        report = verify_cache(url, data=data, recompute=recompute, teachers=list(teachers) or None,
+                              storage_options=_storage_options(storage_options), device=device, seed=seed)
+    except (CacheError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps({"url": report.url, "ok": report.ok, "problems": report.problems,
+                               "passed": report.passed, "recomputed": report.recomputed}, indent=1))
+    else:
+        click.echo(report.text())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    cache()

@@ -1,0 +1,315 @@
+"""``cit cache verify``: structure, completeness, fingerprint, content sanity and (optionally) teacher recompute.
+
+Content checks read one (view, chunk) block at a time (bounded memory, one Zarr call per array per block).
+Every chunk carries a crc32c, so a byte-level corruption shows up as an unreadable chunk.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.augment import ViewParams, ViewSpec, apply_view, sample_view
+from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError, expected_arrays,
+                                 index_dtype, open_root, read_attrs)
+from shared.manifest import Manifest, ManifestError
+from shared.reader import pieces_for_rows, read_piece
+from shared.views import decode
+
+MAX_REPORTED = 12
+
+
+class _Arrays:
+    """``root[path]`` with each array opened once (an open costs a metadata round trip on object stores)."""
+
+    def __init__(self, root):
+        self.root, self.cache = root, {}
+
+    def __getitem__(self, path):
+        if path not in self.cache:
+            self.cache[path] = self.root[path]
+        return self.cache[path]
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    problems: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    recomputed: int = 0
+    _counts: collections.Counter = field(default_factory=collections.Counter, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, kind: str, text: str) -> None:
+        self._counts[kind] += 1
+        if self._counts[kind] <= MAX_REPORTED:
+            self.problems.append(f"{kind}: {text}")
+        elif self._counts[kind] == MAX_REPORTED + 1:
+            self.problems.append(f"{kind}: (more problems of this kind not listed)")
+
+    def text(self) -> str:
+        lines = [f"verify {self.url}: {'OK' if self.ok else f'{len(self.problems)} PROBLEM(S)'}"]
+        lines += [f"  ok      {p}" for p in self.passed]
+        lines += [f"  PROBLEM {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def verify_cache(url: str, data: str | None = None, recompute: int = 0, teachers: dict | list | None = None,
+                 storage_options: dict | None = None, device: str = "auto", batch_size: int = 64,
+                 seed: int = 0) -> VerifyReport:
+    """Check the cache at ``url``; ``data`` is the manifest it should have been built from.  ``recompute`` > 0 re-runs
+    the teachers (checkpoints from ``teachers`` NAME->PATH, else the paths recorded at build time) on that many
+    random stored views and compares.  Returns a report; never raises for a problem it can name."""
+    report = VerifyReport(url)
+    try:
+        root = open_root(url, "r", storage_options)
+        attrs = read_attrs(root, url)
+    except Exception as exc:  # noqa: BLE001
+        report.problem("structure", f"cannot open as a cit cache: {exc}")
+        return report
+    if attrs.status == STATUS_CREATING:
+        report.problem("complete", "the cache was interrupted while being created (no data yet)")
+        return report
+    spec = ViewSpec.from_dict(attrs.augment)
+    root = _Arrays(root)
+    if not _check_structure(root, attrs, spec, report):
+        return report
+    done = np.asarray(root["done"][:])
+    _check_complete(attrs, done, report)
+    manifest = None
+    if data:
+        manifest = _check_fingerprint(attrs, data, report)
+    _check_content(root, attrs, spec, done, report)
+    if recompute > 0:
+        if manifest is None:
+            report.problem("recompute", "--recompute needs --data (the manifest to rebuild the views from)")
+        else:
+            _recompute(root, attrs, spec, manifest, done, recompute, teachers, device, batch_size, seed, report)
+    return report
+
+
+def _check_structure(root, attrs: CacheAttrs, spec: ViewSpec, report: VerifyReport) -> bool:
+    ok = True
+    for path, (shape, chunks, dtype) in expected_arrays(attrs, spec.num_params).items():
+        try:
+            array = root[path]
+        except KeyError:
+            report.problem("structure", f"array {path} is missing")
+            ok = False
+            continue
+        if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype or tuple(array.chunks) != chunks:
+            report.problem("structure", f"array {path} is {array.dtype} {tuple(array.shape)} chunks "
+                           f"{tuple(array.chunks)}, the layout says {dtype} {shape} chunks {chunks}")
+            ok = False
+    if ok:
+        report.passed.append(f"structure: {len(expected_arrays(attrs, spec.num_params))} arrays with the expected "
+                             f"shapes, dtypes and chunks (E={attrs.views}, N={attrs.num_samples}, K={attrs.topk}, "
+                             f"teachers {[t.name for t in attrs.teachers]})")
+    return ok
+
+
+def _check_complete(attrs: CacheAttrs, done: np.ndarray, report: VerifyReport) -> None:
+    n_done = int((done == 1).sum())
+    if attrs.status != STATUS_COMPLETE:
+        report.problem("complete", f"status is {attrs.status!r}: {n_done} of {attrs.num_units} units written "
+                       "(rerun the same `cit cache build` command to finish it)")
+    elif n_done != attrs.num_units:
+        report.problem("complete", f"marked complete but only {n_done} of {attrs.num_units} units are done")
+    else:
+        report.passed.append(f"complete: all {attrs.num_units} units written")
+
+
+def _check_fingerprint(attrs: CacheAttrs, data: str, report: VerifyReport) -> Manifest | None:
+    try:
+        manifest = Manifest.load(data)
+    except ManifestError as exc:
+        report.problem("fingerprint", str(exc))
+        return None
+    if manifest.fingerprint != attrs.dataset_fingerprint:
+        report.problem("fingerprint", f"the cache was built from other data: its fingerprint "
+                       f"{attrs.dataset_fingerprint[:16]}… != {data}'s {manifest.fingerprint[:16]}…")
+        return None
+    if manifest.num_samples != attrs.num_samples or manifest.num_classes != attrs.num_classes:
+        report.problem("fingerprint", f"N/C mismatch: cache {attrs.num_samples}/{attrs.num_classes}, manifest "
+                       f"{manifest.num_samples}/{manifest.num_classes}")
+        return None
+    report.passed.append(f"fingerprint matches {data}")
+    return manifest
+
+
+def _check_content(root, attrs: CacheAttrs, spec: ViewSpec, done: np.ndarray, report: VerifyReport) -> None:
+    c, k = attrs.num_classes, attrs.topk
+    before = len(report.problems)
+    checked = 0
+    for v in range(attrs.views):
+        for chunk in range(attrs.num_chunks):
+            if done[v, chunk] != 1:
+                continue
+            lo, hi = attrs.chunk_rows_range(chunk)
+            where = f"view {v}, rows {lo}..{hi} (chunk {chunk})"
+            try:
+                params = np.asarray(root["params"][v, lo:hi])
+            except Exception as exc:  # noqa: BLE001 — a corrupted chunk fails its crc32c or its decompression
+                report.problem("unreadable", f"params {where}: {exc}")
+                params = None
+            if params is not None and not np.isfinite(params).all():
+                report.problem("nonfinite", f"params {where} holds NaN/Inf (unwritten rows?)")
+            for t in attrs.teachers:
+                try:
+                    values = np.asarray(root[f"{t.name}/values"][v, lo:hi]).astype(np.float32)
+                    indices = np.asarray(root[f"{t.name}/indices"][v, lo:hi]).astype(np.int64)
+                    lse = np.asarray(root[f"{t.name}/lse"][v, lo:hi])
+                except Exception as exc:  # noqa: BLE001
+                    report.problem("unreadable", f"teacher {t.name} {where}: {exc}")
+                    continue
+                _check_block(t.name, where, values, indices, lse, c, k, report)
+            checked += 1
+    if len(report.problems) == before:
+        report.passed.append(f"content: {checked} units finite, indices in [0, {c}) and distinct, values sorted "
+                             "descending, lse >= top-1 and top-k mass <= 1")
+
+
+def _check_block(name, where, values, indices, lse, c, k, report) -> None:
+    if not (np.isfinite(values).all() and np.isfinite(lse).all()):
+        rows = np.flatnonzero(~(np.isfinite(values).all(axis=1) & np.isfinite(lse)))
+        report.problem("nonfinite", f"teacher {name} {where}: NaN/Inf in {len(rows)} rows (first row offset "
+                       f"{rows[0]})")
+        return
+    if indices.min(initial=0) < 0 or indices.max(initial=0) >= c:
+        report.problem("indices", f"teacher {name} {where}: class indices outside [0, {c})")
+    srt = np.sort(indices, axis=1)
+    if k > 1 and (srt[:, 1:] == srt[:, :-1]).any():
+        report.problem("indices", f"teacher {name} {where}: a row repeats a class index")
+    if k > 1 and (np.diff(values, axis=1) > 0).any():
+        rows = np.flatnonzero((np.diff(values, axis=1) > 0).any(axis=1))
+        report.problem("sorted", f"teacher {name} {where}: top-k values not sorted descending in {len(rows)} rows "
+                       f"(first row offset {rows[0]})")
+    slack = 2e-3 * np.maximum(1.0, np.abs(values[:, 0]))      # fp16 rounding of the stored top-1
+    if (lse < values[:, 0] - slack).any():
+        report.problem("lse", f"teacher {name} {where}: log-sum-exp below the top-1 logit")
+    mass = np.exp(values - lse[:, None]).sum(axis=1)
+    if (mass > 1.0 + 1e-2).any():
+        report.problem("lse", f"teacher {name} {where}: top-k probability mass exceeds 1 (max {mass.max():.4f})")
+
+
+def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
+               device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
+    from cache_builder.build import BuildError, TeacherRunner, load_teachers, parse_teacher_args, resolve_device
+    overrides = dict(parse_teacher_args(teachers)) if teachers else {}
+    pairs = []
+    for t in attrs.teachers:
+        path = overrides.get(t.name) or t.extra.get("checkpoint")
+        if not path:
+            report.problem("recompute", f"no checkpoint for teacher {t.name}: pass --teacher {t.name}=PATH")
+            return
+        pairs.append((t.name, path))
+    dev = resolve_device(device)
+    try:
+        loaded = load_teachers(pairs, attrs.num_classes, dev)
+    except BuildError as exc:
+        report.problem("recompute", str(exc))
+        return
+    for t, record in zip(loaded, attrs.teachers):
+        if t.record.checkpoint_sha256 != record.checkpoint_sha256:
+            report.problem("recompute", f"teacher {t.name}: checkpoint {t.checkpoint} is not the one the cache was "
+                           f"built with (sha256 {t.record.checkpoint_sha256[:12]}… != {record.checkpoint_sha256[:12]}…)")
+            return
+    precision = attrs.build.get("precision", "fp32")
+    if precision == "bf16" and dev.type != "cuda":
+        precision = "fp32"     # compare with the looser bf16 tolerance below
+    runner = TeacherRunner(loaded, dev, precision, attrs.topk)
+    # pick m random (view, row) among written units, deterministic in ``seed``
+    rng = np.random.default_rng(seed)
+    units = np.argwhere(done == 1)
+    if len(units) == 0:
+        report.problem("recompute", "no written units to recompute")
+        return
+    picks = set()
+    tries = 0
+    while len(picks) < min(m, attrs.views * attrs.num_samples) and tries < 100 * m:
+        v, chunk = units[rng.integers(len(units))]
+        lo, hi = attrs.chunk_rows_range(int(chunk))
+        picks.add((int(v), int(rng.integers(lo, hi))))
+        tries += 1
+    picks = sorted(picks, key=lambda p: (p[1], p[0]))
+    raws = _read_rows(manifest, sorted({row for _, row in picks}))
+    k, c = attrs.topk, attrs.num_classes
+    loose = attrs.build.get("precision") == "bf16"
+    rtol, atol = (5e-2, 5e-2) if loose else (4e-3, 4e-3)
+    blocks: dict = {}
+
+    def stored(path: str, v: int, row: int):
+        """Row ``row`` of view ``v`` of array ``path``, read one (view, chunk) block at a time."""
+        chunk = row // attrs.chunk_rows
+        key = (path, v, chunk)
+        if key not in blocks:
+            if len(blocks) > 256:        # picks are sorted by row: old blocks are not needed again
+                blocks.clear()
+            lo, hi = attrs.chunk_rows_range(chunk)
+            blocks[key] = np.asarray(root[path][v, lo:hi])
+        return blocks[key][row - chunk * attrs.chunk_rows]
+
+    mismatches = 0
+    for a in range(0, len(picks), batch_size):
+        batch = picks[a:a + batch_size]
+        tensors = []
+        for v, row in batch:
+            raw = raws[row]
+            params = sample_view(spec, attrs.seed, raw.key, v)
+            if not np.array_equal(stored("params", v, row).view(np.uint32), params.encode(spec).view(np.uint32)):
+                report.problem("recompute", f"view {v} of {raw.key!r} (row {row}): stored params differ from the "
+                               "replayed view's")
+                mismatches += 1
+            tensors.append(apply_view(spec, decode(raw), params))
+        views = torch.stack(tensors).to(dev)
+        with torch.inference_mode():
+            for t in loaded:
+                logits = runner.logits(t, views)
+                lse = torch.logsumexp(logits, dim=1).cpu().numpy()
+                kk = min(k + 1, c)
+                top_v, top_i = torch.topk(logits, kk, dim=1)
+                top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
+                for j, (v, row) in enumerate(batch):
+                    sv = stored(f"{t.name}/values", v, row).astype(np.float32)
+                    si = stored(f"{t.name}/indices", v, row).astype(np.int64)
+                    sl = float(stored(f"{t.name}/lse", v, row))
+                    ref_v = top_v[j, :k]
+                    bad = []
+                    if not np.allclose(sv, ref_v, rtol=rtol, atol=atol):
+                        bad.append(f"values differ by up to {np.abs(sv - ref_v).max():.4g}")
+                    if not np.isclose(sl, lse[j], rtol=rtol, atol=atol):
+                        bad.append(f"lse {sl:.5g} != {lse[j]:.5g}")
+                    # indices must agree wherever the rank is not a near-tie (ties may order either way)
+                    gaps = np.abs(np.diff(top_v[j]))
+                    tol = atol + rtol * np.abs(top_v[j])
+                    for pos in range(k):
+                        tied = (pos > 0 and gaps[pos - 1] <= tol[pos]) or (pos < kk - 1 and gaps[pos] <= tol[pos])
+                        if not tied and si[pos] != top_i[j, pos]:
+                            bad.append(f"class at rank {pos} is {si[pos]}, the teacher says {top_i[j, pos]}")
+                            break
+                    if bad:
+                        mismatches += 1
+                        report.problem("recompute", f"teacher {t.name}, view {v} of {raws[row].key!r} (row {row}): "
+                                       + "; ".join(bad))
+    report.recomputed = len(picks)
+    if mismatches == 0:
+        report.passed.append(f"recompute: {len(picks)} random views re-rendered and re-run through "
+                             f"{[t.name for t in loaded]}: params identical, top-k and lse match")
+
+
+def _read_rows(manifest: Manifest, rows: list[int]) -> dict:
+    """Rows -> RawSample, one read per shard touched (from its first wanted row to its last)."""
+    by_shard: dict[int, list[int]] = collections.defaultdict(list)
+    for row in rows:
+        by_shard[manifest.shard_of_row(row)].append(row)
+    out = {}
+    for shard_rows in by_shard.values():
+        for piece in pieces_for_rows(manifest, min(shard_rows), max(shard_rows) + 1):
+            for raw in read_piece(manifest, piece):
+                out[raw.row] = raw
+    return {row: out[row] for row in rows}
