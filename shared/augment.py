@@ -133,28 +133,32 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _sample_box(rng: np.random.Generator, area: tuple[float, float], ratio: tuple[float, float]) -> tuple:
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    return (_f32(rng.uniform(*area)), _f32(rng.uniform(*log_ratio)), _f32(rng.uniform()), _f32(rng.uniform()))
+def _box(u: np.ndarray, area: tuple[float, float], ratio: tuple[float, float]) -> tuple:
+    """Four uniforms -> relative box (area fraction, log aspect, u_top, u_left), float32-exact."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    return (_f32(area[0] + u[0] * (area[1] - area[0])), _f32(log_lo + u[1] * (log_hi - log_lo)),
+            _f32(u[2]), _f32(u[3]))
 
 
 def sample_view(spec: ViewSpec, seed: int, key: str, view: int) -> ViewParams:
+    """Every draw comes from one block of uniforms in a fixed layout, so switching an op off (or on) leaves the
+    other ops' draws alone, and one generator call serves the whole view (it is on the loader's hot path)."""
     rng = view_generator(seed, key, view)
-    # every draw happens whether or not the op is enabled, so switching one op off leaves the others' draws alone
-    crop = _sample_box(rng, spec.rrc_scale, spec.rrc_ratio)
-    flip = bool(rng.uniform() < spec.hflip)
+    n = spec.ra_num_ops
+    u = rng.random(5 + 3 * n + 6)          # crop(4) flip(1) | per op: applied, op, sign | erase(1+4) seed(1)
+    normals = rng.standard_normal(n) if n else ()
+    crop = _box(u[0:4], spec.rrc_scale, spec.rrc_ratio)
+    flip = bool(u[4] < spec.hflip)
     ops = []
-    for _ in range(spec.ra_num_ops):
-        applied = rng.uniform() < spec.ra_prob
-        op = int(rng.integers(len(RAND_OPS)))
-        magnitude = min(max(rng.normal(spec.ra_magnitude, spec.ra_magnitude_std), 0.0), _MAX_LEVEL)
-        sign = -1.0 if rng.uniform() < 0.5 else 1.0
-        ops.append((op if applied else -1, _f32(sign * magnitude) if applied else 0.0))
-    erase_on = rng.uniform() < spec.erase_prob
-    erase = _sample_box(rng, spec.erase_area, spec.erase_ratio)
-    noise_seed = int(rng.integers(1 << 24))
-    return ViewParams(crop=crop if spec.rrc else (1.0, 0.0, 0.5, 0.5), flip=flip, ops=ops,
-                      erase=erase if erase_on else None, noise_seed=noise_seed)
+    for i in range(n):
+        applied, which, sign = u[5 + 3 * i: 8 + 3 * i]
+        magnitude = min(max(spec.ra_magnitude + spec.ra_magnitude_std * normals[i], 0.0), _MAX_LEVEL)
+        level = -magnitude if sign < 0.5 else magnitude
+        ops.append((int(which * len(RAND_OPS)), _f32(level)) if applied < spec.ra_prob else (-1, 0.0))
+    tail = u[5 + 3 * n:]
+    erase = _box(tail[1:5], spec.erase_area, spec.erase_ratio) if tail[0] < spec.erase_prob else None
+    return ViewParams(crop=crop if spec.rrc else (1.0, 0.0, 0.5, 0.5), flip=flip, ops=ops, erase=erase,
+                      noise_seed=int(tail[5] * (1 << 24)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ RAND_OPS: list[tuple[str, callable]] = [
     ("Invert", lambda img, level: ImageOps.invert(img)),
     ("Rotate", lambda img, level: img.rotate(level / _MAX_LEVEL * 30.0, resample=Image.BILINEAR,
                                              fillcolor=_fill(img))),
-    ("PosterizeIncreasing", lambda img, level: ImageOps.posterize(img, 4 - int(abs(level) / _MAX_LEVEL * 4))),
+    ("PosterizeIncreasing", lambda img, level: ImageOps.posterize(img, max(1, 4 - int(abs(level) / _MAX_LEVEL * 4)))),
     ("SolarizeIncreasing", lambda img, level: ImageOps.solarize(img, 256 - int(abs(level) / _MAX_LEVEL * 256))),
     ("SolarizeAdd", lambda img, level: _solarize_add(img, int(abs(level) / _MAX_LEVEL * 110))),
     ("ColorIncreasing", _enhance(ImageEnhance.Color)),

@@ -15,6 +15,12 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write ``data`` so readers see either the old file or the whole new one, never a prefix."""
     if is_local(url):
@@ -27,6 +33,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; shared storage needs the usual mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -105,3 +105,15 @@ def test_bad_spec_is_rejected():
         ViewSpec(hflip=1.5)
     with pytest.raises(ValueError, match="unknown augmentation option"):
         ViewSpec.from_dict({"img_size": 3})
+
+
+@pytest.mark.parametrize("level", [-10.0, -0.0, 0.0, 10.0])
+def test_every_op_renders_at_extreme_levels(level):
+    """Magnitudes are clipped to [0, 10]: every op must render at both ends (PIL posterize rejects 0 bits)."""
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for mode_shape in ((28, 28), (20, 24, 3)):
+        pil = Image.fromarray(rng.integers(0, 256, mode_shape, dtype=np.uint8))
+        for op in range(len(RAND_OPS)):
+            out = apply_view(SPEC, pil, ViewParams(ops=[(op, level)]))
+            assert out.dtype == torch.uint8 and out.shape[1:] == (28, 28)
