@@ -15,6 +15,7 @@ passes hit L2 instead of DRAM; on GPU it runs as one chunk (no host syncs, nothi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,7 +31,7 @@ __all__ = [
 
 # Bytes of the per-chunk working set (input slice + kernels + output) targeted on CPU: about the L2
 # size of one core, so the K^2 passes over a chunk are served from cache. Measured on a 2-core EPYC.
-_CPU_CHUNK_BYTES = 1 << 20
+_CPU_CHUNK_BYTES = 4 << 20
 
 
 def involution_output_size(size: int, stride: int) -> int:
@@ -71,9 +72,72 @@ def involution_unfold_reference(
     return (cols * kern).sum(dim=3).reshape(b, c, ho, wo)
 
 
-def _window(xpad: torch.Tensor, u: int, v: int, stride: int, ho: int, wo: int) -> torch.Tensor:
-    """View of the padded input that kernel tap (u, v) reads for every output pixel."""
-    return xpad[..., u : u + stride * (ho - 1) + 1 : stride, v : v + stride * (wo - 1) + 1 : stride]
+@dataclass(frozen=True)
+class _Geometry:
+    """Index plan for the "wide row" layout.
+
+    The zero-padded input is split into stride x stride polyphase components (one component when
+    stride is 1), each a (Hq, Wq) grid flattened row-major. Output pixel (i, j) of tap (u, v) then
+    reads component (u % s, v % s) at flat index (i + u // s) * Wq + (j + v // s), so for a fixed tap
+    the whole output, computed on a (Ho, Wq) grid whose columns j >= Wo are discarded, is ONE
+    contiguous slice of length Ho * Wq. Every tap is a single vectorised multiply-add with unit
+    stride (a strided 2-D window would run inner loops of only Wo elements).
+    """
+
+    k: int
+    s: int
+    h: int
+    w: int
+    pad: int
+    ho: int
+    wo: int
+    hq: int
+    wq: int
+
+    @classmethod
+    def of(cls, h: int, w: int, k: int, s: int) -> "_Geometry":
+        pad = (k - 1) // 2
+        ho, wo = involution_output_size(h, s), involution_output_size(w, s)
+        reach = (k - 1) // s  # largest tap offset inside a polyphase component
+        wq = max(wo + reach, -(-(pad + w) // s))
+        hq = max(ho + reach, -(-(pad + h) // s)) + 1  # +1 row: the last wide row may run past Wo
+        return cls(k, s, h, w, pad, ho, wo, hq, wq)
+
+    @property
+    def length(self) -> int:
+        return self.ho * self.wq
+
+    def taps(self):
+        """(tap index, polyphase component, flat offset) for every kernel tap."""
+        for t in range(self.k * self.k):
+            u, v = divmod(t, self.k)
+            yield t, (u % self.s) * self.s + (v % self.s), (u // self.s) * self.wq + (v // self.s)
+
+    def split(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """(B, C, H, W) -> zero-padded polyphase components (B, G, C/G, s*s, Hq*Wq)."""
+        b, c = x.shape[:2]
+        s = self.s
+        buf = x.new_zeros(b, c, s * self.hq, s * self.wq)
+        buf[..., self.pad : self.pad + self.h, self.pad : self.pad + self.w] = x
+        if s > 1:
+            buf = buf.view(b, c, self.hq, s, self.wq, s).permute(0, 1, 3, 5, 2, 4)
+        return buf.reshape(b, groups, c // groups, s * s, self.hq * self.wq)
+
+    def merge(self, comps: torch.Tensor) -> torch.Tensor:
+        """Inverse of `split` for gradients: components -> (B, C, H, W) (a view when stride is 1)."""
+        b = comps.shape[0]
+        s = self.s
+        buf = comps.reshape(b, -1, s, s, self.hq, self.wq)
+        buf = buf.permute(0, 1, 4, 2, 5, 3).reshape(b, -1, s * self.hq, s * self.wq)
+        return buf[..., self.pad : self.pad + self.h, self.pad : self.pad + self.w]
+
+    def widen(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, n, Ho, Wo) -> (B, n, Ho*Wq), zero in the discarded columns."""
+        return F.pad(t, (0, self.wq - self.wo)).reshape(t.shape[0], t.shape[1], self.length)
+
+    def narrow(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, n, Ho*Wq) -> (B, n, Ho, Wo) view dropping the discarded columns."""
+        return t.view(t.shape[0], -1, self.ho, self.wq)[..., : self.wo]
 
 
 def _chunks(batch: int, per_sample_bytes: int, device: torch.device) -> list[tuple[int, int]]:
@@ -81,95 +145,96 @@ def _chunks(batch: int, per_sample_bytes: int, device: torch.device) -> list[tup
     if device.type != "cpu":
         return [(0, batch)]
     n = max(1, min(batch, _CPU_CHUNK_BYTES // max(per_sample_bytes, 1)))
-    # Even-sized chunks (the last one is not a tiny remainder) and at least 2 of them so both
-    # intra-op threads have work even for small batches.
-    parts = max(math.ceil(batch / n), min(batch, 2))
-    step = math.ceil(batch / parts)
+    parts = math.ceil(batch / n)
+    step = math.ceil(batch / parts)  # even-sized chunks, no tiny remainder
     return [(i, min(i + step, batch)) for i in range(0, batch, step)]
 
 
-def _forward_chunk(x: torch.Tensor, weight: torch.Tensor, k: int, stride: int, groups: int, ho: int, wo: int) -> torch.Tensor:
-    b, c, h, w = x.shape
-    gc = c // groups
-    pad = (k - 1) // 2
-    xpad = F.pad(x, (pad, pad, pad, pad)).view(b, groups, gc, h + 2 * pad, w + 2 * pad)
-    kern = weight.view(b, groups, k * k, 1, ho, wo)
-    out = torch.empty(b, groups, gc, ho, wo, dtype=x.dtype, device=x.device)
-    for t in range(k * k):
-        u, v = divmod(t, k)
-        win = _window(xpad, u, v, stride, ho, wo)
+def _forward_chunk(x: torch.Tensor, weight: torch.Tensor, geo: _Geometry, groups: int) -> torch.Tensor:
+    b, c = x.shape[:2]
+    n = geo.length
+    comps = geo.split(x, groups)
+    kern = geo.widen(weight).view(b, groups, geo.k * geo.k, 1, n)
+    out = torch.empty(b, groups, c // groups, n, dtype=x.dtype, device=x.device)
+    for t, ph, off in geo.taps():
+        win = comps[:, :, :, ph, off : off + n]
         if t == 0:
             torch.mul(win, kern[:, :, t], out=out)
         else:
             out.addcmul_(win, kern[:, :, t])
-    return out.view(b, c, ho, wo)
+    return geo.narrow(out.view(b, c, n))
 
 
 def _backward_chunk(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, k: int, stride: int, groups: int,
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, geo: _Geometry, groups: int,
     need_x: bool, need_w: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    b, c, h, w = x.shape
-    ho, wo = grad_out.shape[-2:]
+    b, c = x.shape[:2]
     gc = c // groups
-    pad = (k - 1) // 2
-    hp, wp = h + 2 * pad, w + 2 * pad
-    g = grad_out.reshape(b, groups, gc, ho, wo)
-    kern = weight.view(b, groups, k * k, 1, ho, wo)
-    gx = torch.zeros(b, groups, gc, hp, wp, dtype=x.dtype, device=x.device) if need_x else None
-    # grad of the kernels, tap-major so each tap's slice is contiguous for the reduction's out=.
-    gw = torch.empty(k * k, b, groups, ho, wo, dtype=x.dtype, device=x.device) if need_w else None
-    xpad = F.pad(x, (pad, pad, pad, pad)).view(b, groups, gc, hp, wp) if need_w else None
-    prod = torch.empty_like(g) if need_w else None
-    for t in range(k * k):
-        u, v = divmod(t, k)
-        if gx is not None:
-            _window(gx, u, v, stride, ho, wo).addcmul_(g, kern[:, :, t])
-        if gw is not None:
-            torch.mul(g, _window(xpad, u, v, stride, ho, wo), out=prod)
-            torch.sum(prod, dim=2, out=gw[t])
-    grad_x = gx.view(b, c, hp, wp)[..., pad : pad + h, pad : pad + w] if gx is not None else None
-    grad_w = gw.permute(1, 2, 0, 3, 4).reshape(b, groups * k * k, ho, wo) if gw is not None else None
+    n = geo.length
+    g = geo.widen(grad_out).view(b, groups, gc, n)  # zero in discarded columns: they get no gradient
+    grad_x = grad_w = None
+    if need_x:
+        kern = geo.widen(weight).view(b, groups, geo.k * geo.k, 1, n)
+        gcomps = x.new_zeros(b, groups, gc, geo.s * geo.s, geo.hq * geo.wq)
+    if need_w:
+        comps = geo.split(x, groups)
+        gw = torch.empty(b, groups, geo.k * geo.k, n, dtype=x.dtype, device=x.device)
+        prod = torch.empty_like(g)
+    for t, ph, off in geo.taps():
+        if need_x:
+            gcomps[:, :, :, ph, off : off + n].addcmul_(g, kern[:, :, t])
+        if need_w:
+            torch.mul(g, comps[:, :, :, ph, off : off + n], out=prod)
+            torch.sum(prod, dim=2, out=gw[:, :, t])
+    if need_x:
+        grad_x = geo.merge(gcomps)
+    if need_w:
+        grad_w = geo.narrow(gw.view(b, groups * geo.k * geo.k, n))
     return grad_x, grad_w
 
 
 class _InvolutionFn(torch.autograd.Function):
-    """Shifted-view involution; saves only (x, weight) and recomputes the views in backward."""
+    """Shifted-slice involution; saves only (x, weight) and recomputes the slices in backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int, groups: int) -> torch.Tensor:
-        ho, wo = _check_shapes(x, weight, kernel_size, stride, groups)
+        _check_shapes(x, weight, kernel_size, stride, groups)
         ctx.save_for_backward(x, weight)
         ctx.conf = (kernel_size, stride, groups)
-        b, c, h, w = x.shape
-        x = x.contiguous()
-        weight = weight.contiguous()
-        per_sample = x.element_size() * (c * (h + kernel_size) * (w + kernel_size) + weight[0].numel() + c * ho * wo)
-        parts = [
-            _forward_chunk(x[i:j], weight[i:j], kernel_size, stride, groups, ho, wo)
-            for i, j in _chunks(b, per_sample, x.device)
-        ]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        geo = _Geometry.of(x.shape[2], x.shape[3], kernel_size, stride)
+        x, weight = _compute(x), _compute(weight)
+        # per-tap working set: the input components and the output
+        per_sample = x.element_size() * x.shape[1] * (stride * stride * geo.hq * geo.wq + geo.length)
+        parts = [_forward_chunk(x[i:j], weight[i:j], geo, groups) for i, j in _chunks(x.shape[0], per_sample, x.device)]
+        out = torch.cat(parts, 0) if len(parts) > 1 else parts[0].contiguous()
+        return out.to(out_dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x_in, w_in = ctx.saved_tensors
         k, stride, groups = ctx.conf
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        x = x.contiguous()
-        weight = weight.contiguous()
-        grad_out = grad_out.contiguous()
-        b, c, h, w = x.shape
-        per_sample = x.element_size() * (3 * c * (h + k) * (w + k) + 2 * weight[0].numel())
+        geo = _Geometry.of(x_in.shape[2], x_in.shape[3], k, stride)
+        x, weight, grad_out = _compute(x_in), _compute(w_in), _compute(grad_out)
+        per_sample = x.element_size() * x.shape[1] * (2 * stride * stride * geo.hq * geo.wq + 2 * geo.length)
         gxs, gws = [], []
-        for i, j in _chunks(b, per_sample, x.device):
-            gx, gw = _backward_chunk(grad_out[i:j], x[i:j], weight[i:j], k, stride, groups, need_x, need_w)
+        for i, j in _chunks(x.shape[0], per_sample, x.device):
+            gx, gw = _backward_chunk(grad_out[i:j], x[i:j], weight[i:j], geo, groups, need_x, need_w)
             gxs.append(gx)
             gws.append(gw)
-        grad_x = (gxs[0] if len(gxs) == 1 else torch.cat(gxs, 0)) if need_x else None
-        grad_w = (gws[0] if len(gws) == 1 else torch.cat(gws, 0)) if need_w else None
+        grad_x = (torch.cat(gxs, 0) if len(gxs) > 1 else gxs[0]).to(x_in.dtype) if need_x else None
+        grad_w = (torch.cat(gws, 0) if len(gws) > 1 else gws[0]).to(w_in.dtype) if need_w else None
         return grad_x, grad_w, None, None, None
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, and float32 for half types: K^2-term sums in bf16/fp16 lose too much precision."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.contiguous()
 
 
 def involution2d(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1, groups: int = 1) -> torch.Tensor:
