@@ -17,9 +17,8 @@ from trainer.train import eval_outputs
 
 
 def _get(meta, name: str, default=None):
-    if isinstance(meta, dict):
-        return meta.get(name, default)
-    return getattr(meta, name, default)
+    """A field of a checkpoint's meta (``ModelMeta`` and plain dicts both have ``get``)."""
+    return meta.get(name, default)
 
 
 def eval_spec(meta) -> ViewSpec:

@@ -42,9 +42,13 @@ class TeacherSpec:
 
 
 def build_teacher(spec: TeacherSpec, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """timm CNNs get the small-input stem by default on images up to 64 px (a 224-px stem would cut a 28-px
+    image to 7x7 before the first block)."""
     from shared import models
-    return models.create_model(spec.arch, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
-                               **(spec.options or {}))
+    options = dict(spec.options or {})
+    if models.model_kind(spec.arch) == "conv":
+        options.setdefault("small_input", img_size <= 64)
+    return models.create_model(spec.arch, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **options)
 
 
 def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False) -> FitResult:
@@ -86,7 +90,6 @@ def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False) -> Fi
         accuracy = result.history[-1].get("test_acc_cls") if result.history else None
         meta = {"arch": spec.arch, "kind": spec.kind, "num_classes": manifest.num_classes, "in_chans": in_chans,
                 "mean": list(mean), "std": list(std), "test_accuracy": accuracy,
-                "model_kwargs": {"img_size": cfg.augment.image_size, **(spec.options or {})},
                 "augment": cfg.augment.to_dict(), "dataset_fingerprint": manifest.fingerprint,
                 "test_fingerprint": test.fingerprint}
         os.makedirs(os.path.dirname(os.path.abspath(spec.out)), exist_ok=True)

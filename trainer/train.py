@@ -355,8 +355,6 @@ def save_student(result: FitResult, p: Prepared, out_dir: str) -> None:
     meta = {"arch": p.cfg.student.arch, "kind": "student", "num_classes": p.manifest.num_classes,
             "in_chans": p.run_meta["in_chans"], "mean": list(p.cfg.augment.mean), "std": list(p.cfg.augment.std),
             "test_accuracy": last.get("test_acc_cls"),
-            "model_kwargs": {"img_size": p.cfg.augment.image_size, "token_mode": p.cfg.student.token_mode,
-                             "heads": list(p.run_meta["heads"]), **p.cfg.student.options},
             "kd": asdict(p.cfg.kd), "augment": p.cfg.augment.to_dict(), "dataset_fingerprint": p.manifest.fingerprint}
     checkpoint.save_checkpoint(result.model, os.path.join(out_dir, "student.safetensors"), meta)
     write_json(os.path.join(out_dir, "run.json"), p.run_meta | {"final": last})
