@@ -13,6 +13,9 @@ random logits and the real view params); its peak RSS and its DataLoader workers
 trainer streams, so both should stay flat as the dataset grows.
 
     python benchmarks/bench_train.py [--quick] [--out benchmarks/results/train.json]
+
+``--quick`` (a smoke run, numbers not meaningful): cit_nano only, 64 samples, one timed epoch per mode, two small
+dataset sizes.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ sys.path.insert(0, REPO)
 from shared.augment import ViewSpec, sample_view               # noqa: E402
 from shared.io import atomic_write_text                        # noqa: E402
 
-CONV_TEACHER = ("resnet18", {"small_input": True})   # default conv teacher: timm name + small-input stem
+CONV_TEACHER = ("regnety_002", {"small_input": True})   # default conv teacher: timm name + small-input stem
 INV_TEACHER = ("rednet_small", {})                       # default involution teacher
 SPEC = ViewSpec(image_size=28)
 
@@ -154,15 +157,30 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
     root.attrs["status"] = STATUS_COMPLETE
 
 
+MEMORY_STUDENT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}   # the data path is measured
+
+
 def memory_child(manifest: str, cache: str, workers: int) -> None:
-    """Train one cached-KD epoch of cit_nano, print peak RSS (MiB) of this process and of its workers."""
+    """Train one cached-KD epoch of a cut-down cit_nano, print peak RSS (MiB) of this process and its workers."""
     from trainer.train import train
     cfg = run_config(manifest, cache, "cit_nano", "cached", 64, workers, 1, {})
+    cfg.student.options = dict(MEMORY_STUDENT)
+    baseline = vm_hwm_mib()
     with tempfile.TemporaryDirectory() as out:
         train(cfg, out)
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would report the (large) benchmark parent that forked
+    # this process.  Workers are forked from this process, so their peak includes the pages they share with it.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": own, "worker_peak_rss_mib": children}))
+    print(json.dumps({"peak_rss_mib": vm_hwm_mib(), "rss_after_imports_mib": baseline,
+                      "worker_peak_rss_mib": children}))
+
+
+def vm_hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def memory_curve(folder: str, sizes: list[int], workers: int) -> list[dict]:
@@ -196,8 +214,9 @@ def main() -> None:
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     quick = args.quick
-    n, rounds, batch = (512, 2, 64) if quick else (2048, 3, 64)
-    sizes = [1000, 4000] if quick else [1000, 4000, 16000, 64000]
+    n, rounds, batch = (64, 1, 32) if quick else (512, 3, 64)
+    sizes = [250, 1000] if quick else [2000, 8000, 24000]
+    archs = ("cit_nano",) if quick else ("cit_nano", "cit_tiny")
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
               "settings": {"quick": quick, "samples": n, "rounds": rounds, "batch_size": batch,
@@ -212,7 +231,7 @@ def main() -> None:
         cache = os.path.join(folder, "cache.zarr")
         build_cache(manifest, checkpoints, cache, views=rounds + 1, topk=10, spec=SPEC, seed=0, progress=False,
                     workers=args.workers)
-        for arch in ("cit_nano", "cit_tiny"):
+        for arch in archs:
             modes = ("none", "cached", "online")
             print(f"throughput {arch} ...", flush=True)
             result["throughput"][arch] = throughput(manifest, cache, checkpoints, arch, rounds, batch, args.workers,

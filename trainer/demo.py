@@ -17,7 +17,7 @@ import click
 
 from trainer.report import markdown, summarize
 
-CONV_TEACHER = "resnet18"     # timm conv teacher (small-input stem)
+CONV_TEACHER = "regnety_002"  # timm conv teacher (small-input stem)
 INV_TEACHER = "rednet_small"  # involution teacher
 
 
