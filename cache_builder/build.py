@@ -461,7 +461,8 @@ class _Dist:
 
 def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10, spec: ViewSpec | dict | None = None,
                 seed: int = 0, batch_size: int = 256, workers: int | None = None, device: str = "auto",
-                precision: str = "auto", chunk_rows: int | None = None, test_data: str | None = None,
+                precision: str = "auto", chunk_rows: int | None = None, threads: int | None = None,
+                test_data: str | None = None,
                 min_teacher_acc: float | None = None, force: bool = False, verify_shards: bool = True,
                 storage_options: dict | None = None, progress: bool = True) -> BuildSummary:
     """Build (or resume) the logit cache at ``out``; see the module doc.  Safe to call under torchrun."""
@@ -473,6 +474,8 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         raise BuildError(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise BuildError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise BuildError(f"--threads must be >= 1, got {threads}")
     if min_teacher_acc is not None and not 0 <= min_teacher_acc <= 1:
         raise BuildError(f"--min-teacher-acc is a fraction in [0, 1], got {min_teacher_acc}")
     if min_teacher_acc is not None and not test_data:
@@ -499,9 +502,12 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
                           num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,
                           augment=spec.to_dict(), chunk_rows=chunk_rows, teachers=[t.record for t in loaded],
-                          status=STATUS_CREATING, build={"batch_size": batch_size, "precision": precision})
+                          status=STATUS_CREATING,
+                          build={"batch_size": batch_size, "precision": precision, "device": dev.type,
+                                 "cpu_threads": threads if dev.type == "cpu" else None})
 
     comm = _Dist()
+    caller_threads = torch.get_num_threads()     # the build pins its own count; give the caller theirs back
     try:
         # ---- rank 0: every check that can fail, then create or reopen the store; the others wait for its verdict
         error, attrs_json = None, None
@@ -518,6 +524,8 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         if verdict[0] is not None:
             raise BuildError(f"rank 0 refused the build: {verdict[0]}")
         attrs = CacheAttrs.from_json_dict(verdict[1])
+        if attrs.build.get("cpu_threads") and dev.type == "cpu":
+            torch.set_num_threads(int(attrs.build["cpu_threads"]))
 
         cache = LogitCache.open(out, "r+", allow_incomplete=True, storage_options=storage_options)
         done = cache.done_map()
@@ -552,6 +560,7 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
             raise BuildError(f"another rank failed; cache {out} is left incomplete (rerun to resume)")
         return summary
     finally:
+        torch.set_num_threads(caller_threads)
         comm.close()
 
 
@@ -568,6 +577,13 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
     if state == "foreign":
         raise BuildError(f"--out {out} already holds something that is not a cit cache; refusing to touch it "
                          "(choose another location or delete it yourself)")
+    if intended.build["device"] == "cpu" and intended.build["cpu_threads"] is None:
+        # CPU kernels (oneDNN) may round differently with another intra-op thread count: the count is pinned per
+        # cache — a resume (or another rank) uses the stored one, a new cache this process's
+        stored = existing.build.get("cpu_threads") if state == "cache" and not force else None
+        intended.build["cpu_threads"] = int(stored or torch.get_num_threads())
+    if intended.build["cpu_threads"]:
+        torch.set_num_threads(intended.build["cpu_threads"])
     if state == "cache":
         diff = existing.identity_diff(intended)
         if diff and not force:
@@ -614,6 +630,8 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
             r.extra = {**stored[r.name].extra, **r.extra}
 
     num_params = spec.num_params
+    if resume:
+        _remove_partial_writes(out)
     if resume and existing.status != STATUS_CREATING:
         attrs = replace(existing, teachers=records)
         root = open_root(out, "r+", storage_options)
@@ -630,6 +648,21 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
     attrs.status = STATUS_BUILDING
     root.attrs.put(attrs.to_json_dict())
     return attrs
+
+
+def _remove_partial_writes(url: str) -> None:
+    """A killed local build can leave Zarr's temporary ``*.partial`` files (its writes are write + rename); they are
+    never read, but do not let them pile up on disk."""
+    url = normalize_url(url)
+    if "://" in url:
+        return
+    for folder, _, files in os.walk(url):
+        for name in files:
+            if name.endswith(".partial"):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
 
 
 def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int) -> None:

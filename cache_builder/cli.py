@@ -58,6 +58,9 @@ def cache():
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--chunk-rows", type=int, default=None,
               help="Rows per chunk = work unit [the most common shard size, at most 4096].")
+@click.option("--threads", type=int, default=None,
+              help="CPU builds: intra-op threads per process, pinned per cache (part of its identity: CPU kernels "
+              "round differently with another count) [a new cache: torch's default; a resume: the stored count].")
 @click.option("--test-data", default=None, help="Manifest of the test split: each teacher's accuracy is measured "
               "on its eval views before the build and stored in the cache.")
 @click.option("--min-teacher-acc", type=float, default=None, help="Refuse teachers below this test accuracy (0..1).")
@@ -67,7 +70,7 @@ def cache():
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_size, workers, device, precision,
-          chunk_rows, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
+          chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
     """Run the teachers over E replayable views of every sample and store top-k logits (resumable)."""
     from cache_builder.build import BuildError, build_cache
     from shared.augment import ViewSpec
@@ -83,7 +86,7 @@ def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_
             seed = int(cfg.get("data", {}).get("view_seed", 0))
         summary = build_cache(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
                               batch_size=batch_size, workers=workers, device=device, precision=precision,
-                              chunk_rows=chunk_rows, test_data=test_data, min_teacher_acc=min_teacher_acc,
+                              chunk_rows=chunk_rows, threads=threads, test_data=test_data, min_teacher_acc=min_teacher_acc,
                               force=force, verify_shards=not no_verify_shards,
                               storage_options=_storage_options(storage_options), progress=not no_progress)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:

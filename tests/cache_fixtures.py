@@ -1,0 +1,68 @@
+"""Helpers for the cache-builder tests: tiny real teachers (``create_model`` + ``save_checkpoint``), array comparison."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import zarr
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_teacher(path: str, kind: str = "conv", num_classes: int = 10, in_chans: int = 1, seed: int = 0,
+                 nan: bool = False, mean=(0.5,), std=(0.5,)) -> str:
+    """A tiny untrained RedNet teacher saved as a real checkpoint: ``kind="inv"`` with involutions, ``"conv"`` its
+    conv twin (3x3 convs in place of the involutions).  ``nan``: the classifier bias is NaN."""
+    from shared.checkpoint import save_checkpoint
+    from shared.models import create_model
+    torch.manual_seed(seed)
+    model = create_model("rednet_small", num_classes=num_classes, in_chans=in_chans, base_width=4, stem_width=8,
+                         group_channels=4, mixer="involution" if kind == "inv" else "conv").eval()
+    if nan:
+        with torch.no_grad():
+            model.fc.bias.fill_(float("nan"))
+    save_checkpoint(model, path, {"kind": kind, "mean": list(mean), "std": list(std)})
+    return path
+
+
+def store_arrays(url: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """Every array of a Zarr group, by path (plain zarr: no cit code involved)."""
+    kwargs = {"storage_options": storage_options} if storage_options else {}
+    root = zarr.open_group(url, mode="r", **kwargs)
+    out = {}
+
+    def walk(group, prefix):
+        for name, node in group.members():
+            if isinstance(node, zarr.Group):
+                walk(node, prefix + name + "/")
+            else:
+                out[prefix + name] = np.asarray(node[...])
+    walk(root, "")
+    return out
+
+
+def assert_bit_identical(a: str, b: str, b_options: dict | None = None) -> None:
+    x, y = store_arrays(a), store_arrays(b, b_options)
+    assert sorted(x) == sorted(y)
+    for path in x:
+        u, v = x[path], y[path]
+        assert u.dtype == v.dtype and u.shape == v.shape, path
+        assert np.array_equal(u.view(f"u{u.itemsize}"), v.view(f"u{v.itemsize}")), f"{path} differs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cache_builder.cli", *args]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

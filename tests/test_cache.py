@@ -1,0 +1,348 @@
+"""Stage 1: the logit cache — correctness against the teachers, crash safety, multi-process, S3, verify, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from cache_builder import BuildError, build_cache, cache_info, verify_cache
+from cache_builder.cli import cache as cache_cli
+from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
+from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
+from shared.manifest import Manifest
+from shared.views import decode, render_view
+from tests.cache_fixtures import (REPO, assert_bit_identical, cli_command, free_port, make_teacher, run_cli,
+                                  store_arrays)
+from tests.shard_fixtures import make_shards
+
+E, K, N, SHARD, BATCH = 3, 5, 200, 50, 16
+# 16 px views keep the tiny teachers fast; erasing on half the views so its params are exercised
+AUG = {"image_size": 16, "erase_prob": 0.5, "mean": [0.4], "std": [0.3]}
+SPEC = ViewSpec.from_dict(AUG)
+SETS = [f"--set=augment.{k}={json.dumps(v)}" for k, v in AUG.items()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="tr", seed=1)
+    test = make_shards(str(root / "test"), num_samples=40, shard_size=40, prefix="te", seed=2)
+    conv = make_teacher(str(root / "conv.safetensors"), "conv", seed=1)
+    inv = make_teacher(str(root / "inv.safetensors"), "inv", seed=2)
+    w = {"root": root, "data": data.path, "test": test.path, "teachers": [f"conv={conv}", f"inv={inv}"],
+         "conv": conv, "inv": inv, "ref": str(root / "ref.zarr")}
+    summary = build_cache(w["data"], w["teachers"], w["ref"], views=E, topk=K, spec=SPEC, seed=5,
+                          batch_size=BATCH, workers=1, threads=1, test_data=w["test"], progress=False)
+    assert summary.complete and summary.units_built == E * (N // SHARD) and summary.views_built == E * N
+    return w
+
+
+def cli_args(w, out: str, *extra: str) -> list[str]:
+    args = ["build", "--data", w["data"], "--views", str(E), "--topk", str(K), "--seed", "5", "--out", out,
+            "--batch-size", str(BATCH), "--threads", "1", "--test-data", w["test"], "--no-progress", *SETS, *extra]
+    for t in w["teachers"]:
+        args += ["--teacher", t]
+    return args
+
+
+def test_stored_topk_equal_teachers_on_replayed_views(world):
+    from shared.checkpoint import load_checkpoint
+    cache = LogitCache.open(world["ref"])
+    attrs = cache.attrs
+    manifest = Manifest.load(world["data"])
+    assert attrs.status == STATUS_COMPLETE and attrs.views == E and attrs.topk == K
+    assert attrs.dataset_fingerprint == manifest.fingerprint and attrs.num_samples == N
+    assert {t.name: t.kind for t in attrs.teachers} == {"conv": "conv", "inv": "inv"}
+    from shared.reader import pieces_for_rows, read_piece
+    raws = [s for p in pieces_for_rows(manifest, 0, N) for s in read_piece(manifest, p)]
+    for name in ("conv", "inv"):
+        model, meta = load_checkpoint(world[name])
+        model.eval()
+        record = attrs.teacher(name)
+        assert record.checkpoint_sha256 and 0.0 <= record.test_accuracy <= 1.0
+        for v in range(E):
+            rendered = [render_view(SPEC, 5, v, raw) for raw in raws]
+            views = torch.stack([r[0] for r in rendered])
+            with torch.inference_mode():
+                logits = model(to_model_input(views, record.mean, record.std)).float()
+            top = torch.topk(logits, K, dim=1)
+            got = cache.read_topk(name, v, 0, N)
+            assert got.values.dtype == np.float16 and got.values.shape == (N, K)
+            np.testing.assert_allclose(got.values.astype(np.float32), top.values.half().float().numpy(),
+                                       rtol=1e-3, atol=1e-3)
+            assert (np.diff(got.values.astype(np.float32), axis=1) <= 0).all()
+            np.testing.assert_allclose(got.lse, torch.logsumexp(logits, 1).numpy(), rtol=1e-5, atol=1e-5)
+            gap = (top.values[:, :-1] - top.values[:, 1:]).min(dim=1).values.numpy()
+            clear = gap > 1e-3                   # rows without near-ties: class order is unambiguous
+            assert clear.mean() > 0.5
+            np.testing.assert_array_equal(got.indices[clear], top.indices.numpy()[clear])
+            # params decode to exactly the view apply_view makes
+            stored = cache.read_params(v, 0, N)
+            np.testing.assert_array_equal(stored, np.stack([r[1] for r in rendered]))
+            for i in (0, 17, N - 1):
+                params = ViewParams.decode(stored[i], SPEC)
+                assert torch.equal(apply_view(SPEC, decode(raws[i]), params), rendered[i][0])
+
+
+def test_info_and_verify_on_a_good_cache(world):
+    info = cache_info(world["ref"])
+    assert info["complete"] and info["views"] == E and info["topk"] == K and info["num_samples"] == N
+    assert [t["name"] for t in info["teachers"]] == ["conv", "inv"]
+    assert all(t["test_accuracy"] is not None for t in info["teachers"])
+    assert 0 < info["bytes_per_view_per_teacher"] < 200
+    report = verify_cache(world["ref"], data=world["data"], recompute=12)
+    assert report.ok, report.text()
+    assert report.recomputed == 12
+    runner = CliRunner()
+    out = runner.invoke(cache_cli, ["info", world["ref"]])
+    assert out.exit_code == 0, out.output
+    assert "complete" in out.output and "B per view per teacher" in out.output and "conv" in out.output
+    out = runner.invoke(cache_cli, ["verify", world["ref"], "--data", world["data"], "--recompute", "4"])
+    assert out.exit_code == 0, out.output
+    # plain zarr, no cit code: the layout documented in docs/cache.md
+    g = zarr.open_group(world["ref"], mode="r")
+    assert g.attrs["status"] == "complete" and g["conv/values"].shape == (E, N, K)
+    assert g["conv/values"].dtype == np.float16 and g["inv/lse"].shape == (E, N)
+
+
+def test_rerun_of_a_complete_build_does_nothing(world):
+    before = store_arrays(world["ref"])
+    # no threads given: a resume uses the thread count pinned in the cache (1), whatever this process has
+    summary = build_cache(world["data"], world["teachers"], world["ref"], views=E, topk=K, spec=SPEC, seed=5,
+                          batch_size=BATCH, workers=0, test_data=world["test"], progress=False)
+    assert summary.complete and summary.units_built == 0 and summary.units_skipped == E * (N // SHARD)
+    after = store_arrays(world["ref"])
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
+def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
+    views = 2
+    small = ["--views", str(views), "--chunk-rows", "10", "--batch-size", "4"]   # 40 small units
+    ref = str(tmp_path / "clean.zarr")
+    build_cache(world["data"], world["teachers"], ref, views=views, topk=K, spec=SPEC, seed=5, batch_size=4,
+                chunk_rows=10, workers=0, threads=1, progress=False)
+    out = str(tmp_path / "killed.zarr")
+    args = [a for a in cli_args(world, out, *small, "--workers", "1") if a not in ("--test-data", world["test"])]
+    rng = random.Random(int(time.time()))
+    done_dir = os.path.join(out, "done", "c")
+    kills = []
+    for attempt in range(2):
+        proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 90
+        if attempt == 0:     # early: while the store is being created or the first units are written
+            while time.time() < deadline and proc.poll() is None and not os.path.exists(out):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:                # after a random number of units, at a random point inside the next one
+            target = _count_files(done_dir) + rng.randint(1, 15)
+            while time.time() < deadline and proc.poll() is None and _count_files(done_dir) < target:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.05))
+        assert proc.poll() is None, "the build finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(_count_files(done_dir))
+    assert not _is_complete(out) and kills[-1] < views * N // 10, kills
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout and f"{kills[-1]} units were already done" in result.stdout
+    assert_bit_identical(ref, out)
+    assert LogitCache.open(out).attrs.teachers == LogitCache.open(ref).attrs.teachers
+
+
+def _count_files(folder: str) -> int:
+    """Written done flags (not Zarr's temporary ``*.partial`` files)."""
+    return sum(len([f for f in files if not f.endswith(".partial")]) for _, _, files in os.walk(folder))
+
+
+def _is_complete(url: str) -> bool:
+    try:
+        return zarr.open_group(url, mode="r").attrs.get("status") == STATUS_COMPLETE
+    except Exception:  # noqa: BLE001 — nothing written yet
+        return False
+
+
+def test_torchrun_two_processes_equal_one(world, tmp_path):
+    out = str(tmp_path / "ddp.zarr")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+           str(free_port()), "-m", "cache_builder.cli",
+           *cli_args(world, out, "--workers", "1")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("complete") == 1          # one summary line (rank 0)
+    assert_bit_identical(world["ref"], out)
+
+
+def test_s3_round_trip(world, tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        import s3fs
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("cit-test")
+        fs.put(os.path.dirname(world["data"]) + "/", "cit-test/train/", recursive=True)
+        # shards and cache both on S3; the endpoint comes from the environment for the shards, and from an
+        # explicit storage option for the cache
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
+        url = "s3://cit-test/caches/c.zarr"
+        summary = build_cache("s3://cit-test/train/tr.json", world["teachers"], url, views=E, topk=K, spec=SPEC,
+                              seed=5, batch_size=BATCH, workers=1, threads=1, test_data=world["test"],
+                              progress=False,
+                              storage_options=options)
+        assert summary.complete
+        assert_bit_identical(world["ref"], url, options)
+        cache = LogitCache.open(url, storage_options=options)
+        ref = LogitCache.open(world["ref"])
+        np.testing.assert_array_equal(cache.read_topk("inv", 2, 10, 60).values, ref.read_topk("inv", 2, 10, 60).values)
+        info = cache_info(url, options)
+        assert info["complete"] and info["size_bytes"] > 0
+        report = verify_cache(url, data="s3://cit-test/train/tr.json", recompute=3, storage_options=options)
+        assert report.ok, report.text()
+    finally:
+        server.stop()
+
+
+def _copy(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_verify_catches_tampering_other_shards_and_incomplete(world, tmp_path):
+    # 1) a chunk whose numbers were changed (still sorted, finite, in range): only the recompute sees it
+    tampered = _copy(world["ref"], str(tmp_path / "tampered.zarr"))
+    g = zarr.open_group(tampered, mode="r+")
+    g["conv/values"][1, 0:SHARD] = (g["conv/values"][1, 0:SHARD].astype(np.float32) + 0.05).astype(np.float16)
+    report = verify_cache(tampered, data=world["data"])
+    assert report.ok      # structurally fine ...
+    report = verify_cache(tampered, data=world["data"], recompute=N * E)
+    assert not report.ok and any("recompute" in p and "conv" in p for p in report.problems), report.text()
+    # 2) bytes of a chunk flipped on disk: the chunk's crc32c fails
+    corrupt = _copy(world["ref"], str(tmp_path / "corrupt.zarr"))
+    chunk = os.path.join(corrupt, "inv", "indices", "c", "2", "1", "0")
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    report = verify_cache(corrupt)
+    assert any(p.startswith("unreadable") and "inv" in p for p in report.problems), report.text()
+    # 2b) unsorted values are caught without a recompute
+    unsorted = _copy(world["ref"], str(tmp_path / "unsorted.zarr"))
+    g = zarr.open_group(unsorted, mode="r+")
+    g["inv/values"][0, 0:SHARD] = g["inv/values"][0, 0:SHARD][:, ::-1]
+    assert any(p.startswith("sorted") for p in verify_cache(unsorted).problems)
+    # 3) a cache built from other shards: fingerprint
+    other = make_shards(str(tmp_path / "other"), num_samples=N, shard_size=SHARD, prefix="tr", seed=9)
+    report = verify_cache(world["ref"], data=other.path)
+    assert any(p.startswith("fingerprint") for p in report.problems), report.text()
+    result = CliRunner().invoke(cache_cli, ["verify", world["ref"], "--data", other.path])
+    assert result.exit_code == 1 and "fingerprint" in result.output
+    # 4) incomplete: a unit not written; readers refuse unless asked
+    incomplete = _copy(world["ref"], str(tmp_path / "incomplete.zarr"))
+    os.remove(os.path.join(incomplete, "done", "c", "1", "2"))
+    g = zarr.open_group(incomplete, mode="r+")
+    g.attrs["status"] = STATUS_BUILDING
+    report = verify_cache(incomplete, data=world["data"])
+    assert any(p.startswith("complete") and f"{E * N // SHARD - 1} of {E * N // SHARD}" in p
+               for p in report.problems), report.text()
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache.open(incomplete)
+    assert LogitCache.open(incomplete, allow_incomplete=True).done_map().sum() == E * N // SHARD - 1
+    assert not cache_info(incomplete)["complete"]
+
+
+def _refused(w, out: str, match: str, **kw):
+    options = dict(views=E, topk=K, spec=SPEC, seed=5, batch_size=BATCH, workers=0, threads=1, progress=False)
+    options.update(kw)
+    teachers = options.pop("teachers", w["teachers"])
+    data = options.pop("data", w["data"])
+    existed = os.path.exists(out)
+    before = store_arrays(out) if existed else None
+    with pytest.raises(BuildError, match=match):
+        build_cache(data, teachers, out, **options)
+    if existed:        # untouched
+        after = store_arrays(out)
+        assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+    else:              # nothing written at all
+        assert not os.path.exists(out)
+
+
+def test_bad_inputs_refused_before_any_work(world, tmp_path):
+    root = tmp_path
+    out = str(root / "never.zarr")
+    # a teacher whose classes differ from the manifest
+    five = make_teacher(str(root / "five.safetensors"), "conv", num_classes=5)
+    _refused(world, out, "five", teachers=[f"five={five}"])
+    # K larger than the class count
+    _refused(world, out, "topk 11 is larger than the number of classes", topk=11)
+    # an output that already holds a different cache: no silent overwrite ...
+    _refused(world, world["ref"], "already holds a different cache", views=E + 1)
+    _refused(world, world["ref"], "cpu_threads", threads=2)         # other CPU rounding: not the same cache
+    _refused(world, world["ref"], "batch_size", batch_size=BATCH + 1)
+    # ... unless --force
+    forced = _copy(world["ref"], str(root / "forced.zarr"))
+    summary = build_cache(world["data"], world["teachers"][:1], forced, views=1, topk=2, spec=SPEC, seed=5,
+                          batch_size=BATCH, workers=0, threads=1, progress=False, force=True)
+    assert summary.complete and LogitCache.open(forced).attrs.views == 1
+    assert LogitCache.open(forced).teacher_names == ["conv"]
+    # something that is not a cit cache is never touched, even with --force
+    foreign = root / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not a cit cache"):
+        build_cache(world["data"], world["teachers"], str(foreign), views=E, topk=K, spec=SPEC, workers=0,
+                    threads=1, progress=False, force=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    # unreadable shards: one missing, one changed after the manifest was made
+    broken = make_shards(str(root / "broken"), num_samples=60, shard_size=20, prefix="br")
+    os.remove(broken.shard_url(1))
+    _refused(world, out, "does not exist", data=broken.path)
+    changed = make_shards(str(root / "changed"), num_samples=60, shard_size=20, prefix="ch")
+    with open(changed.shard_url(2), "ab") as f:
+        f.write(b"\0" * 512)
+    _refused(world, out, "sha256", data=changed.path)
+    # a teacher producing NaN: named, with the sample key
+    nan = make_teacher(str(root / "nan.safetensors"), "conv", nan=True)
+    _refused(world, out, r"teacher bad produced non-finite .* sample 'tr_000000'",
+             teachers=[world["teachers"][0], f"bad={nan}"])
+    # a teacher below --min-teacher-acc on the test set (random teachers are ~10% accurate)
+    _refused(world, out, "below --min-teacher-acc", test_data=world["test"], min_teacher_acc=0.9)
+    # bad names / arguments
+    _refused(world, out, "not allowed", teachers=[f"done={world['conv']}"])
+    _refused(world, out, "NAME=CHECKPOINT", teachers=[world["conv"]])
+
+
+def test_cli_errors_are_clear(world, tmp_path):
+    out = str(tmp_path / "x.zarr")
+    result = CliRunner().invoke(cache_cli, cli_args(world, out, "--topk", "50"))
+    assert result.exit_code == 2 and "larger than the number of classes" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not os.path.exists(out)
+    result = CliRunner().invoke(cache_cli, cli_args(world, out, "--set", "train.lr=1"))
+    assert result.exit_code != 0 and "augment" in result.output
+
+
+def test_device_normalisation_is_to_model_input_bit_for_bit(world):
+    from cache_builder.build import TeacherRunner, load_teachers
+    teachers = load_teachers([("conv", world["conv"])], 10, torch.device("cpu"))
+    runner = TeacherRunner(teachers, torch.device("cpu"), "fp32", K)
+    views = torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8)
+    record = teachers[0].record
+    assert torch.equal(runner.normalise(teachers[0], views), to_model_input(views, record.mean, record.std))
