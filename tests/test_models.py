@@ -97,7 +97,7 @@ def test_involution_saves_no_k2_sized_tensor():
     light = _saved_bytes(lambda: involution2d(x, w, 7, 1, 2))
     naive = _saved_bytes(lambda: involution_unfold_reference(x, w, 7, 1, 2))
     inputs = (x.numel() + w.numel()) * 4
-    assert light <= inputs                       # just x and the kernels
+    assert light <= 1.5 * inputs                 # x and the kernels (padded to the wide rows: 20/14 here)
     assert naive > 49 * x.numel() * 4            # the unfold is K^2 times the input
 
 
