@@ -44,6 +44,12 @@ class ViewSpec:
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     mean: tuple[float, ...] = (0.5,)         # pixel statistics in [0, 1]: random-erasing fill (N(mean, std))
     std: tuple[float, ...] = (0.5,)          # and the default student input normalisation
+    mix: str = "off"                         # off | exact (mixing is part of the view) | approx (trainer mixes)
+    mixup_alpha: float = 0.8                 # 0 disables mixup
+    cutmix_alpha: float = 1.0                # 0 disables cutmix
+    mix_prob: float = 1.0                    # probability that a sample (exact) / batch (approx) is mixed
+    mix_switch_prob: float = 0.5             # probability of cutmix when both are enabled
+    mix_window: int = 64                     # exact: rows per pairing window (see shared.mixing)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ViewSpec":
@@ -70,12 +76,34 @@ class ViewSpec:
         for name in ("hflip", "ra_prob", "erase_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"augment.{name} is a probability, got {getattr(self, name)}")
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"augment.mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if self.mix_window < 2:
+            raise ValueError(f"augment.mix_window must be >= 2, got {self.mix_window}")
+        for name in ("mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} is a probability, got {getattr(self, name)}")
         if self.ra_num_ops < 0:
             raise ValueError(f"augment.ra_num_ops must be >= 0, got {self.ra_num_ops}")
 
     @property
     def num_params(self) -> int:
-        return ViewParams.size(self)
+        """Length of a view's params record: the augmentation record, plus the mix record in exact mode."""
+        from shared.mixing import MixParams
+        return ViewParams.size(self) + (MixParams.SIZE if self.mix == "exact" else 0)
+
+    def view_identity(self) -> dict:
+        """What defines the *cached* views.  Mix settings only count in exact mode: an ``approx`` or ``off`` run
+        trains on the same unmixed cached views."""
+        data = self.to_dict()
+        if self.mix != "exact":
+            for name in MIX_FIELDS:
+                data.pop(name)
+        return data
+
+
+MIX_MODES = ("off", "exact", "approx")
+MIX_FIELDS = ("mix", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "mix_window")
 
 
 # ---------------------------------------------------------------------------------------------------------------

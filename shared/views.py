@@ -22,3 +22,34 @@ def render_view(spec: ViewSpec, seed: int, view: int, raw: RawSample) -> tuple[t
 
 def render_eval(spec: ViewSpec, raw: RawSample) -> torch.Tensor:
     return eval_view(spec, decode(raw))
+
+
+def render_mixed(spec: ViewSpec, seed: int, view: int, manifest, samples: list[RawSample],
+                 rows: range) -> dict[int, tuple[torch.Tensor, np.ndarray, int, float]]:
+    """Exact-mode views of ``rows``: {row: (mixed uint8 view, params record incl. mix, partner label, λ)}.
+
+    ``samples`` must hold every row of the pairing windows around ``rows``
+    (``shared.mixing.rows_with_partners``); each row's own view is rendered once and reused as a partner."""
+    from shared.mixing import MixParams, mix_views, partner_of, sample_mix
+    by_row = {s.row: s for s in samples}
+    own: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def own_view(row: int):
+        if row not in own:
+            if row not in by_row:
+                raise KeyError(f"row {row} (a mixing partner) was not loaded; load the whole pairing window")
+            own[row] = render_view(spec, seed, view, by_row[row])
+        return own[row]
+
+    out = {}
+    for row in rows:
+        raw = by_row[row]
+        partner = partner_of(manifest, row, spec.mix_window, seed, view)
+        mix = sample_mix(spec, seed, raw.key, view, row, partner)
+        tensor, record = own_view(row)
+        if mix.kind:
+            tensor = mix_views(tensor, own_view(partner)[0], mix)
+        full = np.concatenate([record, np.asarray(mix.encode(), dtype=np.float32)])
+        partner_label = by_row[mix.partner].label if mix.kind else raw.label
+        out[row] = (tensor, full, partner_label, mix.lam)
+    return out
