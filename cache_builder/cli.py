@@ -52,7 +52,7 @@ def cache():
 @click.option("--seed", type=int, default=None, help="View seed [the config's data.view_seed, else 0].")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Teacher batch size (part of the cache identity: changes the bits).")
-@click.option("--workers", type=int, default=None, help="DataLoader workers rendering views [min(4, cores)].")
+@click.option("--workers", type=int, default=None, help="DataLoader workers rendering views [1 on CPU, min(8, cores) on CUDA].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")

@@ -1,0 +1,392 @@
+"""Cache-build benchmarks (DESIGN §9), one run, side by side on this machine; writes JSON.
+
+1. throughput: ``build_cache`` views/s  ÷  the teachers' own inference views/s on the *same* views already in
+   memory (same batch size, device, normalisation; uint8 -> device -> normalise -> forward).  Goal >= 0.9.
+2. bytes per view per teacher on disk at K = 5, 10, 20 (C = 10, 100, 1000), for the cache's layout and for
+   alternative layouts of the same numbers (the raw fp16/int16/fp32 record is the 44 B reference at C=1000, K=10).
+
+    .venv/bin/python benchmarks/bench_cache.py --out benchmarks/results/cache.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cache_builder import build_cache, cache_info                      # noqa: E402
+from shared.augment import ViewSpec, apply_view, sample_view, to_model_input   # noqa: E402
+from shared.manifest import Manifest, ShardInfo, file_sha256            # noqa: E402
+from shared.reader import pieces_for_rows, read_piece                   # noqa: E402
+from shared.shards import ShardWriter, encode_png                       # noqa: E402
+from shared.views import decode                                         # noqa: E402
+
+FMNIST = os.environ.get("CIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+# the project's Fashion-MNIST recipe (configs/demo.toml), with RandAugment magnitude noise
+SPEC = ViewSpec(image_size=28, rrc_scale=(0.35, 1.0), ra_num_ops=2, ra_magnitude=9.0, erase_prob=0.25,
+                mean=(0.286,), std=(0.353,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+def fmnist_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        with gzip.open(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")) as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+        with gzip.open(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz")) as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+        return images, labels.astype(np.int64), "fashion-mnist"
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, (n, 28, 28), np.uint8), rng.integers(0, 10, n), "synthetic"
+
+
+def write_dataset(folder: str, images: np.ndarray, labels: np.ndarray, classes: int, shard: int) -> Manifest:
+    os.makedirs(folder, exist_ok=True)
+    with ShardWriter(os.path.join(folder, "shard-%06d.tar"), shard) as writer:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            writer.write({"__key__": f"s{i:07d}", "png": encode_png(image), "cls": str(int(label) % classes)})
+    shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
+    manifest = Manifest(shards, classes, [f"c{c}" for c in range(classes)], name=f"bench{classes}")
+    manifest.save(os.path.join(folder, "train.json"))
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teachers
+
+def save_teacher(path: str, arch: str, kind: str, classes: int, seed: int, model=None, **model_kwargs) -> str:
+    from shared.checkpoint import save_checkpoint
+    from shared.models import create_model
+    torch.manual_seed(seed)
+    model = model if model is not None else create_model(arch, num_classes=classes, in_chans=1, **model_kwargs)
+    save_checkpoint(model.eval(), path, {"kind": kind, "mean": list(SPEC.mean), "std": list(SPEC.std)})
+    return path
+
+
+# the teachers bench_train uses: a timm RegNet with a small-input stem, and the 28 px RedNet
+TEACHERS = {"conv": ("regnety_002", {"small_input": True}), "inv": ("rednet_small", {})}
+# a tiny RedNet conv twin: fast enough to build many caches for the size measurements
+TINY = ("rednet_small", {"base_width": 4, "stem_width": 8, "group_channels": 4, "mixer": "conv"})
+
+
+def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, steps: int) -> float:
+    """A few hundred SGD steps on plain images: enough for the peaked logits of a real teacher (sizes depend on
+    the logit distribution).  Returns the training accuracy of the last 20 steps."""
+    x_all = (torch.from_numpy(images).float().div(255).unsqueeze(1) - SPEC.mean[0]) / SPEC.std[0]
+    y_all = torch.from_numpy(labels)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    hits = []
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_all), (64,), generator=g)
+        logits = model(x_all[idx])
+        loss = torch.nn.functional.cross_entropy(logits, y_all[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hits.append((logits.argmax(1) == y_all[idx]).float().mean().item())
+    return float(np.mean(hits[-20:]))
+
+
+def render_all(manifest: Manifest, views: int, seed: int) -> torch.Tensor:
+    raws = [s for p in pieces_for_rows(manifest, 0, manifest.num_samples) for s in read_piece(manifest, p)]
+    images = [decode(r) for r in raws]
+    out = [apply_view(SPEC, img, sample_view(SPEC, seed, r.key, v)) for v in range(views)
+           for r, img in zip(raws, images)]
+    return torch.stack(out)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the DataLoader workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def teacher_views_per_second(paths: list[str], views: torch.Tensor, batch: int, device: torch.device,
+                             repeats: int = 1) -> tuple[float, float]:
+    """The teachers' own inference speed on views already in memory (uint8 on the host, as the builder gets them):
+    (views per wall second, views per CPU second)."""
+    from shared.checkpoint import load_checkpoint
+    models = []
+    for path in paths:
+        model, meta = load_checkpoint(path)
+        models.append((model.to(device).eval(), _m(meta, "mean"), _m(meta, "std")))
+    cuda = device.type == "cuda"
+    if cuda:
+        views = views.pin_memory()
+    auto = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def run(n_batches=None):
+        with torch.inference_mode(), auto:
+            for i, a in enumerate(range(0, len(views), batch)):
+                if n_batches is not None and i >= n_batches:
+                    break
+                x = views[a:a + batch].to(device, non_blocking=True)
+                for model, mean, std in models:
+                    model(to_model_input(x, mean, std))
+        if cuda:
+            torch.cuda.synchronize()
+
+    run(2)   # warm-up
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        t, c = time.perf_counter(), cpu_seconds()
+        run()
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, cpu_seconds() - c)
+    return len(views) / best, len(views) / best_cpu
+
+
+def _m(meta, name):
+    return meta[name] if isinstance(meta, dict) else getattr(meta, name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. throughput
+
+def bench_throughput(tmp: str, args) -> dict:
+    load = os.getloadavg()
+    n, e = (128, 2) if args.quick else (2048, 2)
+    images, labels, source = fmnist_images(n)
+    manifest = write_dataset(os.path.join(tmp, "fm"), images, labels, 10, 1024)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    paths = {name: save_teacher(os.path.join(tmp, f"{name}.safetensors"), arch, name, 10, i, **kw)
+             for i, (name, (arch, kw)) in enumerate(TEACHERS.items())}
+    t = time.perf_counter()
+    views = render_all(manifest, e, seed=0)
+    render_per_core = len(views) / (time.perf_counter() - t)
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        configs = [(None, None)]                                 # the defaults: workers min(8, cores)
+    elif args.quick:
+        configs = [(cores, None)]                                # the defaults: all cores, one render worker
+    else:
+        configs = [(cores, None), (1, 1), (cores, 0)]
+    baselines: dict = {}
+    runs = []
+    for threads, workers in configs:
+        key = threads or 0
+        if threads:
+            torch.set_num_threads(threads)
+        # teacher-only and build side by side (alternating, best of each): other load on the machine hits both
+        best_teacher, best_teacher_cpu = baselines.get(key, (0.0, 0.0))
+        best_build, best_build_cpu = None, 0.0
+        for _ in range(1 if args.quick else 2):
+            wall, cpu = teacher_views_per_second(list(paths.values()), views, args.batch_size, device)
+            best_teacher, best_teacher_cpu = max(best_teacher, wall), max(best_teacher_cpu, cpu)
+            out = os.path.join(tmp, "tp.zarr")
+            shutil.rmtree(out, ignore_errors=True)
+            c = cpu_seconds()
+            summary = build_cache(manifest.path, [f"{k}={v}" for k, v in paths.items()], out, views=e, topk=10,
+                                  spec=SPEC, seed=0, batch_size=args.batch_size, workers=workers, threads=threads,
+                                  device=str(device), progress=False)
+            best_build_cpu = max(best_build_cpu, summary.views_built / (cpu_seconds() - c))
+            if best_build is None or summary.steady_views_per_second > best_build.steady_views_per_second:
+                best_build = summary
+        baselines[key] = (best_teacher, best_teacher_cpu)
+        run = {"threads": threads or "default", "workers": "default (1 on CPU)" if workers is None else workers,
+               "teacher_views_per_second": best_teacher,
+               "build_views_per_second": best_build.steady_views_per_second,
+               "build_views_per_second_whole_call": best_build.views_per_second,
+               "ratio": best_build.steady_views_per_second / best_teacher,
+               "ratio_whole_call": best_build.views_per_second / best_teacher,
+               "teacher_views_per_cpu_second": best_teacher_cpu, "build_views_per_cpu_second": best_build_cpu,
+               "cpu_ratio": best_build_cpu / best_teacher_cpu}
+        runs.append(run)
+        print(f"  threads={run['threads']} workers={run['workers']}: teacher {best_teacher:.1f} views/s, build "
+              f"{run['build_views_per_second']:.1f} views/s (whole call {run['build_views_per_second_whole_call']:.1f})"
+              f": ratio {run['ratio']:.3f}; per CPU second {run['cpu_ratio']:.3f}", flush=True)
+    default = runs[0]
+    best_teacher = max(wall for wall, _ in baselines.values())
+    best_build = max(r["build_views_per_second"] for r in runs)
+    return {"data": source, "samples": n, "views": e, "total_views": n * e,
+            "teachers": {k: {"arch": a, **kw} for k, (a, kw) in TEACHERS.items()}, "batch_size": args.batch_size,
+            "device": str(device), "cores": cores, "render_views_per_second_one_core": render_per_core,
+            "runs": runs, "ratio": default["ratio"], "ratio_whole_call": default["ratio_whole_call"],
+            "cpu_ratio": default["cpu_ratio"], "load_average_before": load,
+            "ratio_best_build_vs_best_teacher": best_build / best_teacher, "goal": 0.9,
+            "note": "one view = one (sample, view) pair through both teachers (untrained: speed does not depend on "
+                    "the weights). teacher = uint8 views in memory -> device -> normalise -> forward, same batch "
+                    "size and thread count. build = build_cache's unit loop (read shards, decode, render, teachers, "
+                    "top-k, write); 'whole call' adds the fixed start-up (shard sha256, probe, store creation). "
+                    "Each ratio is the best of alternating runs of both, against the same thread count. cpu_ratio = views "
+                    "per CPU-second (process + DataLoader workers) of the build / of the teachers alone: the work "
+                    "the pipeline adds, insensitive to other load on the machine (the whole call, start-up "
+                    "included)."}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. bytes per view per teacher
+
+def _chunk_bytes(path: str) -> int:
+    """Bytes of chunk files under an array folder (metadata excluded: it does not grow with N)."""
+    total = 0
+    for folder, _, files in os.walk(os.path.join(path, "c")):
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    return total
+
+
+def _variant_bytes(arrays: dict[str, np.ndarray], chunk_rows: int, variant: str) -> dict[str, float]:
+    """Encode the same (E, N, K) / (E, N) arrays with an alternative codec set; bytes per view, by array."""
+    import zarr
+    from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, TransposeCodec, ZstdCodec
+    folder = tempfile.mkdtemp(prefix="layout-")
+    try:
+        root = zarr.open_group(folder, mode="w")
+        e, n = next(iter(arrays.values())).shape[:2]
+        out = {}
+        for name, a in arrays.items():
+            if variant == "raw":
+                out[name] = a.nbytes / (e * n)
+                continue
+            filters, compressors = [], None
+            if variant == "zstd":
+                compressors = [ZstdCodec(level=7)]
+            elif variant.startswith("blosc"):
+                shuffle = {"noshuffle": BloscShuffle.noshuffle, "shuffle": BloscShuffle.shuffle,
+                           "bitshuffle": BloscShuffle.bitshuffle}[variant.split("-")[1]]
+                compressors = [BloscCodec(cname="zstd", clevel=7, shuffle=shuffle)]
+                if variant.endswith("-T") and a.ndim == 3:
+                    filters = [TransposeCodec(order=(0, 2, 1))]
+            chunks = (1, chunk_rows) + a.shape[2:]
+            arr = root.create_array(name, shape=a.shape, chunks=chunks, dtype=a.dtype, filters=filters,
+                                    serializer=BytesCodec(), compressors=compressors)
+            arr[...] = a
+            out[name] = _chunk_bytes(os.path.join(folder, name)) / (e * n)
+        out["total"] = sum(out.values())
+        return out
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+VARIANTS = ["raw", "zstd", "blosc-noshuffle", "blosc-shuffle", "blosc-bitshuffle", "blosc-shuffle-T",
+            "blosc-bitshuffle-T"]
+
+
+def synthetic_topk(classes: int, k: int, rows: int, rng: np.random.Generator):
+    """Logits shaped like a trained teacher's (a true class uniformly at random, margin 2..12 over N(0, 1.5^2)
+    others): random top-k index sets, the hard case for compression."""
+    z = torch.from_numpy(rng.normal(0, 1.5, (rows, classes)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, classes, rows))
+    z[torch.arange(rows), y] += torch.from_numpy(rng.uniform(2, 12, rows).astype(np.float32))
+    values, indices = torch.topk(z, k, dim=1)
+    from shared.cache_schema import TopK, index_dtype
+    return TopK(values.half().numpy(), indices.numpy().astype(index_dtype(classes)),
+                torch.logsumexp(z, 1).numpy().astype(np.float32))
+
+
+def _measure(out: str, e: int, n: int, chunk_rows: int, setup: dict) -> dict:
+    import zarr
+    g = zarr.open_group(out, mode="r")
+    arrays = {a: np.asarray(g[f"t/{a}"][...]) for a in ("values", "indices", "lse")}
+    by_array = {a: _chunk_bytes(os.path.join(out, "t", a)) / (e * n) for a in arrays}
+    on_disk = sum(by_array.values())
+    variants = {v: _variant_bytes(arrays, chunk_rows, v) for v in VARIANTS}
+    print(f"  C={setup['classes']:5d} K={setup['topk']:2d} {setup['teacher']:<38}: {on_disk:6.2f} B/view/teacher "
+          f"(raw record {variants['raw']['total']:.0f} B)", flush=True)
+    return {**setup, "index_dtype": str(arrays["indices"].dtype), "bytes_per_view_per_teacher": on_disk,
+            "by_array": by_array, "params_bytes_per_view": _chunk_bytes(os.path.join(out, "params")) / (e * n),
+            "layouts": variants}
+
+
+def bench_bytes(tmp: str, args) -> dict:
+    from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord, create_arrays, open_root
+    n, e = (1024, 1) if args.quick else (8192, 2)
+    chunk_rows = 4096
+    images, labels, source = fmnist_images(n)
+    arch, kw = TINY
+    results = []
+    # (a) real builds: tiny RedNet teachers on Fashion-MNIST views, untrained and briefly trained
+    teachers = [("untrained", None)]
+    if not args.quick:
+        from shared.models import create_model
+        torch.manual_seed(7)
+        model = create_model(arch, num_classes=10, in_chans=1, **kw)
+        acc = train_briefly(model, images, labels, steps=300)
+        teachers.append((f"trained 300 steps (train acc {acc:.2f})", model))
+    data = write_dataset(os.path.join(tmp, "b10"), images, labels, 10, chunk_rows)
+    for i, (state, model) in enumerate(teachers):
+        teacher = save_teacher(os.path.join(tmp, f"b10-{i}.safetensors"), arch, "conv", 10, 3, model=model, **kw)
+        for k in (5, 10):
+            out = os.path.join(tmp, f"b10-{i}-{k}.zarr")
+            build_cache(data.path, [f"t={teacher}"], out, views=e, topk=k, spec=SPEC, seed=0,
+                        batch_size=args.batch_size, progress=False)
+            results.append(_measure(out, e, n, chunk_rows, {"classes": 10, "topk": k, "teacher": state,
+                                                            "source": "cit cache build"}))
+            shutil.rmtree(out, ignore_errors=True)
+    # (b) C = 100 / 1000: synthetic trained-teacher logits written through the schema (LogitCache.write_unit)
+    rng = np.random.default_rng(0)
+    params = np.zeros((chunk_rows, SPEC.num_params), np.float32)
+    for classes in (100, 1000):
+        for k in (5, 10, 20):
+            out = os.path.join(tmp, f"s{classes}-{k}.zarr")
+            record = TeacherRecord("t", "conv", "synthetic", "", classes, [0.5], [0.5])
+            attrs = CacheAttrs("synthetic", n, classes, e, k, 0, SPEC.to_dict(), chunk_rows, [record])
+            root = open_root(out, "w")
+            create_arrays(root, attrs, SPEC.num_params)
+            root.attrs.put(attrs.to_json_dict())
+            cache = LogitCache(root, attrs)
+            for v in range(e):
+                for c in range(attrs.num_chunks):
+                    lo, hi = attrs.chunk_rows_range(c)
+                    cache.write_unit(v, c, params[:hi - lo], {"t": synthetic_topk(classes, k, hi - lo, rng)})
+            results.append(_measure(out, e, n, chunk_rows, {"classes": classes, "topk": k,
+                                                            "teacher": "synthetic trained-like logits",
+                                                            "source": "LogitCache.write_unit"}))
+            shutil.rmtree(out, ignore_errors=True)
+    k10 = [r for r in results if r["topk"] == 10]
+    return {"data": source, "samples": n, "views": e, "chunk_rows": chunk_rows, "teacher": {"arch": arch, **kw},
+            "results": results, "goal_at_k10": 44.0,
+            "worst_at_k10": max(r["bytes_per_view_per_teacher"] for r in k10),
+            "note": "bytes_per_view_per_teacher = the teacher's chunk files (values + indices + lse) / (E*N); array "
+                    "metadata (a few KiB, independent of N) excluded; params are per view, shared by all teachers "
+                    "(params_bytes_per_view). C=10: real builds (untrained teachers have flat logits and nearly "
+                    "constant rankings, the briefly trained one peaked logits). C=100/1000: synthetic logits with "
+                    "a uniformly random true class, i.e. random top-k index sets, the hard case (a real teacher's "
+                    "index sets are more redundant). layouts: the same numbers re-encoded with other codec sets; "
+                    "raw = the plain fp16 / int / fp32 record, 44 B at C=1000, K=10."}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/cache.json")
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 minute")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench-cache-")
+    started = time.time()
+    try:
+        print("throughput", flush=True)
+        throughput = bench_throughput(tmp, args)
+        print("bytes", flush=True)
+        size = bench_bytes(tmp, args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {"benchmark": "cache", "quick": args.quick, "command": " ".join(sys.argv),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+              "seconds": time.time() - started, "throughput": throughput, "bytes": size}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"throughput ratio {throughput['ratio']:.3f} (goal >= 0.9); K=10 bytes/view/teacher: " + ", ".join(
+        f"C={r['classes']} {r['bytes_per_view_per_teacher']:.1f}" for r in size["results"] if r["topk"] == 10)
+        + f" (goal <= 44); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
