@@ -241,9 +241,36 @@ def batch_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
 
 
+def chunk_read_range(manifest: Manifest, spec: ViewSpec, lo: int, hi: int) -> tuple[int, int]:
+    """Rows to load to render rows [lo, hi): themselves, plus their mixing partners' windows in ``exact`` mode."""
+    if spec.mix == "exact":
+        from shared.mixing import rows_with_partners
+        return rows_with_partners(manifest, lo, hi, spec.mix_window)
+    return lo, hi
+
+
+def render_rows(manifest: Manifest, spec: ViewSpec, seed: int, view: int, samples: list[RawSample], first: int,
+                a: int, z: int, images: list | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """uint8 views (z-a, C, H, W) and params records of rows [a, z) for view ``view``; ``samples`` hold rows
+    ``first ...`` (in exact mode including every partner window).  ``images``: the decoded images of rows [a, z)
+    (decode once, render every view), used when views are not mixed."""
+    if spec.mix == "exact":   # the mixed view is part of the view: the same function stage 2 calls
+        from shared.views import render_mixed
+        out = render_mixed(spec, seed, view, manifest, samples, range(a, z))
+        return torch.stack([out[r][0] for r in range(a, z)]), np.stack([out[r][1] for r in range(a, z)])
+    raws = samples[a - first:z - first]
+    images = images if images is not None else [decode(raw) for raw in raws]
+    tensors, records = [], []
+    for raw, image in zip(raws, images):
+        params = sample_view(spec, seed, raw.key, view)
+        tensors.append(apply_view(spec, image, params))
+        records.append(params.encode(spec))
+    return torch.stack(tensors), np.stack(records)
+
+
 class UnitStream(IterableDataset):
     """Yields one rendered batch at a time: for each chunk group, for each fixed batch of rows, for each view.
-    A worker decodes each image once and renders all of the chunk's pending views from it."""
+    A worker reads a chunk's rows in one pass, decodes each image once and renders all of its pending views."""
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int, batch_size: int,
                  groups: list[tuple[int, list[int]]]):
@@ -254,25 +281,23 @@ class UnitStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         n = self.manifest.num_samples
+        exact = self.spec.mix == "exact"
         for i, (chunk, views) in enumerate(self.groups):
             if i % workers != worker:
                 continue
             lo, hi = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, n)
-            samples = read_rows(self.manifest, lo, hi)
+            first, last = chunk_read_range(self.manifest, self.spec, lo, hi)
+            samples = read_rows(self.manifest, first, last)
             bounds = batch_bounds(lo, hi, self.batch_size)
             for b, (a, z) in enumerate(bounds):
-                raws = samples[a - lo:z - lo]
-                images = [decode(raw) for raw in raws]
+                raws = samples[a - first:z - first]
+                images = None if exact else [decode(raw) for raw in raws]
                 keys = [raw.key for raw in raws]
                 for view in views:
-                    tensors, records = [], []
-                    for raw, image in zip(raws, images):
-                        params = sample_view(self.spec, self.seed, raw.key, view)
-                        tensors.append(apply_view(self.spec, image, params))
-                        records.append(params.encode(self.spec))
-                    yield {"view": view, "chunk": chunk, "batch": b, "nbatches": len(bounds),
-                           "images": torch.stack(tensors), "params": torch.from_numpy(np.stack(records)),
-                           "keys": keys}
+                    tensors, records = render_rows(self.manifest, self.spec, self.seed, view, samples, first, a, z,
+                                                   images)
+                    yield {"view": view, "chunk": chunk, "batch": b, "nbatches": len(bounds), "images": tensors,
+                           "params": torch.from_numpy(records), "keys": keys}
 
 
 class EvalStream(IterableDataset):
@@ -677,10 +702,10 @@ def _remove_partial_writes(url: str) -> None:
 def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int) -> None:
     """Run every teacher on a few real views before anything is written: shapes and finiteness."""
     n = min(8, manifest.num_samples, chunk_rows)
-    raws = read_rows(manifest, 0, n)
-    tensors = [apply_view(spec, decode(r), sample_view(spec, seed, r.key, 0)) for r in raws]
-    views = torch.stack(tensors).to(runner.device)
-    keys = [r.key for r in raws]
+    first, last = chunk_read_range(manifest, spec, 0, n)
+    samples = read_rows(manifest, first, last)
+    views = render_rows(manifest, spec, seed, 0, samples, first, 0, n)[0].to(runner.device)
+    keys = [r.key for r in samples[:n]]
     with torch.inference_mode():
         for teacher in runner.teachers:
             try:

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from shared.augment import ViewParams, ViewSpec, apply_view, sample_view
+from shared.augment import ViewSpec
 from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError, expected_arrays,
                                  index_dtype, open_root, read_attrs)
 from shared.manifest import Manifest, ManifestError
 from shared.reader import pieces_for_rows, read_piece
-from shared.views import decode
 
 MAX_REPORTED = 12
 
@@ -199,7 +198,8 @@ def _check_block(name, where, values, indices, lse, c, k, report) -> None:
 
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
-    from cache_builder.build import BuildError, TeacherRunner, load_teachers, parse_teacher_args, resolve_device
+    from cache_builder.build import (BuildError, TeacherRunner, chunk_read_range, load_teachers, parse_teacher_args,
+                                     render_rows, resolve_device)
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
     for t in attrs.teachers:
@@ -237,7 +237,8 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         picks.add((int(v), int(rng.integers(lo, hi))))
         tries += 1
     picks = sorted(picks, key=lambda p: (p[1], p[0]))
-    raws = _read_rows(manifest, sorted({row for _, row in picks}))
+    ranges = {row: chunk_read_range(manifest, spec, row, row + 1) for _, row in picks}   # + mixing partners
+    raws = _read_rows(manifest, sorted({r for lo, hi in ranges.values() for r in range(lo, hi)}))
     k, c = attrs.topk, attrs.num_classes
     loose = attrs.build.get("precision") == "bf16"
     rtol, atol = (5e-2, 5e-2) if loose else (4e-3, 4e-3)
@@ -260,12 +261,14 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         tensors = []
         for v, row in batch:
             raw = raws[row]
-            params = sample_view(spec, attrs.seed, raw.key, v)
-            if not np.array_equal(stored("params", v, row).view(np.uint32), params.encode(spec).view(np.uint32)):
+            lo, hi = ranges[row]
+            view, record = render_rows(manifest, spec, attrs.seed, v, [raws[r] for r in range(lo, hi)], lo, row,
+                                       row + 1)
+            if not np.array_equal(stored("params", v, row).view(np.uint32), record[0].view(np.uint32)):
                 report.problem("recompute", f"view {v} of {raw.key!r} (row {row}): stored params differ from the "
                                "replayed view's")
                 mismatches += 1
-            tensors.append(apply_view(spec, decode(raw), params))
+            tensors.append(view[0])
         views = torch.stack(tensors).to(dev)
         with torch.inference_mode():
             for t in loaded:

@@ -92,9 +92,12 @@ class CacheAttrs:
 
     def identity(self) -> dict:
         """What must agree for two builds to be the same cache: everything that determines the stored arrays.
-        Excluded: the status and per-teacher measurements/notes (``test_accuracy``, ``extra``)."""
+        Excluded: the status, per-teacher measurements/notes (``test_accuracy``, ``extra``) and mix settings that
+        do not change the cached views (``ViewSpec.view_identity``: only ``exact`` mixing is part of a view)."""
+        from shared.augment import ViewSpec
         data = asdict(self)
         data.pop("status")
+        data["augment"] = ViewSpec.from_dict(data["augment"]).view_identity()
         for teacher in data["teachers"]:
             teacher.pop("test_accuracy")
             teacher.pop("extra")

@@ -346,3 +346,41 @@ def test_device_normalisation_is_to_model_input_bit_for_bit(world):
     views = torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8)
     record = teachers[0].record
     assert torch.equal(runner.normalise(teachers[0], views), to_model_input(views, record.mean, record.std))
+
+
+def test_exact_mixing_caches_the_mixed_view(world, tmp_path):
+    """augment.mix = exact: the teacher sees the mixed image stage 2 rebuilds (shared.views.render_mixed)."""
+    from shared.checkpoint import load_checkpoint
+    from shared.mixing import MixParams, rows_with_partners
+    from shared.reader import pieces_for_rows, read_piece
+    from shared.views import render_mixed
+    spec = ViewSpec.from_dict({**AUG, "mix": "exact", "mix_window": 8})
+    out = str(tmp_path / "mixed.zarr")
+    summary = build_cache(world["data"], world["teachers"], out, views=2, topk=K, spec=spec, seed=5,
+                          batch_size=BATCH, workers=1, threads=1, progress=False)
+    assert summary.complete
+    cache = LogitCache.open(out)
+    manifest = Manifest.load(world["data"])
+    lo, hi = 60, 100
+    first, last = rows_with_partners(manifest, lo, hi, spec.mix_window)
+    samples = [s for p in pieces_for_rows(manifest, first, last) for s in read_piece(manifest, p)]
+    model, meta = load_checkpoint(world["inv"])
+    for v in range(2):
+        rendered = render_mixed(spec, 5, v, manifest, samples, range(lo, hi))
+        views = torch.stack([rendered[r][0] for r in range(lo, hi)])
+        params = cache.read_params(v, lo, hi)
+        assert params.shape == (hi - lo, spec.num_params)
+        np.testing.assert_array_equal(params, np.stack([rendered[r][1] for r in range(lo, hi)]))
+        kinds = [MixParams.decode(p[-MixParams.SIZE:]).kind for p in params]
+        assert any(kinds)                                     # some rows really are mixed
+        with torch.inference_mode():
+            logits = model.eval()(to_model_input(views, meta.mean, meta.std)).float()
+        np.testing.assert_allclose(cache.read_topk("inv", v, lo, hi).lse, torch.logsumexp(logits, 1).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    report = verify_cache(out, data=world["data"], recompute=10)
+    assert report.ok, report.text()
+    # mix settings that do not change the cached views are not part of the cache's identity
+    approx = build_cache(world["data"], world["teachers"], world["ref"], views=E, topk=K,
+                         spec=ViewSpec.from_dict({**AUG, "mix": "approx"}), seed=5, batch_size=BATCH, workers=0,
+                         threads=1, test_data=world["test"], progress=False)
+    assert approx.complete and approx.units_built == 0
