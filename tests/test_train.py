@@ -442,3 +442,14 @@ def test_report_groups_seeds_into_variants(data, tmp_path):
     assert rows[0]["acc_cls"]["mean"] == pytest.approx(0.85) and rows[0]["acc_cls"]["std"] == pytest.approx(0.0707, 1e-3)
     assert "no KD" in rows[1]["variant"] and "conv=conv_a inv=conv_b" in rows[0]["variant"]
     assert "85.00 ± 7.07" in markdown(rows)
+
+
+def test_cli_reports_bad_input_as_an_error_message(data, tmp_path):
+    """Through the real `cit` entry point: a clear one-line error and a non-zero exit, no traceback."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "shared.cli", "train", "--data", data["train"], "--cache", data["cache"],
+           "--conv-teacher", "resnet", "--out", str(tmp_path / "run"), "--set", f"data.view_seed={VIEW_SEED}",
+           "--set", "augment.ra_magnitude_std=0.0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "teacher 'resnet' is not in it" in proc.stderr and "Traceback" not in proc.stderr

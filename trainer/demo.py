@@ -49,7 +49,7 @@ def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int 
     student_cfg = load_run_config(config, sets + ([f"train.epochs={epochs}"] if epochs else []))
     if not os.path.exists(os.path.join(paths["data.cache"], "zarr.json")):
         _cit("cache", "build", "--data", train_json, "--config", config, "--views", str(student_cfg.train.epochs),
-             "--out", paths["data.cache"], "--test-data", test_json,
+             "--out", paths["data.cache"],
              *[arg for name, path in checkpoints.items() for arg in ("--teacher", f"{name}={path}")])
     runs = []
     for variant, extra in (("cit", []), ("no_kd", ["kd.mode=none"])):

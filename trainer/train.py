@@ -283,7 +283,10 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
                            rank=runtime.rank, world=runtime.world)
     eval_fn = None
     if cfg.data.test:
-        test_set = EvalViews(Manifest.load(cfg.data.test), cfg.augment, runtime.rank, runtime.world)
+        test = Manifest.load(cfg.data.test)
+        if test.num_classes != num_classes:
+            raise DataError(f"test set {cfg.data.test} has {test.num_classes} classes, the training set {num_classes}")
+        test_set = EvalViews(test, cfg.augment, runtime.rank, runtime.world)
         eval_fn = make_eval_fn(test_set, cfg, runtime, mean, std)
     run_meta = {"config": cfg.to_dict(), "dataset_fingerprint": manifest.fingerprint, "views": views,
                 "heads": list(heads), "num_classes": num_classes, "in_chans": in_chans,
