@@ -100,9 +100,10 @@ class Runner:
         self.opt.step()
 
 
-def timed(fn, min_time: float, max_iters: int, clock=time.perf_counter) -> float:
-    """Seconds per call: mean over >= min_time (at least one call), after one warm-up call."""
-    fn()
+def timed(fn, min_time: float, max_iters: int, clock=time.perf_counter, warmup: bool = True) -> float:
+    """Seconds per call: mean over >= min_time (at least one call), after an optional warm-up call."""
+    if warmup:
+        fn()
     n, start = 0, clock()
     while n < max_iters:
         fn()
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     repeats = args.repeats or (1 if args.quick else 3)
-    min_time, max_iters = (0.0, 1) if args.quick else (1.5, 10)
+    min_time, max_iters = (0.0, 1) if args.quick else (1.0, 5)
     batch = args.batch if not args.quick else min(args.batch, 64)
     torch.manual_seed(0)
     cases = [c for c in CASES if c.quick or not args.quick]
@@ -140,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     train = {c.label: [] for c in cases}
     for r in range(repeats):  # interleaved: every model once per round
         for runner in runners:
-            fwd[runner.case.label].append(timed(runner.forward, min_time, max_iters, clock))
-            train[runner.case.label].append(timed(runner.train_step, min_time, max_iters, clock))
+            warm = r == 0  # later rounds are warm already
+            fwd[runner.case.label].append(timed(runner.forward, min_time, max_iters, clock, warm))
+            train[runner.case.label].append(timed(runner.train_step, min_time, max_iters, clock, warm))
             print(f"  round {r + 1}/{repeats} {runner.case.label}: fwd {min(fwd[runner.case.label]) * 1e3:.0f} ms, "
                   f"train {min(train[runner.case.label]) * 1e3:.0f} ms", file=sys.stderr, flush=True)
     rows = []

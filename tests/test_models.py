@@ -112,6 +112,17 @@ def test_involution_layer_matches_reference_and_halves_size():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stride,size", [(2, (8, 8)), (2, (7, 9)), (3, (10, 11))])
+def test_stride_pool_matches_avg_pool_ceil_mode(stride, size):
+    from shared.models.involution import StridePool
+    x = torch.randn(2, 16, *size, requires_grad=True)
+    ours = StridePool(stride)(x)
+    ref = nn.functional.avg_pool2d(x, stride, stride, ceil_mode=True)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
 def test_involution_bad_shapes():
     with pytest.raises(ValueError, match="weight shape"):
         involution2d(torch.randn(1, 16, 8, 8), torch.randn(1, 9, 7, 7), 3, 1, 1)
