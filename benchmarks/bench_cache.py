@@ -84,8 +84,8 @@ TINY = ("rednet_small", {"base_width": 4, "stem_width": 8, "group_channels": 4, 
 def train_briefly(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, steps: int) -> float:
     """A few hundred SGD steps on plain images: enough for the peaked logits of a real teacher (sizes depend on
     the logit distribution).  Returns the training accuracy of the last 20 steps."""
-    x_all = (torch.from_numpy(images).float().div(255).unsqueeze(1) - SPEC.mean[0]) / SPEC.std[0]
-    y_all = torch.from_numpy(labels)
+    x_all = (torch.from_numpy(np.array(images)).float().div(255).unsqueeze(1) - SPEC.mean[0]) / SPEC.std[0]
+    y_all = torch.from_numpy(np.array(labels))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     hits = []
@@ -159,7 +159,7 @@ def _m(meta, name):
 
 def bench_throughput(tmp: str, args) -> dict:
     load = os.getloadavg()
-    n, e = (128, 2) if args.quick else (2048, 2)
+    n, e = (128, 2) if args.quick else (1024, 2)
     images, labels, source = fmnist_images(n)
     manifest = write_dataset(os.path.join(tmp, "fm"), images, labels, 10, 1024)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -222,10 +222,10 @@ def bench_throughput(tmp: str, args) -> dict:
                     "the weights). teacher = uint8 views in memory -> device -> normalise -> forward, same batch "
                     "size and thread count. build = build_cache's unit loop (read shards, decode, render, teachers, "
                     "top-k, write); 'whole call' adds the fixed start-up (shard sha256, probe, store creation). "
-                    "Each ratio is the best of alternating runs of both, against the same thread count. cpu_ratio = views "
-                    "per CPU-second (process + DataLoader workers) of the build / of the teachers alone: the work "
-                    "the pipeline adds, insensitive to other load on the machine (the whole call, start-up "
-                    "included)."}
+                    "Each ratio is the best of alternating runs of both, against the same thread count. "
+                    "cpu_ratio = views per CPU-second (process + DataLoader workers) of the build / of the "
+                    "teachers alone: the work the pipeline adds, insensitive to other load on the machine (the "
+                    "whole call, start-up included)."}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def bench_bytes(tmp: str, args) -> dict:
         for k in (5, 10):
             out = os.path.join(tmp, f"b10-{i}-{k}.zarr")
             build_cache(data.path, [f"t={teacher}"], out, views=e, topk=k, spec=SPEC, seed=0,
-                        batch_size=args.batch_size, progress=False)
+                        batch_size=args.batch_size, workers=1, threads=1, progress=False)
             results.append(_measure(out, e, n, chunk_rows, {"classes": 10, "topk": k, "teacher": state,
                                                             "source": "cit cache build"}))
             shutil.rmtree(out, ignore_errors=True)
@@ -366,26 +366,38 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 minute")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--part", choices=["all", "throughput", "bytes"], default="all",
+                        help="run one part and merge it into an existing --out")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-cache-")
     started = time.time()
+    result = {}
+    if args.part != "all" and os.path.exists(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
     try:
-        print("throughput", flush=True)
-        throughput = bench_throughput(tmp, args)
-        print("bytes", flush=True)
-        size = bench_bytes(tmp, args)
+        if args.part in ("all", "bytes"):
+            print("bytes", flush=True)
+            result["bytes"] = bench_bytes(tmp, args)
+        if args.part in ("all", "throughput"):
+            print("throughput", flush=True)
+            result["throughput"] = bench_throughput(tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"benchmark": "cache", "quick": args.quick, "command": " ".join(sys.argv),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-              "seconds": time.time() - started, "throughput": throughput, "bytes": size}
+    result.update({"benchmark": "cache", "quick": args.quick,
+                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}})
+    result.setdefault("commands", {})[args.part] = {"command": " ".join(sys.argv), "seconds": time.time() - started}
+    throughput, size = result.get("throughput"), result.get("bytes")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"throughput ratio {throughput['ratio']:.3f} (goal >= 0.9); K=10 bytes/view/teacher: " + ", ".join(
-        f"C={r['classes']} {r['bytes_per_view_per_teacher']:.1f}" for r in size["results"] if r["topk"] == 10)
-        + f" (goal <= 44); wrote {args.out}")
+    if throughput:
+        print(f"throughput ratio {throughput['ratio']:.3f} (goal >= 0.9)")
+    if size:
+        print("K=10 bytes/view/teacher: " + ", ".join(f"C={r['classes']} {r['bytes_per_view_per_teacher']:.1f}"
+                                                      for r in size["results"] if r["topk"] == 10) + " (goal <= 44)")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def cache():
 @click.option("--seed", type=int, default=None, help="View seed [the config's data.view_seed, else 0].")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Teacher batch size (part of the cache identity: changes the bits).")
-@click.option("--workers", type=int, default=None, help="DataLoader workers rendering views [1 on CPU, min(8, cores) on CUDA].")
+@click.option("--workers", type=int, default=None,
+              help="DataLoader workers rendering views [1 on CPU, min(8, cores) on CUDA].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")
@@ -86,7 +87,8 @@ def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_
             seed = int(cfg.get("data", {}).get("view_seed", 0))
         summary = build_cache(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
                               batch_size=batch_size, workers=workers, device=device, precision=precision,
-                              chunk_rows=chunk_rows, threads=threads, test_data=test_data, min_teacher_acc=min_teacher_acc,
+                              chunk_rows=chunk_rows, threads=threads, test_data=test_data,
+                              min_teacher_acc=min_teacher_acc,
                               force=force, verify_shards=not no_verify_shards,
                               storage_options=_storage_options(storage_options), progress=not no_progress)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:

@@ -217,7 +217,8 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     for t, record in zip(loaded, attrs.teachers):
         if t.record.checkpoint_sha256 != record.checkpoint_sha256:
             report.problem("recompute", f"teacher {t.name}: checkpoint {t.checkpoint} is not the one the cache was "
-                           f"built with (sha256 {t.record.checkpoint_sha256[:12]}… != {record.checkpoint_sha256[:12]}…)")
+                           f"built with (sha256 {t.record.checkpoint_sha256[:12]}… != "
+                           f"{record.checkpoint_sha256[:12]}…)")
             return
     precision = attrs.build.get("precision", "fp32")
     if precision == "bf16" and dev.type != "cuda":

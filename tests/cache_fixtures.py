@@ -1,4 +1,5 @@
-"""Helpers for the cache-builder tests: tiny real teachers (``create_model`` + ``save_checkpoint``), array comparison."""
+"""Helpers for the cache-builder tests: tiny real teachers (``create_model`` + ``save_checkpoint``), array
+comparison, free ports, the CLI as a subprocess."""
 from __future__ import annotations
 
 import os

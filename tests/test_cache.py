@@ -384,3 +384,40 @@ def test_exact_mixing_caches_the_mixed_view(world, tmp_path):
                          spec=ViewSpec.from_dict({**AUG, "mix": "approx"}), seed=5, batch_size=BATCH, workers=0,
                          threads=1, test_data=world["test"], progress=False)
     assert approx.complete and approx.units_built == 0
+
+
+def test_nan_during_the_build_names_teacher_and_key_and_leaves_the_unit_undone(world, tmp_path, monkeypatch):
+    import cache_builder.build as build_mod
+    original = build_mod.TeacherRunner.packed_topk
+    calls = {"n": 0}
+
+    def poisoned(self, views):
+        out = original(self, views)
+        calls["n"] += 1
+        if calls["n"] == 5:        # chunk 0, rows 16..31 (second batch), view 1 (order: batch, then view)
+            out[3, 0, 2 * K] = float("nan")     # teacher 0 (conv), row 19: its lse
+        return out
+
+    monkeypatch.setattr(build_mod.TeacherRunner, "packed_topk", poisoned)
+    out = str(tmp_path / "nan.zarr")
+    with pytest.raises(BuildError, match=r"teacher conv produced non-finite .* sample 'tr_000019' \(view 1, chunk 0"):
+        build_cache(world["data"], world["teachers"], out, views=E, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
+                    workers=0, threads=1, test_data=world["test"], progress=False)
+    cache = LogitCache.open(out, allow_incomplete=True)
+    assert cache.attrs.status == STATUS_BUILDING and cache.done_map()[1, 0] == 0
+    monkeypatch.setattr(build_mod.TeacherRunner, "packed_topk", original)
+    summary = build_cache(world["data"], world["teachers"], out, views=E, topk=K, spec=SPEC, seed=5,
+                          batch_size=BATCH, workers=0, threads=1, test_data=world["test"], progress=False)
+    assert summary.complete and summary.units_skipped >= 1
+    assert_bit_identical(world["ref"], out)
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_other_fsspec_urls(world, tmp_path, scheme):
+    url = f"file://{tmp_path}/c.zarr" if scheme == "file" else f"memory://cit-test-{os.getpid()}/c.zarr"
+    summary = build_cache(world["data"], world["teachers"][:1], url, views=1, topk=2, spec=SPEC, seed=5,
+                          batch_size=BATCH, workers=1, threads=1, progress=False)
+    assert summary.complete
+    np.testing.assert_array_equal(LogitCache.open(url).read_topk("conv", 0, 0, N).values,
+                                  LogitCache.open(world["ref"]).read_topk("conv", 0, 0, N).values[:, :2])
+    assert cache_info(url)["complete"] and verify_cache(url, data=world["data"]).ok
