@@ -29,13 +29,17 @@ from timm.models.vision_transformer import Block
 
 from .involution import Involution
 
-__all__ = ["CiT", "ConvStem", "InvStem", "HEADS", "TOKEN_MODES", "EVAL_HEADS", "combine_heads",
+__all__ = ["CiT", "CitOutput", "ConvStem", "InvStem", "HEADS", "TOKEN_MODES", "EVAL_HEADS", "combine_heads",
            "cit_nano", "cit_tiny", "cit_small"]
 
 HEADS = ("cls", "conv", "inv")
 TOKEN_MODES = ("random", "align")
 EVAL_HEADS = ("cls", "mean")
 _HEAD_ATTR = {"cls": "head", "conv": "head_conv", "inv": "head_inv"}
+
+CitOutput = dict[str, torch.Tensor]
+"""Training output: ``{head: logits}`` for the enabled heads (a plain dict: trainers, DDP and
+torch.compile handle it, and a one-token model simply has one key)."""
 
 
 def combine_heads(out: dict[str, torch.Tensor], how: str = "mean") -> torch.Tensor:
@@ -197,7 +201,7 @@ class CiT(nn.Module):
         x = self.pos_drop(self.embed(x) + self.pos_embed)
         return self.norm(self.blocks(x))
 
-    def forward_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_heads(self, x: torch.Tensor) -> CitOutput:
         """Logits of every enabled head, whatever the mode."""
         x = self.forward_features(x)
         return {h: head(x[:, i]) for i, (h, head) in enumerate(self.head_modules().items())}
@@ -206,7 +210,7 @@ class CiT(nn.Module):
         """One prediction: ``head`` ("cls", "conv", "inv" or "mean"), default ``self.eval_head``."""
         return combine_heads(self.forward_heads(x), head or self.eval_head)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | torch.Tensor:
+    def forward(self, x: torch.Tensor) -> CitOutput | torch.Tensor:
         out = self.forward_heads(x)
         return out if self.training else combine_heads(out, self.eval_head)
 
