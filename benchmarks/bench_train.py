@@ -20,6 +20,7 @@ dataset sizes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -151,6 +152,56 @@ def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: 
     return out
 
 
+def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int) -> dict:
+    """Where a cached-KD step could cost more than a no-KD step, each part timed on its own, interleaved:
+
+    * ``step_ms``: forward + Eq. 1 + backward + AdamW on one fixed batch already on the device — with the cached
+      targets (top-k -> dense logits, two KL terms) vs labels only;
+    * ``loader_samples_per_s``: one process iterating the epoch stream (read, decode, replay) with the cache join
+      (one block read per piece and teacher, params check) vs without.
+    """
+    import warnings
+
+    from trainer.data import TrainViews, collate
+    from trainer.engine import make_optimizer
+    from trainer.train import prepare
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ps = {m: prepare(run_config(manifest, cache, arch, m, batch_size, 0, 1, {})) for m in ("none", "cached")}
+    p = ps["cached"]
+    batch = collate(list(itertools.islice(iter(p.train_set), batch_size))).to(p.runtime.device)
+    opts = {m: make_optimizer(q.student, q.cfg.train, q.runtime.device) for m, q in ps.items()}
+    step = {m: [] for m in ps}
+    for r in range(reps + 2):
+        for m in (("none", "cached") if r % 2 else ("cached", "none")):
+            q = ps[m]
+            q.student.train()
+            started = time.perf_counter()
+            loss, _ = q.loss_fn(q.student, batch)
+            opts[m].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[m].step()
+            if q.runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= 2:
+                step[m].append(time.perf_counter() - started)
+    from shared.manifest import Manifest
+    man = Manifest.load(manifest)
+    loaders = {"none": TrainViews(man, SPEC, 0, 1, rank=0, world=1),
+               "cached": TrainViews(man, SPEC, 0, 1, cache_url=cache, teachers=("conv", "inv"), rank=0, world=1)}
+    load = {m: [] for m in loaders}
+    for r in range(3):
+        for m in (("none", "cached") if r % 2 else ("cached", "none")):
+            started = time.perf_counter()
+            count = sum(1 for _ in loaders[m])
+            load[m].append(count / (time.perf_counter() - started))
+    out = {"step_ms": {m: 1e3 * statistics.median(v) for m, v in step.items()},
+           "loader_samples_per_s": {m: statistics.median(v) for m, v in load.items()}}
+    out["step_cached_over_none"] = out["step_ms"]["none"] / out["step_ms"]["cached"]
+    out["loader_cached_over_none"] = out["loader_samples_per_s"]["cached"] / out["loader_samples_per_s"]["none"]
+    return out
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Memory: one process per dataset size
 
@@ -259,9 +310,12 @@ def main() -> None:
             print(f"throughput {arch} ...", flush=True)
             result["throughput"][arch] = throughput(manifest, cache, checkpoints, arch, rounds, batch, modes)
             r = result["throughput"][arch]
-            print(f"  {arch}: " + ", ".join(f"{m} {r[m]['samples_per_s']:.0f}/s" for m in modes)
-                  + f"; cached/none {r['cached_over_none']:.3f}, cached/online {r['cached_over_online']:.2f}",
+            print(f"  {arch}: " + ", ".join(f"{m} {r[m]['samples_per_s']:.1f}/s" for m in modes)
+                  + f"; cached/none {r['cached_over_none']:.3f} (paired {r['cached_over_none_paired_median']:.3f})"
+                  + f", cached/online {r['cached_over_online']:.2f} (paired {r['cached_over_online_paired_median']:.2f})",
                   flush=True)
+            r["components"] = components(manifest, cache, arch, batch, reps=5 if quick else 20)
+            print(f"  {arch} components: {json.dumps(r['components'])}", flush=True)
         print("memory ...", flush=True)
         result["memory"] = memory_curve(folder, sizes, args.workers)
     result["machine"]["loadavg_end"] = os.getloadavg()
