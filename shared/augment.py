@@ -300,4 +300,4 @@ def to_model_input(views: torch.Tensor, mean: tuple[float, ...], std: tuple[floa
     c = views.shape[1]
     mean_t = torch.tensor(_per_channel(mean, c), device=views.device).view(1, c, 1, 1)
     std_t = torch.tensor(_per_channel(std, c), device=views.device).view(1, c, 1, 1)
-    return (views.float().div_(255.0) - mean_t) / std_t
+    return (views.float() / 255.0 - mean_t) / std_t     # out of place: float input stays untouched

@@ -128,13 +128,16 @@ class ShardStream(IterableDataset):
         total = self.manifest.num_samples
         return [(r + 1) * total // self.world - r * total // self.world for r in range(self.world)]
 
+    def permute(self, samples: list[RawSample], piece: Piece) -> list[RawSample]:
+        """A piece's samples in this epoch's order: permuted by (seed, epoch, shard) when shuffling."""
+        if not self.shuffle:
+            return samples
+        rng = np.random.default_rng([self.seed, self.epoch, piece.shard, 0x5EED])
+        return [samples[i] for i in rng.permutation(len(samples))]
+
     def __iter__(self) -> Iterator[RawSample]:
         for piece in self.pieces():
-            samples = read_piece(self.manifest, piece)
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch, piece.shard, 0x5EED])
-                samples = [samples[i] for i in rng.permutation(len(samples))]
-            yield from samples
+            yield from self.permute(read_piece(self.manifest, piece), piece)
 
 
 def seed_worker(_: int) -> None:

@@ -22,7 +22,7 @@ from shared.augment import ViewSpec
 from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
 from shared.manifest import Manifest
 from shared.reader import Piece, ShardStream, seed_worker
-from shared.views import render_eval, render_view
+from shared.views import render_eval, render_mixed, render_view
 
 
 @dataclass
@@ -64,8 +64,9 @@ def check_cache(attrs: CacheAttrs, manifest: Manifest, spec: ViewSpec, view_seed
         problems.append(f"it has {attrs.num_classes} classes, the student {num_classes}")
     if attrs.seed != view_seed:
         problems.append(f"its augmentation seed is {attrs.seed}, data.view_seed is {view_seed}")
-    mine, theirs = spec.to_dict(), ViewSpec.from_dict(attrs.augment).to_dict()
-    differ = [f"{k}: cache {theirs[k]!r} vs config {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+    mine, theirs = spec.view_identity(), ViewSpec.from_dict(attrs.augment).view_identity()
+    differ = [f"{k}: cache {theirs.get(k)!r} vs config {mine.get(k)!r}"
+              for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differ:
         problems.append("its augmentation spec differs (" + "; ".join(differ) + ")")
     names = [t.name for t in attrs.teachers]
@@ -100,6 +101,8 @@ class Sample:
     label: int
     row: int
     topk: list[TopK] = field(default_factory=list)   # one per teacher: values (K,), indices (K,), lse ()
+    partner_label: int = -1              # exact mixup/cutmix: the partner's label (-1: not mixed)
+    lam: float = 1.0                     # exact mixup/cutmix: weight of the sample's own view
 
 
 @dataclass
@@ -110,6 +113,9 @@ class Batch:
     topk_values: torch.Tensor | None = None    # float16 (T, B, K)
     topk_indices: torch.Tensor | None = None   # int (T, B, K), narrow dtype until on the device
     topk_lse: torch.Tensor | None = None       # float32 (T, B)
+    partner_labels: torch.Tensor | None = None  # int64 (B,): set when the batch is mixed (exact or approx)
+    lam: torch.Tensor | None = None             # float32 (B,): weight of each sample's own view
+    partner_index: torch.Tensor | None = None   # int64 (B,): approx mode, the batch position mixed in
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -122,7 +128,8 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self._tensors()))
 
     def _tensors(self):
-        return (self.views, self.labels, self.rows, self.topk_values, self.topk_indices, self.topk_lse)
+        return (self.views, self.labels, self.rows, self.topk_values, self.topk_indices, self.topk_lse,
+                self.partner_labels, self.lam, self.partner_index)
 
     def targets(self, teachers: list[str]) -> dict[str, tuple]:
         """Teacher name -> cached (values, indices, lse), the form ``CiTLoss`` reconstructs from."""
@@ -135,15 +142,47 @@ def collate(samples: list[Sample]) -> Batch:
     views = torch.stack([s.view for s in samples])
     labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
     rows = torch.tensor([s.row for s in samples], dtype=torch.int64)
+    batch = Batch(views, labels, rows, *_collate_topk(samples))
+    if any(s.partner_label >= 0 for s in samples):      # exact mode: mixing happened when the view was made
+        batch.partner_labels = torch.tensor([s.partner_label if s.partner_label >= 0 else s.label
+                                             for s in samples], dtype=torch.int64)
+        batch.lam = torch.tensor([s.lam for s in samples], dtype=torch.float32)
+    return batch
+
+
+@dataclass
+class ApproxMixCollate:
+    """``augment.mix = approx``: collate, then mix the batch with itself reversed (timm's Mixup), in the loader.
+
+    The mixed views are rounded back to uint8 (they stay small through pinning and transfer, and online teachers
+    see exactly the student's pixels); the cached teacher distributions are mixed with the same λ in the loss
+    (``partner_index``).  The draws are seeded by (view seed, the batch's first rows), so a resumed run mixes the
+    same batches the same way."""
+    spec: ViewSpec
+    seed: int
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        from shared.mixing import batch_mix
+        batch = collate(samples)
+        rng = np.random.default_rng([self.seed, *batch.rows[:2].tolist(), 0x313])
+        mixed, lam, partner = batch_mix(batch.views.float(), rng, self.spec)
+        batch.views = mixed.round_().clamp_(0, 255).to(torch.uint8)
+        batch.partner_labels = batch.labels[partner]
+        batch.lam = torch.full((len(batch),), float(lam), dtype=torch.float32)
+        batch.partner_index = partner
+        return batch
+
+
+def _collate_topk(samples: list[Sample]) -> tuple:
     if not samples[0].topk:
-        return Batch(views, labels, rows)
+        return ()
     teachers = range(len(samples[0].topk))
     values = np.stack([np.stack([s.topk[t].values for s in samples]) for t in teachers])
     indices = np.stack([np.stack([s.topk[t].indices for s in samples]) for t in teachers])
     lse = np.stack([np.stack([s.topk[t].lse for s in samples]) for t in teachers])
     if indices.dtype == np.uint16 or indices.dtype == np.uint32:   # torch lacks some unsigned types
         indices = indices.astype(np.int64)
-    return Batch(views, labels, rows, torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse))
+    return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -167,6 +206,7 @@ class TrainViews(IterableDataset):
         self.spec, self.view_seed, self.views = spec, view_seed, views
         self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
         self._cache: LogitCache | None = None
+        self.collate_fn = ApproxMixCollate(spec, view_seed) if spec.mix == "approx" else collate
         self.reads = 0          # Zarr block reads by this process (tests assert one per piece and array)
 
     @property
@@ -197,23 +237,40 @@ class TrainViews(IterableDataset):
         self.reads += len(topk) + (params is not None)
         return _Block(piece, params, topk)
 
+    def _rendered(self) -> Iterator[tuple]:
+        """(raw sample, its piece, view, params record, partner label, λ) in this consumer's epoch order."""
+        if self.spec.mix != "exact":
+            for raw in self.stream:
+                yield (raw, raw.piece, *render_view(self.spec, self.view_seed, self.view, raw), -1, 1.0)
+            return
+        from shared.mixing import rows_with_partners
+        from shared.reader import read_piece
+        manifest = self.stream.manifest
+        for piece in self.stream.pieces():
+            # load the pairing windows around the piece (same shard: windows never cross shards)
+            lo, hi = rows_with_partners(manifest, piece.lo, piece.hi, self.spec.mix_window)
+            samples = read_piece(manifest, Piece(piece.shard, lo, hi))
+            mixed = render_mixed(self.spec, self.view_seed, self.view, manifest, samples, range(piece.lo, piece.hi))
+            own = [s for s in samples if piece.lo <= s.row < piece.hi]
+            for raw in self.stream.permute(own, piece):
+                yield (raw, piece, *mixed[raw.row])
+
     def __iter__(self) -> Iterator[Sample]:
         block: _Block | None = None
         join = bool(self.cache_url) and (bool(self.teachers) or self.verify)
-        for raw in self.stream:
-            image, params = render_view(self.spec, self.view_seed, self.view, raw)
+        for raw, piece, image, params, partner_label, lam in self._rendered():
             topk = []
             if join:
-                if block is None or block.piece != raw.piece:
-                    block = self._fetch(raw.piece)
-                i = raw.row - raw.piece.lo
+                if block is None or block.piece != piece:
+                    block = self._fetch(piece)
+                i = raw.row - piece.lo
                 if block.params is not None and not np.array_equal(params, block.params[i]):
                     raise DataError(f"replayed view {self.view} of sample {raw.key!r} (row {raw.row}) differs from "
                                     f"the view the cache's teachers saw (params {params.tolist()} vs cached "
                                     f"{block.params[i].tolist()}): the augmentation code or its inputs changed "
                                     "since the cache was built")
                 topk = [TopK(t.values[i], t.indices[i], t.lse[i]) for t in block.topk]
-            yield Sample(image, raw.label, raw.row, topk)
+            yield Sample(image, raw.label, raw.row, topk, partner_label, lam)
 
     def num_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
         """Batches rank ``rank``'s DataLoader yields per epoch (each worker ends with its own partial batch)."""
@@ -244,7 +301,9 @@ class EvalViews(IterableDataset):
 
 
 def make_loader(dataset: IterableDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Workers are not persistent: each epoch's iterator picks up the dataset's new epoch."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    """Workers are not persistent: each epoch's iterator picks up the dataset's new epoch.  A dataset may bring
+    its own ``collate_fn`` (approx mixing does)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=getattr(dataset, "collate_fn", collate),
                       pin_memory=pin_memory, worker_init_fn=seed_worker if num_workers else None,
                       prefetch_factor=4 if num_workers else None)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.mixing import mixed_targets
+
 HEADS = ("cls", "conv", "inv")
 
 
@@ -79,6 +81,25 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
 
 
 @dataclass
+class MixInfo:
+    """How a batch was mixed.  ``partner_index`` is set only when the teachers' distributions must be mixed in
+    the loss (``approx`` mode with cached teachers); in ``exact`` mode, and for online teachers, the teachers
+    already saw the mixed image."""
+    partner_labels: torch.Tensor
+    lam: torch.Tensor
+    partner_index: torch.Tensor | None = None
+
+
+def mix_teacher_logits(logits: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """``approx`` mode: log(λ·σ(z_a) + (1−λ)·σ(z_b)) — the linear mix of the two views' teacher distributions
+    (what FKD/ReLabel do; an approximation of what the teacher would say about the mixed image)."""
+    lam = lam.view(-1, 1).float()
+    own = F.log_softmax(logits.float(), dim=1) + torch.log(lam)          # log 0 = -inf: logaddexp drops it
+    other = F.log_softmax(logits.float()[partner], dim=1) + torch.log1p(-lam)
+    return torch.logaddexp(own, other)
+
+
+@dataclass
 class KDTerm:
     """One distillation term: student head ``head`` fits teacher ``teacher`` with weight λ and temperature τ.
     ``slot`` is the term's place in Eq. 1 (``conv`` = λ1/τ1, ``inv`` = λ2/τ2), used to name it in metrics."""
@@ -111,13 +132,19 @@ class CiTLoss(torch.nn.Module):
                 out[name] = reconstruct_logits(*target, self.num_classes, self.cfg.tail)
         return out
 
-    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
-                targets: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce = F.cross_entropy(outputs["cls"].float(), labels, label_smoothing=self.cfg.label_smoothing)
+    def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
+                mix: "MixInfo | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if mix is None:
+            ce = F.cross_entropy(outputs["cls"].float(), labels, label_smoothing=self.cfg.label_smoothing)
+        else:   # mixed labels λ·y + (1−λ)·y_partner, each smoothed (timm's mixup targets)
+            soft = mixed_targets(labels, mix.partner_labels, mix.lam, self.num_classes, self.cfg.label_smoothing)
+            ce = torch.sum(-soft * F.log_softmax(outputs["cls"].float(), dim=1), dim=1).mean()
         loss = self.cfg.lambda0 * ce
         parts = {"ce": ce.detach()}
         if self.terms:
             teachers = self.teacher_logits(targets or {})
+            if mix is not None and mix.partner_index is not None:
+                teachers = {name: mix_teacher_logits(z, mix.lam, mix.partner_index) for name, z in teachers.items()}
             for term in self.terms:
                 kl = kd_kl(outputs[term.head], teachers[term.teacher], term.tau)
                 loss = loss + term.weight * kl

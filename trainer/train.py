@@ -34,7 +34,7 @@ from shared.manifest import Manifest
 from trainer.data import DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader
 from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, evaluate, fit, setup_runtime,
                             write_json)
-from trainer.losses import CiTLoss, KDTerm, LossConfig
+from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo
 
 KD_MODES = ("cached", "online", "none")
 
@@ -273,7 +273,10 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
             targets = teachers(batch.views)
         else:
             targets = {}
-        loss, parts = criterion(outputs, batch.labels, targets)
+        mix = None
+        if batch.partner_labels is not None:   # mixed batch; cached approx targets are mixed in the loss
+            mix = MixInfo(batch.partner_labels, batch.lam, batch.partner_index if cached else None)
+        loss, parts = criterion(outputs, batch.labels, targets, mix)
         parts["acc"] = (outputs["cls"].detach().argmax(1) == batch.labels).float().mean()
         return loss, parts
 

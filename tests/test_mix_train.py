@@ -1,0 +1,155 @@
+"""Mixup/CutMix with cached teachers (issue 6): the trainer's mixed view is the one the cache builder fed the
+teachers, bit for bit, whatever the worker or rank count; approx targets are the linear mix; exact cached KD and
+online KD agree with mixing on."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cache_builder.build import build_cache
+from shared.augment import ViewSpec
+from shared.cache_schema import LogitCache
+from shared.manifest import Manifest
+from shared.mixing import MixParams
+from shared.views import render_mixed
+from shared.reader import pieces_for_rows, read_piece
+from tests.cache_fixtures import make_teacher
+from tests.shard_fixtures import make_shards
+from trainer import train as train_mod
+from trainer.data import TrainViews, collate
+from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo, mix_teacher_logits, reconstruct_logits
+
+SEED, VIEWS, N = 3, 2, 67          # 67 rows in shards of 20: the last shard's windows exercise the lone-row rule
+SPEC = ViewSpec(image_size=28, mix="exact", mix_window=6, erase_prob=0.5)
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    manifest = make_shards(str(root / "train"), num_samples=N, shard_size=20, prefix="mx")
+    teachers = {"conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
+                "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
+    build_cache(manifest.path, [(k, v) for k, v in teachers.items()], str(root / "cache.zarr"), views=VIEWS,
+                topk=10, spec=SPEC, seed=SEED, chunk_rows=16, workers=0, progress=False, device="cpu")
+    return {"root": root, "manifest": Manifest.load(manifest.path), "cache": str(root / "cache.zarr"),
+            "teachers": teachers}
+
+
+def builder_side_views(manifest, view):
+    """The mixed views as stage 1 renders them: chunk by chunk over the manifest rows."""
+    from cache_builder.build import chunk_read_range
+    out = {}
+    for lo in range(0, N, 16):
+        hi = min(lo + 16, N)
+        a, z = chunk_read_range(manifest, SPEC, lo, hi)
+        samples = [s for p in pieces_for_rows(manifest, a, z) for s in read_piece(manifest, p)]
+        for row, (tensor, record, _, _) in render_mixed(SPEC, SEED, view, manifest, samples, range(lo, hi)).items():
+            out[row] = (tensor, record)
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1)])
+def test_trainer_mixed_views_equal_builder_views(exact, world, workers):
+    manifest = exact["manifest"]
+    cache = LogitCache.open(exact["cache"])
+    for epoch in range(VIEWS):
+        reference = builder_side_views(manifest, epoch)
+        seen = {}
+        for rank in range(world):
+            ds = TrainViews(manifest, SPEC, SEED, VIEWS, seed=7, cache_url=exact["cache"], teachers=("conv",),
+                            verify=True, rank=rank, world=world)
+            ds.set_epoch(epoch)
+            for s in DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda s: s):
+                assert s.row not in seen
+                seen[s.row] = s
+        assert sorted(seen) == list(range(N))
+        params = cache.read_params(epoch, 0, N)
+        mixed = 0
+        for row, s in seen.items():
+            assert torch.equal(s.view, reference[row][0]), row
+            np.testing.assert_array_equal(params[row], reference[row][1])
+            mix = MixParams.decode(params[row][-MixParams.SIZE:])
+            mixed += mix.kind != 0
+            assert s.lam == mix.lam and (s.partner_label >= 0) == (mix.kind != 0)
+        assert mixed > N // 2
+
+
+def test_cached_logits_are_the_teachers_on_the_mixed_view(exact):
+    from shared.checkpoint import load_checkpoint
+    from shared.augment import to_model_input
+    model, meta = load_checkpoint(exact["teachers"]["inv"])
+    cache = LogitCache.open(exact["cache"])
+    ds = TrainViews(exact["manifest"], SPEC, SEED, VIEWS, cache_url=exact["cache"], teachers=("inv",), rank=0, world=1)
+    ds.set_epoch(1)
+    batch = collate(list(ds))
+    with torch.inference_mode():
+        logits = model.eval()(to_model_input(batch.views, meta.mean, meta.std)).float()
+    top = logits.topk(10, dim=1)
+    stored = cache.read_topk("inv", 1, 0, N)
+    order = batch.rows.numpy()
+    np.testing.assert_allclose(stored.values[order].astype(np.float32), top.values.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(stored.lse[order], torch.logsumexp(logits, 1).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_cached_and_online_kd_agree_with_mixing(exact, tmp_path):
+    def cfg(mode):
+        sets = [f"data.train={json.dumps(exact['manifest'].path)}", f"data.cache={json.dumps(exact['cache'])}",
+                f"data.view_seed={SEED}", "data.num_workers=0", "train.epochs=2", "train.batch_size=16",
+                "train.progress=false", f"kd.mode={mode}", 'kd.conv_teacher="conv"', 'kd.inv_teacher="inv"',
+                *(f"augment.{k}={json.dumps(v)}" for k, v in SPEC.to_dict().items()),
+                "student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2",
+                "student.options.stem_width=32"]
+        return train_mod.load_run_config(None, sets)
+    cached = train_mod.train(cfg("cached"), str(tmp_path / "cached"))
+    online = train_mod.train(cfg("online"), str(tmp_path / "online"))
+    for a, b in zip(cached.history, online.history):
+        for key in ("train_loss", "train_ce", "train_kd_conv", "train_kd_inv"):
+            assert a[key] == pytest.approx(b[key], rel=2e-3, abs=1e-4), key
+
+
+def test_approx_targets_are_the_linear_mix():
+    torch.manual_seed(0)
+    c, k, b = 12, 5, 6
+    full = torch.randn(b, c) * 3
+    top = full.topk(k, dim=1)
+    lse = torch.logsumexp(full, 1)
+    z = reconstruct_logits(top.values.half(), top.indices, lse, c)
+    lam = torch.full((b,), 0.3)
+    partner = torch.arange(b - 1, -1, -1)
+    mixed = mix_teacher_logits(z, lam, partner).exp()
+    p = torch.softmax(z, 1)
+    torch.testing.assert_close(mixed, 0.3 * p + 0.7 * p[partner], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mix_teacher_logits(z, torch.ones(b), partner).exp(), p)
+    # the loss uses exactly these mixed teacher distributions and mixed labels
+    loss = CiTLoss(LossConfig(label_smoothing=0.0), [KDTerm("conv", "conv", "t", 1.0, 1.0)], c)
+    student = {"cls": torch.randn(b, c), "conv": torch.randn(b, c)}
+    labels = torch.randint(0, c, (b,))
+    targets = {"t": (top.values.half(), top.indices, lse)}
+    total, parts = loss(student, labels, targets, MixInfo(labels[partner], lam, partner))
+    q = 0.3 * p + 0.7 * p[partner]
+    kl = (q * (q.log() - torch.log_softmax(student["conv"], 1))).sum() / b
+    soft = 0.3 * torch.nn.functional.one_hot(labels, c) + 0.7 * torch.nn.functional.one_hot(labels[partner], c)
+    ce = -(soft * torch.log_softmax(student["cls"], 1)).sum(1).mean()
+    assert parts["kd_conv"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_approx_mode_trains_from_an_unmixed_cache(exact, tmp_path):
+    """An approx run uses a cache built without mixing (its views are the unmixed ones)."""
+    root = exact["root"]
+    plain = ViewSpec(image_size=28, erase_prob=0.5)
+    build_cache(exact["manifest"].path, [("conv", exact["teachers"]["conv"])], str(root / "plain.zarr"),
+                views=2, topk=10, spec=plain, seed=SEED, chunk_rows=16, workers=0, progress=False, device="cpu")
+    sets = [f"data.train={json.dumps(exact['manifest'].path)}", f"data.cache={json.dumps(str(root / 'plain.zarr'))}",
+            f"data.view_seed={SEED}", "data.num_workers=0", "train.epochs=1", "train.batch_size=16",
+            "train.progress=false", 'kd.conv_teacher="conv"', "augment.erase_prob=0.5", 'augment.mix="approx"',
+            "student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2",
+            "student.options.stem_width=32"]
+    cfg = train_mod.load_run_config(None, sets)
+    p = train_mod.prepare(cfg)
+    batch = p.train_set.collate_fn(list(iter(p.train_set))[:16])
+    assert batch.partner_index is not None and batch.lam is not None
+    result = train_mod.train(cfg, str(tmp_path / "approx"))
+    assert np.isfinite(result.history[-1]["train_loss"])
