@@ -159,7 +159,7 @@ def _m(meta, name):
 
 def bench_throughput(tmp: str, args) -> dict:
     load = os.getloadavg()
-    n, e = (128, 2) if args.quick else (1024, 2)
+    n, e = (96, 2) if args.quick else (1024, 2)
     images, labels, source = fmnist_images(n)
     manifest = write_dataset(os.path.join(tmp, "fm"), images, labels, 10, 1024)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -304,7 +304,7 @@ def _measure(out: str, e: int, n: int, chunk_rows: int, setup: dict) -> dict:
 
 def bench_bytes(tmp: str, args) -> dict:
     from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord, create_arrays, open_root
-    n, e = (1024, 1) if args.quick else (8192, 2)
+    n, e = (512, 1) if args.quick else (8192, 2)
     chunk_rows = 4096
     images, labels, source = fmnist_images(n)
     arch, kw = TINY
