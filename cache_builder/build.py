@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.augment import ViewSpec, _per_channel, apply_view, sample_view
+from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays, index_dtype,
                                  normalize_url, open_root, read_attrs)
@@ -158,7 +158,6 @@ class TeacherRunner:
 
     def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int):
         self.teachers, self.device, self.precision, self.topk = teachers, device, precision, topk
-        self._norm: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False      # same algorithm for the same shapes: reproducible bits
             torch.backends.cudnn.deterministic = True
@@ -169,16 +168,8 @@ class TeacherRunner:
         return torch.autocast(self.device.type, enabled=False)
 
     def normalise(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
-        """Exactly ``shared.augment.to_model_input`` (same ops, same bits), with the teacher's mean/std kept on the
-        device: building them from Python lists every batch would be a blocking host->device copy on CUDA."""
-        c = views.shape[1]
-        key = (teacher.name, c)
-        if key not in self._norm:
-            mean = torch.tensor(_per_channel(teacher.record.mean, c), device=views.device).view(1, c, 1, 1)
-            std = torch.tensor(_per_channel(teacher.record.std, c), device=views.device).view(1, c, 1, 1)
-            self._norm[key] = (mean, std)
-        mean, std = self._norm[key]
-        return (views.float().div_(255.0) - mean) / std
+        """The teacher's own normalisation, on the device (``to_model_input`` keeps mean/std there)."""
+        return to_model_input(views, teacher.record.mean, teacher.record.std)
 
     def logits(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) on the device -> float32 logits (B, classes)."""

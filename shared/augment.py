@@ -17,6 +17,7 @@ deviation: at most a slightly different crop-size distribution).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -295,9 +296,16 @@ def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
     raise ValueError(f"normalisation has {len(values)} values for a {channels}-channel image")
 
 
-def to_model_input(views: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def _norm_tensors(mean: tuple[float, ...], std: tuple[float, ...], channels: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-device mean/std, built once: building them per call would copy from host every step (a sync on CUDA)."""
+    mean_t = torch.tensor(_per_channel(mean, channels), device=device).view(1, channels, 1, 1)
+    std_t = torch.tensor(_per_channel(std, channels), device=device).view(1, channels, 1, 1)
+    return mean_t, std_t
+
+
+def to_model_input(views: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, C, H, W) views -> normalised float, on whatever device ``views`` lives on."""
-    c = views.shape[1]
-    mean_t = torch.tensor(_per_channel(mean, c), device=views.device).view(1, c, 1, 1)
-    std_t = torch.tensor(_per_channel(std, c), device=views.device).view(1, c, 1, 1)
+    mean_t, std_t = _norm_tensors(tuple(mean), tuple(std), views.shape[1], views.device)
     return (views.float() / 255.0 - mean_t) / std_t     # out of place: float input stays untouched
