@@ -303,7 +303,7 @@ def _measure(out: str, e: int, n: int, chunk_rows: int, setup: dict) -> dict:
 
 
 def bench_bytes(tmp: str, args) -> dict:
-    from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord, create_arrays, open_root
+    from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord
     n, e = (512, 1) if args.quick else (8192, 2)
     chunk_rows = 4096
     images, labels, source = fmnist_images(n)
@@ -335,10 +335,7 @@ def bench_bytes(tmp: str, args) -> dict:
             out = os.path.join(tmp, f"s{classes}-{k}.zarr")
             record = TeacherRecord("t", "conv", "synthetic", "", classes, [0.5], [0.5])
             attrs = CacheAttrs("synthetic", n, classes, e, k, 0, SPEC.to_dict(), chunk_rows, [record])
-            root = open_root(out, "w")
-            create_arrays(root, attrs, SPEC.num_params)
-            root.attrs.put(attrs.to_json_dict())
-            cache = LogitCache(root, attrs)
+            cache = LogitCache.create(out, attrs, SPEC.num_params)
             for v in range(e):
                 for c in range(attrs.num_chunks):
                     lo, hi = attrs.chunk_rows_range(c)

@@ -216,6 +216,16 @@ class LogitCache:
         return array
 
     @classmethod
+    def create(cls, url: str, attrs: CacheAttrs, num_params: int,
+               storage_options: dict | None = None) -> "LogitCache":
+        """A new, empty cache (replacing whatever is at ``url``) with ``attrs`` written: for tools and tests that
+        write units themselves; ``cit cache build`` adds resume and refusal logic on top."""
+        root = open_root(url, "w", storage_options)
+        create_arrays(root, attrs, num_params)
+        root.attrs.put(attrs.to_json_dict())
+        return cls(root, attrs)
+
+    @classmethod
     def open(cls, url: str, mode: str = "r", allow_incomplete: bool = False,
              storage_options: dict | None = None) -> "LogitCache":
         try:

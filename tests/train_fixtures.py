@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from shared.augment import ViewSpec, to_model_input
-from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK, create_arrays, open_root
+from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK
 from shared.manifest import Manifest
 from shared.reader import pieces_for_rows, read_piece
 from shared.views import render_view
@@ -27,10 +27,7 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                for name, t in teachers.items()]
     attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, manifest.num_classes, views, topk, seed,
                        spec.to_dict(), chunk_rows, records)
-    root = open_root(url, "w")
-    create_arrays(root, attrs, spec.num_params)
-    root.attrs.update(attrs.to_json_dict())
-    cache = LogitCache(root, attrs)
+    cache = LogitCache.create(url, attrs, spec.num_params)
     for v in range(views):
         for chunk in range(attrs.num_chunks):
             lo, hi = attrs.chunk_rows_range(chunk)
@@ -45,5 +42,5 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                 outputs[name] = TopK(top.values.half().numpy(), top.indices.numpy().astype(np.uint8),
                                      torch.logsumexp(logits, 1).numpy().astype(np.float32))
             cache.write_unit(v, chunk, params, outputs)
-    root.attrs["status"] = STATUS_COMPLETE
+    cache.set_status(STATUS_COMPLETE)
     return LogitCache.open(url)
