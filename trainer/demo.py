@@ -38,7 +38,7 @@ def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int 
         _cit("data", "prepare", "fashion-mnist", "--out", data, "--per-class", str(per_class))
     paths = {"data.train": train_json, "data.test": test_json, "data.cache": os.path.join(folder, "cache.zarr")}
     sets = [f"{k}={json.dumps(v)}" for k, v in paths.items()]
-    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", "data.views=0"])
+    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", "data.views=0", "train.eval_every=1000"])
     checkpoints = {}
     for name, arch, kind in (("conv", conv_teacher, "conv"), ("inv", inv_teacher, "inv")):
         checkpoints[name] = os.path.join(folder, "teachers", f"{name}.safetensors")

@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     seed: int = 0
     log_interval: int = 20              # steps between progress-bar updates (each is one host sync)
+    eval_every: int = 1                 # evaluate on the test set every N epochs (and always after the last)
     progress: bool = True
     debug_rows: bool = False            # write the rows each rank trains on to <out>/rows.rank<R>.jsonl
     debug_kill_at_step: int = 0         # SIGKILL this process after that many optimiser steps (resume tests)
@@ -374,7 +375,7 @@ def fit(model: nn.Module, loss_fn: LossFn, train_set, cfg: TrainConfig, runtime:
         if rows is not None:
             with open(os.path.join(out_dir, f"rows.rank{runtime.rank}.jsonl"), "a") as f:
                 f.write(json.dumps({"epoch": epoch, "rank": runtime.rank, "rows": rows}) + "\n")
-        if eval_fn is not None:
+        if eval_fn is not None and ((epoch + 1) % max(cfg.eval_every, 1) == 0 or epoch + 1 == cfg.epochs):
             record |= {f"test_{k}": v for k, v in eval_fn(model).items()}
         history.append(record)
         if runtime.main:   # state first, then the metrics rewritten from it: a kill between leaves both consistent
