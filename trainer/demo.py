@@ -28,7 +28,7 @@ def _cit(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int = 5, epochs: int | None = None,
+def run_demo(folder: str, config: str, per_class: int = 100, teacher_epochs: int = 10, epochs: int | None = None,
              conv_teacher: str = CONV_TEACHER, inv_teacher: str = INV_TEACHER) -> list[dict]:
     from trainer.teacher import TeacherSpec, train_teacher
     from trainer.train import load_run_config, train
@@ -38,7 +38,8 @@ def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int 
         _cit("data", "prepare", "fashion-mnist", "--out", data, "--per-class", str(per_class))
     paths = {"data.train": train_json, "data.test": test_json, "data.cache": os.path.join(folder, "cache.zarr")}
     sets = [f"{k}={json.dumps(v)}" for k, v in paths.items()]
-    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", "data.views=0", "train.eval_every=1000"])
+    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", "data.views=0", "train.eval_every=1000",
+                                           "train.batch_size=32", "train.lr=3e-3"])   # CNN teachers: more, larger steps
     checkpoints = {}
     for name, arch, kind in (("conv", conv_teacher, "conv"), ("inv", inv_teacher, "inv")):
         checkpoints[name] = os.path.join(folder, "teachers", f"{name}.safetensors")
@@ -49,7 +50,7 @@ def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int 
     student_cfg = load_run_config(config, sets + ([f"train.epochs={epochs}"] if epochs else []))
     if not os.path.exists(os.path.join(paths["data.cache"], "zarr.json")):
         _cit("cache", "build", "--data", train_json, "--config", config, "--views", str(student_cfg.train.epochs),
-             "--out", paths["data.cache"],
+             "--out", paths["data.cache"], "--test-data", test_json,
              *[arg for name, path in checkpoints.items() for arg in ("--teacher", f"{name}={path}")])
     runs = []
     for variant, extra in (("cit", []), ("no_kd", ["kd.mode=none"])):
@@ -65,8 +66,8 @@ def run_demo(folder: str, config: str, per_class: int = 50, teacher_epochs: int 
 @click.command()
 @click.option("--folder", default="demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--config", default=os.path.join("configs", "demo.toml"), show_default=True)
-@click.option("--per-class", default=50, show_default=True, help="Training images per class.")
-@click.option("--teacher-epochs", default=5, show_default=True)
+@click.option("--per-class", default=100, show_default=True, help="Training images per class.")
+@click.option("--teacher-epochs", default=10, show_default=True)
 @click.option("--epochs", type=int, default=None, help="Student epochs [the config's; also the cache's E].")
 def demo(folder, config, per_class, teacher_epochs, epochs):
     """Prepare data, train two teachers, cache them, train CiT vs no-KD students, print the comparison."""
