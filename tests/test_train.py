@@ -121,7 +121,7 @@ from trainer import train as train_mod                                    # noqa
 from trainer.data import DataError, collate                               # noqa: E402
 from trainer.engine import CheckpointError                                # noqa: E402
 
-SPEC = ViewSpec(image_size=28, ra_magnitude_std=0.0)   # magnitude 10 crashes PosterizeIncreasing (shared.augment)
+SPEC = ViewSpec(image_size=28, ra_magnitude_std=0.0)   # fixed magnitude: any fixed spec works, it must match
 VIEW_SEED, VIEWS, N = 5, 3, 101      # odd N: DDP ranks get 50 and 51 rows
 TINY_STUDENT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}   # cit_nano, cut down
 # Small timm CNNs as teachers: the trainer does not care about their bias, and RedNet at 28 px is too slow here
