@@ -195,6 +195,21 @@ def recipe_digest(recipe: dict) -> str:
     return hashlib.sha256(json.dumps({"version": PREPARE_VERSION, **recipe}, sort_keys=True).encode()).hexdigest()
 
 
+def reusable_manifest(path: str, recipe: str) -> tuple[Manifest | None, str]:
+    """(manifest, "") if ``path`` holds an intact manifest made by ``recipe`` (shards checked), else (None, what is
+    in the way) — so a rerun with the same input and options is a no-op and anything else is named."""
+    try:
+        manifest = Manifest.load(path)
+        if manifest.source.get("recipe") != recipe:
+            return None, f"{path} exists and was made from different input or options"
+        verify_shards(manifest)
+    except ManifestError as exc:
+        return None, f"{path} exists but is not intact: {exc}"
+    log.info("%s: already prepared from the same input and options (fingerprint %s…, %d samples); skipping",
+             path, manifest.fingerprint[:16], manifest.num_samples)
+    return manifest, ""
+
+
 def existing_split(out_dir: str, name: str, recipe: str, force: bool) -> Manifest | None:
     """The already-prepared manifest of split ``name`` if it has this recipe and intact shards, else None.
 
@@ -204,16 +219,9 @@ def existing_split(out_dir: str, name: str, recipe: str, force: bool) -> Manifes
         return None
     problem = f"{folder} exists but has no manifest {path} (left by an interrupted run?)"
     if os.path.exists(path):
-        try:
-            manifest = Manifest.load(path)
-            if manifest.source.get("recipe") == recipe:
-                verify_shards(manifest)
-                log.info("%s: already prepared from the same input and options (fingerprint %s…, %d samples); "
-                         "skipping", path, manifest.fingerprint[:16], manifest.num_samples)
-                return manifest
-            problem = f"{path} exists and was made from different input or options"
-        except ManifestError as exc:
-            problem = f"{path} exists but is not intact: {exc}"
+        manifest, problem = reusable_manifest(path, recipe)
+        if manifest is not None:
+            return manifest
     if not force:
         raise PrepareError(f"{problem}; refusing to overwrite without force=True (--force)")
     log.info("%s; replacing it (force)", problem)
@@ -562,16 +570,9 @@ def scan_shards(urls_or_glob: str | Sequence[str], out_manifest: str | None = No
     digest = recipe_digest({"kind": "scan", "shards": stored, "num_classes": num_classes,
                             "class_names": class_names, "skip_bad": skip_bad})
     if fsspec.core.url_to_fs(out_manifest)[0].exists(out_manifest):
-        try:
-            existing = Manifest.load(out_manifest)
-            if existing.source.get("recipe") == digest:
-                verify_shards(existing)
-                log.info("%s: already scanned these shards with the same options (fingerprint %s…); skipping",
-                         out_manifest, existing.fingerprint[:16])
-                return existing
-            problem = f"manifest {out_manifest} exists and describes other shards or options"
-        except ManifestError as exc:
-            problem = f"manifest {out_manifest} exists but is not intact: {exc}"
+        existing, problem = reusable_manifest(out_manifest, digest)
+        if existing is not None:
+            return existing
         if not force:
             raise PrepareError(f"{problem}; refusing to overwrite without force=True (--force)")
 
