@@ -100,6 +100,26 @@ def test_reconstruction_is_exact_at_tau_1_and_keeps_the_tail_mass():
                           p_true.gather(1, indices).sum(1, keepdim=True), atol=1e-6)
 
 
+@pytest.mark.parametrize("tail", ["uniform", "renormalize"])
+def test_loss_topk_cuts_a_full_cache_and_online_logits_alike(tail):
+    """loss.topk=k on a K=C cache, on a K=k cache and on dense online logits: one and the same target."""
+    rng = np.random.default_rng(2)
+    full = rng.normal(size=(6, 10)) * 2
+    student = {"cls": torch.randn(6, 10), "conv": torch.randn(6, 10)}
+    labels = torch.arange(6) % 10
+    terms = [KDTerm("conv", "conv", "t", 1.0, 1.0)]
+    cut = CiTLoss(LossConfig(topk=3, tail=tail), terms, 10)
+    from_full_cache = cut(student, labels, {"t": _topk(full, 10)})[0]
+    from_online = cut(student, labels, {"t": torch.from_numpy(full).float()})[0]
+    from_k3_cache = CiTLoss(LossConfig(tail=tail), terms, 10)(student, labels, {"t": _topk(full, 3)})[0]
+    uncut = CiTLoss(LossConfig(tail=tail), terms, 10)(student, labels, {"t": _topk(full, 10)})[0]
+    assert torch.allclose(from_full_cache, from_k3_cache, atol=1e-6)
+    assert torch.allclose(from_online, from_k3_cache, atol=1e-6)
+    assert not torch.allclose(uncut, from_k3_cache, atol=1e-3)
+    with pytest.raises(ValueError, match="loss.topk"):
+        LossConfig(topk=-1)
+
+
 def test_kl_is_batchmean_times_tau_squared():
     s, t = torch.randn(4, 7), torch.randn(4, 7)
     ref = torch.nn.functional.kl_div(torch.log_softmax(s / 3, 1), torch.log_softmax(t / 3, 1), reduction="batchmean",
@@ -425,6 +445,43 @@ def test_teacher_train_saves_checkpoint_with_test_accuracy(data, tmp_path):
     from trainer.evaluate import evaluate_checkpoint
     report = evaluate_checkpoint(out, [data["test"]], num_workers=0)
     assert report["sets"]["te"]["acc_cls"] == pytest.approx(meta.test_accuracy)
+
+
+def test_agreement_eval_reports_heads_teachers_and_kl_per_token(data, tmp_path):
+    """``cit eval --teacher``: each head's accuracy, the teachers' accuracy and KL(teacher ‖ head), checked against a
+    direct computation over the same evaluation views."""
+    from shared.augment import to_model_input
+    from shared.manifest import Manifest
+    from trainer.data import EvalViews
+    from trainer.evaluate import evaluate_agreement, evaluate_checkpoint
+    train_mod.train(config(data, epochs=1), str(tmp_path / "run"))
+    student_path = str(tmp_path / "run" / "student.safetensors")
+    teachers = {n: t["checkpoint"] for n, t in data["teachers"].items()}
+    report = evaluate_agreement({"s": student_path}, teachers, [data["test"]], num_workers=0, device="cpu",
+                                out=str(tmp_path / "agree.json"))
+    r = report["sets"]["te"]
+    assert json.loads((tmp_path / "agree.json").read_text())["sets"]["te"] == r
+    plain = evaluate_checkpoint(student_path, [data["test"]], num_workers=0)["sets"]["te"]
+    assert r["students"]["s"]["acc"]["cls"] == pytest.approx(plain["acc_cls"])
+    assert r["students"]["s"]["acc"]["mean"] == pytest.approx(plain["acc_mean"])
+    for name, path in teachers.items():
+        assert r["teachers"][name] == pytest.approx(evaluate_checkpoint(path, [data["test"]], num_workers=0)
+                                                    ["sets"]["te"]["acc_cls"])
+    # direct: all views in one batch, KL(teacher || conv head)
+    student, _ = model_checkpoint.load_checkpoint(student_path)
+    batch = collate(list(EvalViews(Manifest.load(data["test"]), SPEC, 0, 1)))
+    with torch.no_grad():
+        heads = student.eval().forward_heads(to_model_input(batch.views, SPEC.mean, SPEC.std))
+        t = data["teachers"]["conv_a"]
+        z_t = t["model"](to_model_input(batch.views, t["mean"], t["std"]))
+    assert r["students"]["s"]["kl"]["conv"]["conv_a"] == pytest.approx(kd_kl(heads["conv"], z_t, 1.0).item(), rel=1e-4)
+    assert set(r["students"]["s"]["kl"]) == {"cls", "conv", "inv", "mean"}
+    with pytest.raises(ValueError, match="not a student with heads"):
+        evaluate_agreement({"t": teachers["conv_a"]}, teachers, [data["test"]], num_workers=0, device="cpu")
+
+
+def test_topk_beyond_the_cache_is_refused(data, tmp_path):
+    _fails_before_training(tmp_path, config(data, "loss.topk=11"), ConfigError, "holds only K=10")
 
 
 def test_report_groups_seeds_into_variants(data, tmp_path):

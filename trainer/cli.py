@@ -58,10 +58,20 @@ def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-def evaluate(checkpoint, data, corrupt_dir, batch_size, workers, device, out):
+@click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Compare each student head with this teacher: accuracies and KL(teacher || head) (repeatable).")
+def evaluate(checkpoint, data, corrupt_dir, batch_size, workers, device, out, teachers):
     """Accuracy of a student (class head and mean of heads) or teacher on test sets and corrupted copies."""
-    from trainer.evaluate import evaluate_checkpoint, format_report
+    from trainer.evaluate import evaluate_agreement, evaluate_checkpoint, format_agreement, format_report
+    named = dict(t.split("=", 1) for t in teachers if "=" in t)
+    if len(named) != len(teachers):
+        _fail(ValueError(f"--teacher takes NAME=CHECKPOINT, got {', '.join(t for t in teachers if '=' not in t)}"))
     try:
+        if named:
+            report = evaluate_agreement({"student": checkpoint}, named, list(data), corrupt_dir=corrupt_dir, batch_size=batch_size,
+                                        num_workers=workers, device=device, out=out)
+            click.echo(format_agreement(report))
+            return
         report = evaluate_checkpoint(checkpoint, list(data), corrupt_dir=corrupt_dir, batch_size=batch_size,
                                      num_workers=workers, device=device, out=out)
     except ValueError as exc:

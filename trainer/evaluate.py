@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import defaultdict
+
+import torch
 
 from shared.augment import ViewSpec, to_model_input
 from shared.manifest import Manifest
 from trainer.data import EvalViews, make_loader
 from trainer.engine import evaluate, setup_runtime, write_json
-from trainer.train import eval_outputs
+from trainer.losses import kd_kl
+from trainer.train import eval_outputs, model_outputs
 
 
 def _get(meta, name: str, default=None):
@@ -70,6 +74,67 @@ def evaluate_checkpoint(checkpoint_path: str, data: list[str], *, corrupt_dir: s
     return report
 
 
+@torch.no_grad()
+def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data: list[str], *,
+                       corrupt_dir: str | None = None, batch_size: int = 256, num_workers: int = 2,
+                       device: str = "auto", out: str | None = None) -> dict:
+    """Each head of each student against each teacher on the same evaluation views (paper Tables 5 and 9).
+
+    Per set: every teacher's accuracy, and per student the accuracy of each head and of the mean of heads, and
+    ``kl[head][teacher]`` = mean KL(σ(teacher) ‖ σ(head)) at τ = 1: how closely each token follows each teacher.
+    Teachers run once per batch for all students.  Single process."""
+    from shared import checkpoint
+    runtime = setup_runtime(device)
+    sets = expand_sets(data, corrupt_dir)
+    if not sets:
+        raise ValueError("nothing to evaluate: pass --data MANIFEST (and/or --corrupt-dir)")
+    models, metas = {}, {}
+    for label, path in students.items():
+        models[label], metas[label] = checkpoint.load_checkpoint(path)
+        if not hasattr(models[label], "forward_heads"):
+            raise ValueError(f"{path} is not a student with heads ({_get(metas[label], 'arch')}); "
+                             "comparing with teachers needs a CiT student checkpoint")
+    classes = _get(next(iter(metas.values())), "num_classes")
+    for name, path in teachers.items():
+        models[name], metas[name] = checkpoint.load_checkpoint(path, expect_classes=classes)
+    for model in models.values():
+        model.to(runtime.device).eval()
+    spec = eval_spec(next(iter(metas.values())))
+    norm = {n: (tuple(_get(m, "mean") or spec.mean), tuple(_get(m, "std") or spec.std)) for n, m in metas.items()}
+    zero = lambda: torch.zeros((), device=runtime.device)  # noqa: E731
+    results = {}
+    for set_name, path in sets.items():
+        loader = make_loader(EvalViews(Manifest.load(path), spec, 0, 1), batch_size, num_workers,
+                             pin_memory=runtime.device.type == "cuda")
+        hits: dict[tuple[str, str], torch.Tensor] = defaultdict(zero)
+        kl: dict[tuple[str, str, str], torch.Tensor] = defaultdict(zero)
+        total = 0
+        for batch in loader:
+            batch = batch.to(runtime.device)
+            logits = {n: models[n](to_model_input(batch.views, *norm[n])) for n in teachers}
+            for n, z in logits.items():
+                hits[None, n] += (z.argmax(1) == batch.labels).sum()
+            for label in students:
+                heads = model_outputs(models[label].forward_heads(to_model_input(batch.views, *norm[label])))
+                heads["mean"] = torch.stack(list(heads.values())).mean(0)
+                for head, z in heads.items():
+                    hits[label, head] += (z.argmax(1) == batch.labels).sum()
+                    for n, t in logits.items():
+                        kl[label, head, n] += kd_kl(z, t, 1.0) * len(batch)
+            total += len(batch)
+        count = max(total, 1)
+        acc = {key: v.item() / count for key, v in hits.items()}
+        results[set_name] = {
+            "samples": total, "teachers": {n: acc[None, n] for n in teachers},
+            "students": {label: {"acc": {h: a for (l, h), a in acc.items() if l == label},
+                                 "kl": {h: {n: kl[label, h, n].item() / count for n in teachers}
+                                        for (l, h), _ in acc.items() if l == label}} for label in students}}
+    report = {"students": students, "teachers": teachers, "kl": "mean KL(teacher || head), tau = 1", "sets": results}
+    if out:
+        write_json(out, report)
+    return report
+
+
 def format_report(report: dict) -> str:
     lines = [f"{report['checkpoint']} ({report.get('arch')}, {report.get('kind')})"]
     for name, r in report["sets"].items():
@@ -77,3 +142,14 @@ def format_report(report: dict) -> str:
         lines.append(f"  {name:<24} {accs}  (n={r['samples']})")
     return "\n".join(lines)
 
+
+
+def format_agreement(report: dict) -> str:
+    lines = [f"students vs teachers {', '.join(report['teachers'])} ({report['kl']})"]
+    for name, r in report["sets"].items():
+        lines.append(f"  {name} (n={r['samples']}): " + "  ".join(f"{t}={a * 100:.2f}%" for t, a in r["teachers"].items()))
+        for label, st in r["students"].items():
+            lines.append(f"    {label}: " + "  ".join(f"{h}={a * 100:.2f}%" for h, a in st["acc"].items()))
+            for head, row in st["kl"].items():
+                lines.append(f"      KL to {head:<5} " + "  ".join(f"{t}={v:.4f}" for t, v in row.items()))
+    return "\n".join(lines)

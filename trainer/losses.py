@@ -15,6 +15,8 @@ so every tail class carries an equal share of the tail mass m and σ(ẑ) reprod
 probabilities exactly with the right total tail mass (logsumexp(ẑ) = lse).  At τ ≠ 1 we temper ẑ, i.e. the
 tail is treated as flat *before* tempering: exact for the top-k at τ = 1, an approximation of the tail otherwise
 (the true tail's shape is unknown).  With K = C there is no tail and ẑ is the teacher's logits (in fp16).
+``topk=k`` (below the cache's K) keeps only the first k cached classes, to measure how accuracy depends on K
+from one full cache; online teachers' dense logits are cut the same way, so cached and online KD stay comparable.
 ``tail="renormalize"`` instead drops the tail (ẑ_j = −inf), i.e. renormalises the top-k: biased toward the
 top-k, available for comparison only.  If fp16 rounding makes m ≤ 0 the tail gets zero mass.
 """
@@ -41,8 +43,11 @@ class LossConfig:
     tau2: float = 1.0
     label_smoothing: float = 0.1    # on the CE term only (DeiT recipe)
     tail: str = "uniform"           # uniform | renormalize: what to do with the mass outside the cached top-k
+    topk: int = 0                   # use the teacher's top-k classes only (0: all the cache holds)
 
     def __post_init__(self) -> None:
+        if self.topk < 0:
+            raise ValueError(f"loss.topk must be >= 0 (0: all cached classes), got {self.topk}")
         if self.tail not in ("uniform", "renormalize"):
             raise ValueError(f"loss.tail must be 'uniform' or 'renormalize', got {self.tail!r}")
         if self.tau1 <= 0 or self.tau2 <= 0:
@@ -124,12 +129,18 @@ class CiTLoss(torch.nn.Module):
     def teacher_logits(self, targets: dict) -> dict[str, torch.Tensor]:
         """Teacher name -> dense logits.  A target is either dense logits (online KD) or a cached
         ``(values, indices, lse)`` triple."""
+        k = self.cfg.topk
         out = {}
         for name, target in targets.items():
             if isinstance(target, torch.Tensor):
-                out[name] = target
-            else:
-                out[name] = reconstruct_logits(*target, self.num_classes, self.cfg.tail)
+                if not k or k >= self.num_classes:
+                    out[name] = target
+                    continue
+                values, indices = torch.topk(target.float(), k, dim=1)
+                target = (values, indices, torch.logsumexp(target.float(), dim=1))
+            elif k:
+                target = (target[0][:, :k], target[1][:, :k], target[2])     # the cache's top-K is sorted
+            out[name] = reconstruct_logits(*target, self.num_classes, self.cfg.tail)
         return out
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,

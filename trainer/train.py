@@ -248,6 +248,9 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         check_cache(cache.attrs, manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
                     cfg.data.cache)
         records = {name: cache.attrs.teacher(name) for name in teacher_names}
+        if cfg.loss.topk > cache.attrs.topk:
+            raise ConfigError(f"loss.topk={cfg.loss.topk} but the cache {cfg.data.cache} holds only "
+                              f"K={cache.attrs.topk} classes per view")
         if views and views > cache.attrs.views:
             raise DataError(f"data.views={views} but the cache has only E={cache.attrs.views} views")
         views = views or cache.attrs.views

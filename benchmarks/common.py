@@ -1,0 +1,161 @@
+"""What the accuracy benchmarks share: low-data Fashion-MNIST, trained (and reused) teachers, a timed cache build,
+one student run, and the machine record every JSON carries.
+
+Each step is idempotent inside a work folder, so an interrupted benchmark reruns only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from shared.io import atomic_write_text  # noqa: E402  (shared first: it sets the OpenMP wait policy)
+from shared.manifest import Manifest, ShardInfo  # noqa: E402
+
+import torch  # noqa: E402
+
+LOWDATA_CONFIG = os.path.join(ROOT, "configs", "fmnist_lowdata.toml")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher to train for a benchmark: cache name, timm/registry arch, kind, create_model options."""
+    name: str
+    arch: str
+    kind: str
+    options: dict = field(default_factory=dict)
+
+
+def machine(load_start: tuple[float, float, float]) -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg())}
+
+
+def command() -> str:
+    """The command line that produced a result, relative to the repository."""
+    return " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)] + sys.argv[1:])
+
+
+def write_result(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _test_subset(test_json: str, samples: int) -> str:
+    """The first whole shards of the test split holding at least ``samples`` images (cheaper evaluation)."""
+    sub_json = test_json.replace(".json", f"-{samples}.json")
+    if not os.path.exists(sub_json):
+        full = Manifest.load(test_json)
+        shards, n = [], 0
+        for s in full.shards:
+            if n >= samples:
+                break
+            shards.append(ShardInfo(url=s.url, samples=s.samples, sha256=s.sha256))
+            n += s.samples
+        sub = Manifest(shards=shards, num_classes=full.num_classes, class_names=full.class_names,
+                       name=full.name + f"[:{n}]", source=full.source)
+        atomic_write_text(sub_json, sub.to_json())
+    return sub_json
+
+
+def prepare_fmnist(work: str, per_class: int, test_samples: int = 0, corruptions: bool = False) -> tuple[str, str]:
+    """(train manifest, test manifest) of Fashion-MNIST with ``per_class`` training images per class; the test set
+    is the full 10k, or its first ``test_samples``; corrupted test sets (severity 3) under ``<work>/data/corrupt``."""
+    data = os.path.join(work, "data")
+    train_json, test_json = os.path.join(data, "train.json"), os.path.join(data, "test.json")
+    if not os.path.exists(train_json):
+        cmd = [sys.executable, "-m", "shared.cli", "data", "prepare", "fashion-mnist", "--out", data,
+               "--per-class", str(per_class), "--shard-size", "500", "--workers", "1"]
+        subprocess.run(cmd + (["--corruptions", "--severities", "3"] if corruptions else []), check=True, cwd=ROOT)
+    return train_json, (_test_subset(test_json, test_samples) if test_samples else test_json)
+
+
+def base_sets(train_json: str, test_json: str, workers: int = 1) -> list[str]:
+    """Overrides every benchmark run shares: its data, view seed 0, CPU, no progress bar."""
+    return [f"data.train={json.dumps(train_json)}", f"data.test={json.dumps(test_json)}",
+            f"data.num_workers={workers}", "data.view_seed=0", "train.progress=false", 'train.device="cpu"']
+
+
+def train_teachers(work: str, teachers: list[Teacher], train_json: str, test_json: str, epochs: int,
+                   config: str = LOWDATA_CONFIG) -> dict:
+    """Train each teacher once (reused when its checkpoint exists) with the CNN recipe: batch 32, lr 3e-3."""
+    from trainer.teacher import TeacherSpec, train_teacher
+    from trainer.train import load_run_config
+    out = {}
+    for t in teachers:
+        path = os.path.join(work, "teachers", f"{t.name}-e{epochs}.safetensors")
+        started = time.perf_counter()
+        reused = os.path.exists(path)
+        if not reused:
+            cfg = load_run_config(config, base_sets(train_json, test_json) + [
+                f"train.epochs={epochs}", "data.views=0", "train.batch_size=32", "train.lr=3e-3",
+                f"train.eval_every={max(epochs, 1)}"])
+            train_teacher(TeacherSpec(t.arch, t.kind, train_json, test_json, path, dict(t.options)), cfg)
+        out[t.name] = {"arch": t.arch, "kind": t.kind, "options": dict(t.options), "path": path, "epochs": epochs,
+                       "test_acc": teacher_accuracy(path), "reused": reused,
+                       "seconds": round(time.perf_counter() - started, 1)}
+        print(f"teacher {t.name} ({t.arch}): test acc {out[t.name]['test_acc']:.4f}"
+              f"{' (reused)' if reused else ''}", flush=True)
+    return out
+
+
+def teacher_accuracy(path: str) -> float:
+    """The final test accuracy a teacher checkpoint records (``cit teacher train`` evaluates after its last epoch)."""
+    from shared.checkpoint import read_meta
+    acc = read_meta(path).get("test_accuracy")
+    if acc is None:
+        raise ValueError(f"{path} records no test accuracy")
+    return float(acc)
+
+
+def build_timed(out: str, train_json: str, teachers: dict, spec, views: int, topk: int) -> dict:
+    """Build a cache from scratch (the build time is part of a measurement) and describe it."""
+    from cache_builder.build import build_cache
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    summary = build_cache(train_json, [(n, t["path"]) for n, t in teachers.items()], out, views=views, topk=topk,
+                          spec=spec, seed=0, workers=0, progress=False, device="cpu")
+    wall = time.perf_counter() - started
+    rows = Manifest.load(train_json).num_samples
+    size = dir_bytes(out)
+    print(f"cache {os.path.basename(out)}: {wall:.1f} s, {size / 1e6:.2f} MB", flush=True)
+    return {"url": out, "views": views, "topk": topk, "build_seconds_wall": round(wall, 2),
+            "build_seconds_units": round(summary.build_seconds, 2), "bytes": size,
+            "bytes_per_view_per_teacher": round(size / (rows * views * len(teachers)), 2),
+            "views_per_second": round(summary.steady_views_per_second, 1)}
+
+
+def run_student(out: str, config: str, sets: list[str]) -> dict:
+    """Train one student (reused when ``<out>/run.json`` exists) and return its final-epoch record."""
+    from trainer.train import load_run_config, train
+    done = os.path.join(out, "run.json")
+    if not os.path.exists(done):
+        shutil.rmtree(out, ignore_errors=True)
+        train(load_run_config(config, sets), out)
+    with open(done) as f:
+        run = json.load(f)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        epochs = [json.loads(line) for line in f if line.strip()]
+    last = run["final"]
+    return {"acc_cls": last["test_acc_cls"], "acc_mean": last.get("test_acc_mean"), "train_loss": last["train_loss"],
+            "seconds": round(sum(e["seconds"] for e in epochs), 1), "samples_per_s": last.get("samples_per_s"),
+            "checkpoint": os.path.join(out, "student.safetensors")}

@@ -1,0 +1,312 @@
+"""Render ``benchmarks/results/*.json`` into the README's results section and PNG plots.
+
+Every number in that section is read here from a JSON a committed benchmark command wrote; ``FIELDS`` lists what
+each table reads, and ``tests/test_benchmarks.py`` checks that every committed JSON (and every ``--quick`` run) has
+those fields.  The section sits between the two ``RESULTS_*`` markers in README.md and is replaced whole.
+
+    python benchmarks/render.py                 # rewrite the README section and benchmarks/results/*.png
+    python benchmarks/render.py --check         # exit 1 if the README section is stale
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+README = os.path.join(ROOT, "README.md")
+RESULTS_START, RESULTS_END = "<!-- RESULTS_START (benchmarks/render.py) -->", "<!-- RESULTS_END -->"
+
+# What the README reads from each result, as dotted paths ("*" = every element of a list).
+FIELDS: dict[str, list[str]] = {
+    "train": ["throughput.cit_nano.cached_over_none_paired_median",
+              "throughput.cit_nano.cached_over_online_paired_median", "memory.*.samples", "memory.*.peak_rss_mib"],
+    "cache": ["commands.all.command", "throughput.ratio", "throughput.cpu_ratio", "bytes.results.*.classes",
+              "bytes.results.*.topk", "bytes.results.*.teacher", "bytes.results.*.bytes_per_view_per_teacher"],
+    "models_cpu": ["involution_vs_conv_twin.fwd_time_ratio", "involution_vs_conv_twin.fwd_bwd_step_time_ratio"],
+    "loader": ["breakdown.us_per_image.total", "dataloader.*.workers", "dataloader.*.steady_images_per_s_per_worker"],
+    "imagenet": ["settings.command", "loader.images_per_cpu_second_per_core", "bytes_per_view",
+                 "projection.views", "projection.teachers", "projection.storage_by_k",
+                 "projection.loader_core_hours_per_pass", "projection.teacher_gpu_hours_total",
+                 "projection.assumptions"],
+    "mixing": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds", "teachers",
+               "summary.exact_cached.acc_cls_mean", "summary.exact_cached.acc_cls_std",
+               "summary.approx_cached.acc_cls_mean", "summary.exact_online.acc_cls_mean",
+               "exact_cache_cost.build_time_ratio", "exact_cache_cost.bytes_ratio"],
+    "claims": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds", "teachers",
+               "summary.cit.acc_cls_mean", "summary.cit.acc_cls_std", "summary.cit.acc_mean_heads_mean",
+               "summary.no_kd.acc_cls_mean", "robustness.sets"],
+}
+
+
+def get(data, path: str):
+    """``data`` at a dotted ``path``; ``*`` maps over a list.  KeyError names the missing part."""
+    node = data
+    for i, part in enumerate(path.split(".")):
+        if part == "*":
+            rest = ".".join(path.split(".")[i + 1:])
+            if not isinstance(node, list) or not node:
+                raise KeyError(f"{path}: expected a non-empty list before '*'")
+            return [get(item, rest) if rest else item for item in node]
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"{path}: no {part!r}")
+        node = node[part]
+    return node
+
+
+def missing_fields(name: str, data: dict) -> list[str]:
+    """The FIELDS paths of result ``name`` that ``data`` lacks."""
+    out = []
+    for path in FIELDS[name]:
+        try:
+            get(data, path)
+        except KeyError as exc:
+            out.append(str(exc))
+    return out
+
+
+def load(name: str, results: str = RESULTS) -> dict | None:
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def pct(mean: float, std: float | None = None) -> str:
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def load_note(data: dict) -> str:
+    la = data.get("machine", {}).get("loadavg_start") or data.get("machine", {}).get("loadavg_before")
+    return f" (load average at start {la[0]:.1f})" if la else ""
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+def speed_section(r: dict) -> list[str]:
+    rows = []
+    if r.get("train"):
+        t = r["train"]["throughput"]
+        rows.append(("student training, cached KD ÷ no KD, paired median per step (goal ≥ 0.97)",
+                     "python benchmarks/bench_train.py",
+                     ", ".join(f"{m} {t[m]['cached_over_none_paired_median']:.2f}" for m in t)))
+        rows.append(("student training, cached KD ÷ online KD (regnety_002 + rednet_small)", "same",
+                     ", ".join(f"{m} {t[m]['cached_over_online_paired_median']:.2f}×" for m in t)))
+        mem = r["train"]["memory"]
+        rows.append(("trainer peak RSS vs dataset size", "same",
+                     " / ".join(f"{m['peak_rss_mib']:.0f}" for m in mem) + " MiB at "
+                     + " / ".join(f"{m['samples']:,}" for m in mem) + " samples"))
+    if r.get("cache"):
+        c = r["cache"]
+        rows.append(("cache build ÷ teachers' in-memory inference (goal ≥ 0.9)", "python benchmarks/bench_cache.py",
+                     f"{c['throughput']['ratio']:.3f} (CPU-time ratio {c['throughput']['cpu_ratio']:.2f})"))
+        by = {}
+        for b in c["bytes"]["results"]:
+            by.setdefault((b["classes"], b["teacher"]), []).append(f"K={b['topk']}: {b['bytes_per_view_per_teacher']:.1f}")
+        rows.append(("bytes per view per teacher (C = classes)", "same",
+                     "; ".join(f"C={c}, {t}: " + ", ".join(v) for (c, t), v in by.items())))
+    if r.get("models_cpu"):
+        m = r["models_cpu"]["involution_vs_conv_twin"]
+        rows.append(("involution net ÷ its 3×3-conv twin, CPU time per image (goal ≤ 2)",
+                     "python benchmarks/bench_models.py --clock cpu",
+                     f"forward {m['fwd_time_ratio']:.2f}×, fwd+bwd+step {m['fwd_bwd_step_time_ratio']:.2f}×"))
+    if r.get("loader"):
+        dl = r["loader"]["dataloader"]
+        rows.append(("Fashion-MNIST loader: read + decode + replay, images/s per worker",
+                     "python benchmarks/bench_loader.py",
+                     ", ".join(f"{d['workers']} workers: {d['steady_images_per_s_per_worker']:,.0f}" for d in dl)))
+    if r.get("imagenet"):
+        im = r["imagenet"]
+        rows.append(("ImageNet-shaped synthetic run (JPEG, 224 px, 1000 classes)", "python benchmarks/bench_imagenet.py",
+                     imagenet_summary(im)))
+    lines = ["| what | command | result |", "| --- | --- | --- |"]
+    lines += [f"| {a} | `{b}` | {c} |" if b != "same" else f"| {a} | same | {c} |" for a, b, c in rows]
+    return lines
+
+
+def imagenet_summary(im: dict) -> str:
+    loader, proj = im["loader"], im["projection"]
+    bpv = ", ".join(f"K={k}: {v:.1f}" for k, v in im["bytes_per_view"].items())
+    storage = ", ".join(f"K={k}: {v['total_GB']:.0f} GB" for k, v in proj["storage_by_k"].items())
+    return (f"loader {loader['images_per_cpu_second_per_core']:.0f} images per CPU-second per core; bytes/view/teacher "
+            f"at C = 1000: {bpv}. Projection for ImageNet-1k × {proj['views']} views × {proj['teachers']} teachers: "
+            f"storage {storage}; loader {proj['loader_core_hours_per_pass']:,.0f} core-hours per pass; teachers "
+            f"{proj['teacher_gpu_hours_total']:.0f} GPU-hours at *assumed* GPU rates (see the JSON's `assumptions`)")
+
+
+def teachers_line(data: dict) -> str:
+    return "Teachers (test accuracy): " + ", ".join(
+        f"`{n}` {t['arch']} ({t['kind']}) **{100 * t['test_acc']:.1f}%**" for n, t in data["teachers"].items()) + "."
+
+
+def claims_section(c: dict) -> list[str]:
+    s, st = c["summary"], c["settings"]
+    lines = [f"Command: `{st['command']}`{load_note(c)}. Fashion-MNIST, {st['per_class']} training images per class, "
+             f"test on {st['test_samples']:,} images; E = {st['views_E']} cached views = student epochs; "
+             f"{st['seeds']} student seeds per row (mean ± sample std); the same views for every row.",
+             "", teachers_line(c), "",
+             "| group | variant | config | class head % | mean of heads % |", "| --- | --- | --- | --- | --- |"]
+    for name, v in s.items():
+        extra = (" " + " ".join(f"`{x}`" for x in v["sets"])) if v["sets"] else ""
+        lines.append(f"| {v['group']} | {v['label']} | `{v['config']}`{extra} | "
+                     f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} | "
+                     f"{pct(v['acc_mean_heads_mean'], v['acc_mean_heads_std'])} |")
+    rob = c.get("robustness")
+    if rob:
+        lines += ["", "Robustness (Tables 5 and 9): accuracy on each test set, mean over seeds; KL(teacher ‖ token) "
+                  "on the clean test set.", ""]
+        lines += robustness_table(rob)
+    lines += ["", "![claims](benchmarks/results/claims.png)"]
+    return lines
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def robustness_rows(rob: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """(set names, {column: {set: accuracy}}): the teachers, and each variant's heads averaged over its seeds."""
+    sets = list(rob["sets"])
+    cols: dict[str, dict[str, float]] = {}
+    for name in sets:
+        r = rob["sets"][name]
+        for t, acc in r["teachers"].items():
+            cols.setdefault(f"teacher {t}", {})[name] = acc
+        for variant, labels in _by_variant(r["students"]).items():
+            for head in r["students"][labels[0]]["acc"]:
+                cols.setdefault(f"{variant} {head}", {})[name] = _mean([r["students"][x]["acc"][head] for x in labels])
+    return sets, cols
+
+
+def _by_variant(students: dict) -> dict[str, list[str]]:
+    """{"cit": ["cit/s0", "cit/s1", ...], ...}"""
+    out: dict[str, list[str]] = {}
+    for label in students:
+        out.setdefault(label.split("/")[0], []).append(label)
+    return out
+
+
+def robustness_table(rob: dict) -> list[str]:
+    sets, cols = robustness_rows(rob)
+    lines = ["| model / head | " + " | ".join(x.replace("corrupt/", "") for x in sets) + " |",
+             "| --- |" + " --- |" * len(sets)]
+    for label, accs in cols.items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * accs[x]:.1f}" for x in sets) + " |")
+    clean = rob["sets"][sets[0]]
+    teachers = list(clean["teachers"])
+    lines += ["", f"KL(teacher ‖ token) on `{sets[0]}`, mean over seeds:", "",
+              "| student, token | " + " | ".join(f"KL to {t}" for t in teachers) + " |",
+              "| --- |" + " --- |" * len(teachers)]
+    for variant, labels in _by_variant(clean["students"]).items():
+        for head in clean["students"][labels[0]]["kl"]:
+            vals = [_mean([clean["students"][x]["kl"][head][t] for x in labels]) for t in teachers]
+            lines.append(f"| {variant}, {head} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return lines
+
+
+def mixing_section(m: dict) -> list[str]:
+    st, s, cost = m["settings"], m["summary"], m["exact_cache_cost"]
+    labels = {"exact_cached": "`exact`: cached teachers saw the mixed image",
+              "approx_cached": "`approx`: cached unmixed, distributions mixed linearly",
+              "exact_online": "online teachers on the same mixed views"}
+    lines = [f"Command: `{st['command']}`{load_note(m)}. Fashion-MNIST, {st['per_class']} images per class, "
+             f"E = {st['views_E']} views = epochs, {st['seeds']} seeds, mixup 0.8 / cutmix 1.0.", "", teachers_line(m),
+             "", "| mode | class head % | mean of heads % |", "| --- | --- | --- |"]
+    for k, v in s.items():
+        lines.append(f"| {labels.get(k, k)} | {pct(v['acc_cls_mean'], v['acc_cls_std'])} | "
+                     f"{pct(v['acc_mean_heads_mean'], v['acc_mean_heads_std'])} |")
+    lines += ["", f"The `exact` cache costs {cost['build_time_ratio']:.2f}× the unmixed build time and "
+              f"{cost['bytes_ratio']:.2f}× its bytes."]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+def plot_claims(c: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = c["summary"]
+    fig, axes = plt.subplots(1, 2 if c.get("robustness") else 1, figsize=(13, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = list(s)
+    means = [100 * s[n]["acc_cls_mean"] for n in names]
+    stds = [100 * s[n]["acc_cls_std"] for n in names]
+    groups = sorted({s[n]["group"] for n in names}, key=[s[n]["group"] for n in names].index)
+    colors = {g: plt.cm.tab10(i) for i, g in enumerate(groups)}
+    ax.bar(range(len(names)), means, yerr=stds, capsize=3, color=[colors[s[n]["group"]] for n in names])
+    for name, t in c["teachers"].items():
+        ax.axhline(100 * t["test_acc"], ls="--", lw=1, color="gray")
+        ax.text(len(names) - 0.5, 100 * t["test_acc"], f" {name}", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    lo = min(m - e for m, e in zip(means, stds))
+    ax.set_ylim(max(0, lo - 5), max(max(means), *(100 * t["test_acc"] for t in c["teachers"].values())) + 3)
+    ax.set_ylabel("test accuracy, class head (%)")
+    ax.set_title(f"Students, mean ± std over {c['settings']['seeds']} seeds (dashed: teachers)")
+    if c.get("robustness"):
+        ax = axes[0][1]
+        sets, cols = robustness_rows(c["robustness"])
+        width = 0.8 / len(cols)
+        for i, (label, accs) in enumerate(cols.items()):
+            ax.bar([j + i * width for j in range(len(sets))], [100 * accs[x] for x in sets], width, label=label)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], [x.replace("corrupt/", "") for x in sets],
+                      rotation=30, ha="right")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Clean and corrupted test sets (severity 3)")
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------- README
+
+def render(results: dict) -> str:
+    lines = [RESULTS_START, "", "Generated by `python benchmarks/render.py` from `benchmarks/results/*.json`; each "
+             "table names the command that wrote its JSON. Machine: 2 CPU cores, no GPU; other jobs often shared "
+             "the cores, so absolute rates are pessimistic — the paired ratios are the robust numbers.", "",
+             "### Speed and size", ""]
+    lines += speed_section(results)
+    if results.get("claims"):
+        lines += ["", "### The paper's claims at small scale (issue 7)", ""] + claims_section(results["claims"])
+    if results.get("mixing"):
+        lines += ["", "### Mixup / CutMix with cached teachers (issue 6)", ""] + mixing_section(results["mixing"])
+    lines += ["", RESULTS_END]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md's section differs from a fresh render")
+    ap.add_argument("--results", default=RESULTS, help="folder of result JSONs (plots are written there too)")
+    ap.add_argument("--readme", default=README)
+    args = ap.parse_args()
+    results = {name: load(name, args.results) for name in FIELDS}
+    for name, data in results.items():
+        if data is not None and (missing := missing_fields(name, data)):
+            print(f"benchmarks/results/{name}.json lacks: {'; '.join(missing)}", file=sys.stderr)
+            return 2
+    section = render(results)
+    with open(args.readme) as f:
+        readme = f.read()
+    if RESULTS_START not in readme or RESULTS_END not in readme:
+        print(f"README.md has no {RESULTS_START} ... {RESULTS_END} section", file=sys.stderr)
+        return 2
+    head, rest = readme.split(RESULTS_START, 1)
+    tail = rest.split(RESULTS_END, 1)[1]
+    new = head + section + tail
+    if args.check:
+        return int(new != readme)
+    with open(args.readme, "w") as f:
+        f.write(new)
+    if results.get("claims"):
+        plot_claims(results["claims"], os.path.join(args.results, "claims.png"))
+    print(f"{args.readme}: results section rewritten ({len(section.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The benchmarks do not rot: every script runs end to end in ``--quick`` mode and writes the fields the README's
+results section reads (``benchmarks/render.py`` FIELDS); the committed results have those fields; and the README
+section is exactly what ``render.py`` makes of the committed results.  Values are measured by the full runs, never
+asserted here."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+from render import FIELDS, RESULTS, get, missing_fields  # noqa: E402
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> None:
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", name), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=os.environ | {"PYTHONPATH": REPO})
+    assert proc.returncode == 0, f"{name} {' '.join(args)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_get_reads_dotted_paths_and_names_what_is_missing():
+    data = {"a": {"b": [{"c": 1}, {"c": 2}]}}
+    assert get(data, "a.b.*.c") == [1, 2]
+    with pytest.raises(KeyError, match="no 'x'"):
+        get(data, "a.x")
+    with pytest.raises(KeyError, match="non-empty list"):
+        get({"a": []}, "a.*.c")
+
+
+@pytest.mark.parametrize("name", sorted(FIELDS))
+def test_committed_results_have_the_fields_the_readme_reads(name):
+    path = os.path.join(RESULTS, f"{name}.json")
+    assert os.path.exists(path), f"{path} is missing: run its benchmark (see README, Measurements)"
+    with open(path) as f:
+        assert missing_fields(name, json.load(f)) == []
+
+
+def test_readme_results_section_is_rendered_from_the_committed_results():
+    proc = subprocess.run([sys.executable, "benchmarks/render.py", "--check"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, "README.md is stale: run python benchmarks/render.py\n" + proc.stderr
+
+
+def test_render_rejects_a_result_without_a_field(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    data = json.loads((results / "cache.json").read_text())
+    del data["throughput"]["ratio"]
+    (results / "cache.json").write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    shutil.copy(os.path.join(REPO, "README.md"), readme)
+    proc = subprocess.run([sys.executable, "benchmarks/render.py", "--results", str(results), "--readme", str(readme)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cache.json lacks: throughput.ratio" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for the accuracy benchmarks: bench_mixing reuses the data and teachers bench_claims trains."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+QUICK = [  # (script, result name in FIELDS or None, extra arguments)
+    ("bench_claims.py", "claims", ["--workdir", "{work}"]),
+    ("bench_mixing.py", "mixing", ["--workdir", "{work}"]),
+    ("bench_loader.py", "loader", ["--data-dir", "{work}/loader"]),
+    ("bench_models.py", "models_cpu", ["--clock", "cpu"]),
+    ("bench_cache.py", "cache", []),
+    ("bench_train.py", "train", []),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,name,extra", QUICK, ids=[q[0] for q in QUICK])
+def test_quick_mode_writes_what_the_readme_reads(script, name, extra, workdir, tmp_path):
+    out = tmp_path / f"{name}.json"
+    run_script(script, "--quick", "--out", str(out), *[a.format(work=workdir) for a in extra])
+    data = json.loads(out.read_text())
+    assert missing_fields(name, data) == []
+    if name in ("claims", "mixing"):
+        assert data["settings"]["quick"] is True and "--quick" in data["settings"]["command"]
