@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cache_builder import build_cache, cache_info                      # noqa: E402
+from cache_builder import build_cache                      # noqa: E402
+from bench_loader import cpu_seconds                                    # noqa: E402
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input   # noqa: E402
 from shared.manifest import Manifest, ShardInfo, file_sha256            # noqa: E402
 from shared.reader import pieces_for_rows, read_piece                   # noqa: E402
@@ -107,13 +108,6 @@ def render_all(manifest: Manifest, views: int, seed: int) -> torch.Tensor:
     out = [apply_view(SPEC, img, sample_view(SPEC, seed, r.key, v)) for v in range(views)
            for r, img in zip(raws, images)]
     return torch.stack(out)
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the DataLoader workers)."""
-    import resource
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def teacher_views_per_second(paths: list[str], views: torch.Tensor, batch: int, device: torch.device,

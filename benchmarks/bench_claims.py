@@ -29,8 +29,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import (ROOT, Teacher, base_sets, build_timed, command, machine, mean_std, prepare_fmnist, run_student,
-                    train_teachers, write_result)
+from common import (ROOT, Teacher, base_sets, build_timed, command, fill_defaults, machine, mean_std, prepare_fmnist,
+                    run_student, train_teachers, write_result)
 
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}),
             Teacher("rednet", "rednet_small", "inv"),
@@ -80,11 +80,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, help="DataLoader workers per student run [1; quick 0]")
     args = ap.parse_args()
     args.part_index, args.parts = map(int, args.part.split("/"))
-    q = args.quick
-    for name, full, quick in (("seeds", 3, 1), ("per_class", 100, 5), ("epochs", 30, 1), ("teacher_epochs", 40, 1),
-                              ("test_samples", 0, 500), ("workers", 1, 0)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+    fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (30, 1), "teacher_epochs": (40, 1),
+                         "test_samples": (0, 500), "workers": (1, 0)})
     return args
 
 
@@ -138,7 +135,6 @@ def main() -> None:
     train_json, test_json = prepare_fmnist(work, args.per_class, args.test_samples, corruptions=not args.quick)
     teachers = train_teachers(work, TEACHERS, train_json, test_json, args.teacher_epochs)
 
-    from cache_builder.build import build_cache  # noqa: F401  (import errors surface before any work)
     from trainer.train import load_run_config
     spec = load_run_config(os.path.join(ROOT, "configs", "fmnist_lowdata.toml"), []).augment
     cache_url = os.path.join(work, "caches", f"E{args.epochs}.zarr")
@@ -183,7 +179,7 @@ def main() -> None:
     corrupt_dir = os.path.join(work, "data", "corrupt")
     save({"robustness": robustness(work, runs, teachers, test_json, corrupt_dir, args.quick)})
 
-    print(f"\nteachers: " + ", ".join(f"{n} {t['test_acc'] * 100:.1f}%" for n, t in teachers.items()))
+    print("\nteachers: " + ", ".join(f"{n} {t['test_acc'] * 100:.1f}%" for n, t in teachers.items()))
     for name, s in summarize(runs).items():
         print(f"{name:14s} {100 * s['acc_cls_mean']:6.2f} ± {100 * s['acc_cls_std']:4.2f}   "
               f"mean of heads {100 * s['acc_mean_heads_mean']:6.2f} ± {100 * s['acc_mean_heads_std']:4.2f}")

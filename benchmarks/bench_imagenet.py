@@ -37,16 +37,14 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_cache import _chunk_bytes, cpu_seconds, synthetic_topk        # noqa: E402
-from bench_loader import loader_throughput, replay                        # noqa: E402
+from bench_cache import _chunk_bytes, synthetic_topk        # noqa: E402
+from bench_loader import breakdown, cpu_seconds, loader_throughput              # noqa: E402
 from shared.augment import ViewSpec, sample_view                          # noqa: E402
 from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord, TopK, index_dtype   # noqa: E402
 from shared.io import atomic_write_text                                   # noqa: E402
 from shared.manifest import Manifest                                      # noqa: E402
 from shared.models import describe_models                                 # noqa: E402
 from shared.prepare import prepare_image_folder                           # noqa: E402
-from shared.reader import ShardStream                                     # noqa: E402
-from shared.shards import decode_image, image_field                       # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -157,46 +155,10 @@ def make_dataset(workdir: str, n: int, shard_size: int, seed: int, alpha: float,
 # ---------------------------------------------------------------------------------------------------------------
 # 2. loader
 
-def cpu_breakdown(manifest: Manifest, spec: ViewSpec) -> dict:
-    """Per image over the whole dataset, in this process (one intra-op thread): CPU and wall microseconds of each
-    stage (``bench_loader.breakdown`` times wall clock only, which other jobs on the cores inflate)."""
-    stream = iter(ShardStream(manifest, seed=0, shuffle=False, rank=0, world=1))
-    stages = ("read", "decode", "sample_view", "apply_view")
-    cpu, wall = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
-    n = failed = 0
-    while True:
-        marks = [(time.process_time(), time.perf_counter())]
-        raw = next(stream, None)
-        if raw is None:
-            break
-        marks.append((time.process_time(), time.perf_counter()))
-        image = decode_image(raw.data[image_field(raw.data)], raw.shard_url, raw.key)
-        marks.append((time.process_time(), time.perf_counter()))
-        params = sample_view(spec, 0, raw.key, 0)
-        marks.append((time.process_time(), time.perf_counter()))
-        failed += replay(spec, image, params) is None
-        marks.append((time.process_time(), time.perf_counter()))
-        for stage, (c0, w0), (c1, w1) in zip(stages, marks, marks[1:]):
-            cpu[stage] += c1 - c0
-            wall[stage] += w1 - w0
-        n += 1
-    cpu["total"], wall["total"] = sum(cpu.values()), sum(wall.values())
-    return {"images": n, "failed_views": failed,
-            "cpu_us_per_image": {s: round(t / n * 1e6, 1) for s, t in cpu.items()},
-            "wall_us_per_image": {s: round(t / n * 1e6, 1) for s, t in wall.items()},
-            "images_per_cpu_second": round(n / cpu["total"], 2), "images_per_wall_second": round(n / wall["total"], 2)}
-
-
 def dataloader_runs(manifest: Manifest, spec: ViewSpec, workers: list[int], batch_size: int) -> list[dict]:
-    """``bench_loader.loader_throughput`` (one epoch), plus the CPU time of this process and its workers (the
-    workers are joined at the end of the epoch, so their time is in RUSAGE_CHILDREN by then)."""
     runs = []
     for w in workers:
-        before = cpu_seconds()
         run = loader_throughput(manifest, spec, w, batch_size)
-        run["cpu_seconds"] = round(cpu_seconds() - before, 3)
-        run["images_per_cpu_second"] = round(run["images"] / run["cpu_seconds"], 2)
-        run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         runs.append(run)
         print(f"  workers={w}: {run['images']} images, {run['seconds']:.1f} s wall ({run['images_per_s']:.1f} img/s), "
               f"{run['cpu_seconds']:.1f} CPU s ({run['images_per_cpu_second']:.1f} img per CPU-second)", flush=True)
@@ -405,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"JPEG {data['bytes_mean'] / 1e3:.1f} KB mean, {data['width_mean']:.0f} x {data['height_mean']:.0f} px "
               f"mean", flush=True)
         print("loader: per-image breakdown", flush=True)
-        parts = cpu_breakdown(manifest, SPEC)
+        parts = breakdown(manifest, SPEC)
         print("  CPU us/image: " + "  ".join(f"{k} {v:.0f}" for k, v in parts["cpu_us_per_image"].items())
               + f"  -> {parts['images_per_cpu_second']:.1f} images per CPU-second", flush=True)
         runs = dataloader_runs(manifest, SPEC, workers, args.batch_size)

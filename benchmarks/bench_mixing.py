@@ -22,8 +22,8 @@ import os
 import statistics
 import time
 
-from common import (ROOT, Teacher, base_sets, build_timed, command, machine, mean_std, prepare_fmnist, run_student,
-                    train_teachers, write_result)
+from common import (ROOT, Teacher, base_sets, build_timed, command, fill_defaults, machine, mean_std, prepare_fmnist,
+                    run_student, train_teachers, write_result)
 
 CONFIG = os.path.join(ROOT, "configs", "ablation", "cit.toml")
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}), Teacher("rednet", "rednet_small", "inv")]
@@ -53,10 +53,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/cit-claims", help="shared with bench_claims.py (same data, teachers)")
     args = ap.parse_args()
     q = args.quick
-    for name, full, quick in (("seeds", 3, 1), ("per_class", 100, 5), ("epochs", 20, 1), ("teacher_epochs", 40, 1),
-                              ("test_samples", 0, 500)):
-        if getattr(args, name) is None:
-            setattr(args, name, quick if q else full)
+    fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (20, 1), "teacher_epochs": (40, 1),
+                         "test_samples": (0, 500)})
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""Student training throughput with cached, online and no KD, side by side; trainer peak memory vs dataset size.
+"""Student training throughput with cached, online and no KD, side by side; trainer and builder peak memory vs N.
 
 Throughput: the real trainer's pieces (``trainer.train.prepare``: shard stream, replay, cache join, Eq. 1 loss;
 AdamW) over the same shards and views for each mode, at cit_nano and cit_tiny size.  Modes are interleaved step by
@@ -10,7 +10,9 @@ throughput does not depend on them).
 
 Memory: a fresh process trains one cached-KD epoch on datasets of growing size (cache written directly with
 random logits and the real view params); its peak RSS and its DataLoader workers' peak RSS are recorded.  The
-trainer streams, so both should stay flat as the dataset grows.
+trainer streams, so both should stay flat as the dataset grows.  Likewise a fresh process builds a one-view cache
+of the two default teachers over each dataset (``build_memory``): the builder streams too.
+``--memory-only`` reruns just the two memory curves into an existing JSON.
 
     python benchmarks/bench_train.py [--quick] [--out benchmarks/results/train.json]
 
@@ -234,14 +236,21 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
 MEMORY_STUDENT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}   # the data path is measured
 
 
-def memory_child(manifest: str, cache: str, workers: int) -> None:
-    """Train one cached-KD epoch of a cut-down cit_nano, print peak RSS (MiB) of this process and its workers."""
-    from trainer.train import train
-    cfg = run_config(manifest, cache, "cit_nano", "cached", 64, workers, 1, {})
-    cfg.student.options = dict(MEMORY_STUDENT)
+def memory_child(stage: str, manifest: str, cache: str, workers: int) -> None:
+    """``train``: one cached-KD epoch of a cut-down cit_nano from ``cache``; ``build``: build ``cache`` (one view,
+    the two default teachers, random weights, from the folder beside it).  Prints peak RSS (MiB) of this process
+    and of its workers."""
     baseline = vm_hwm_mib()
-    with tempfile.TemporaryDirectory() as out:
-        train(cfg, out)
+    if stage == "build":
+        from cache_builder.build import build_cache
+        teachers = make_teachers(os.path.dirname(cache))
+        build_cache(manifest, teachers, cache, views=1, topk=10, spec=SPEC, seed=0, progress=False, workers=workers)
+    else:
+        from trainer.train import train
+        cfg = run_config(manifest, cache, "cit_nano", "cached", 64, workers, 1, {})
+        cfg.student.options = dict(MEMORY_STUDENT)
+        with tempfile.TemporaryDirectory() as out:
+            train(cfg, out)
     # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would report the (large) benchmark parent that forked
     # this process.  Workers are forked from this process, so their peak includes the pages they share with it.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -257,22 +266,24 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def memory_curve(folder: str, sizes: list[int], workers: int) -> list[dict]:
+def memory_curve(folder: str, sizes: list[int], workers: int, stage: str = "train") -> list[dict]:
+    """Peak RSS of a fresh ``stage`` (train | build) process per dataset size."""
     rows = []
     for n in sizes:
-        sub = os.path.join(folder, f"mem{n}")
+        sub = os.path.join(folder, f"{stage}{n}")
         manifest = make_data(sub, n, shard_size=1024, seed=n)
         cache = os.path.join(sub, "cache.zarr")
-        write_random_cache(cache, manifest, views=1)
+        if stage == "train":
+            write_random_cache(cache, manifest, views=1)
         env = dict(os.environ, PYTHONPATH=REPO)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", manifest, cache, str(workers)],
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", stage, manifest, cache, str(workers)],
                               capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-3000:])
         rows.append({"samples": n, **json.loads(proc.stdout.strip().splitlines()[-1]),
                      "seconds": time.perf_counter() - started})
-        print(f"  memory: {rows[-1]}", flush=True)
+        print(f"  {stage} memory: {rows[-1]}", flush=True)
     return rows
 
 
@@ -281,10 +292,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/train.json"))
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the memory runs")
-    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only the memory curves and update them in an existing --out JSON")
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
+        stage, manifest, cache, workers = args.memory_child
+        memory_child(stage, manifest, cache, int(workers))
+        return
+    if args.memory_only:
+        with open(args.out) as f:
+            result = json.load(f)
+        with tempfile.TemporaryDirectory() as folder:
+            sizes = [200, 800] if args.quick else [1000, 4000, 16000]
+            result["memory"] = memory_curve(folder, sizes, args.workers)
+            result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build")
+        atomic_write_text(args.out, json.dumps(result, indent=1))
+        print(f"updated the memory curves in {args.out}")
         return
     quick = args.quick
     n, rounds, batch = (80, 1, 16) if quick else (512, 2, 32)
@@ -318,6 +342,7 @@ def main() -> None:
             print(f"  {arch} components: {json.dumps(r['components'])}", flush=True)
         print("memory ...", flush=True)
         result["memory"] = memory_curve(folder, sizes, args.workers)
+        result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build")
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

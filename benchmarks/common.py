@@ -51,6 +51,13 @@ def write_result(path: str, result: dict) -> None:
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
+def fill_defaults(args, defaults: dict[str, tuple]) -> None:
+    """Options left unset take their (full, quick) default, by ``args.quick``."""
+    for name, (full, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

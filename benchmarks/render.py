@@ -22,11 +22,12 @@ RESULTS_START, RESULTS_END = "<!-- RESULTS_START (benchmarks/render.py) -->", "<
 # What the README reads from each result, as dotted paths ("*" = every element of a list).
 FIELDS: dict[str, list[str]] = {
     "train": ["throughput.cit_nano.cached_over_none_paired_median",
-              "throughput.cit_nano.cached_over_online_paired_median", "memory.*.samples", "memory.*.peak_rss_mib"],
+              "throughput.cit_nano.cached_over_online_paired_median", "memory.*.samples", "memory.*.peak_rss_mib",
+              "build_memory.*.samples", "build_memory.*.peak_rss_mib"],
     "cache": ["commands.all.command", "throughput.ratio", "throughput.cpu_ratio", "bytes.results.*.classes",
               "bytes.results.*.topk", "bytes.results.*.teacher", "bytes.results.*.bytes_per_view_per_teacher"],
     "models_cpu": ["involution_vs_conv_twin.fwd_time_ratio", "involution_vs_conv_twin.fwd_bwd_step_time_ratio"],
-    "loader": ["breakdown.us_per_image.total", "dataloader.*.workers", "dataloader.*.steady_images_per_s_per_worker"],
+    "loader": ["breakdown.cpu_us_per_image.total", "breakdown.images_per_cpu_second", "dataloader.*.workers", "dataloader.*.steady_images_per_s_per_worker"],
     "imagenet": ["settings.command", "loader.images_per_cpu_second_per_core", "bytes_per_view",
                  "projection.views", "projection.teachers", "projection.storage_by_k",
                  "projection.loader_core_hours_per_pass", "projection.teacher_gpu_hours_total",
@@ -63,7 +64,7 @@ def missing_fields(name: str, data: dict) -> list[str]:
         try:
             get(data, path)
         except KeyError as exc:
-            out.append(str(exc))
+            out.append(exc.args[0])
     return out
 
 
@@ -95,10 +96,12 @@ def speed_section(r: dict) -> list[str]:
                      ", ".join(f"{m} {t[m]['cached_over_none_paired_median']:.2f}" for m in t)))
         rows.append(("student training, cached KD ÷ online KD (regnety_002 + rednet_small)", "same",
                      ", ".join(f"{m} {t[m]['cached_over_online_paired_median']:.2f}×" for m in t)))
-        mem = r["train"]["memory"]
-        rows.append(("trainer peak RSS vs dataset size", "same",
-                     " / ".join(f"{m['peak_rss_mib']:.0f}" for m in mem) + " MiB at "
-                     + " / ".join(f"{m['samples']:,}" for m in mem) + " samples"))
+        for key, who in (("memory", "trainer (one cached-KD epoch)"), ("build_memory", "cache builder (one view)")):
+            mem = r["train"][key]
+            rows.append((f"{who}: peak RSS vs dataset size", "same" if key == "memory" else
+                         "python benchmarks/bench_train.py --memory-only",
+                         " / ".join(f"{m['peak_rss_mib']:.0f}" for m in mem) + " MiB at "
+                         + " / ".join(f"{m['samples']:,}" for m in mem) + " samples"))
     if r.get("cache"):
         c = r["cache"]
         rows.append(("cache build ÷ teachers' in-memory inference (goal ≥ 0.9)", "python benchmarks/bench_cache.py",
@@ -114,10 +117,11 @@ def speed_section(r: dict) -> list[str]:
                      "python benchmarks/bench_models.py --clock cpu",
                      f"forward {m['fwd_time_ratio']:.2f}×, fwd+bwd+step {m['fwd_bwd_step_time_ratio']:.2f}×"))
     if r.get("loader"):
-        dl = r["loader"]["dataloader"]
-        rows.append(("Fashion-MNIST loader: read + decode + replay, images/s per worker",
-                     "python benchmarks/bench_loader.py",
-                     ", ".join(f"{d['workers']} workers: {d['steady_images_per_s_per_worker']:,.0f}" for d in dl)))
+        lo = r["loader"]
+        rows.append(("Fashion-MNIST loader: read + decode + replay (28 px)", "python benchmarks/bench_loader.py",
+                     f"{lo['breakdown']['images_per_cpu_second']:,.0f} images per CPU-second in one process; "
+                     "DataLoader wall images/s per worker: " + ", ".join(
+                         f"{d['workers']} workers {d['steady_images_per_s_per_worker']:,.0f}" for d in lo["dataloader"])))
     if r.get("imagenet"):
         im = r["imagenet"]
         rows.append(("ImageNet-shaped synthetic run (JPEG, 224 px, 1000 classes)", "python benchmarks/bench_imagenet.py",
@@ -287,7 +291,7 @@ def main() -> int:
     results = {name: load(name, args.results) for name in FIELDS}
     for name, data in results.items():
         if data is not None and (missing := missing_fields(name, data)):
-            print(f"benchmarks/results/{name}.json lacks: {'; '.join(missing)}", file=sys.stderr)
+            print(f"{os.path.join(args.results, name)}.json lacks: {'; '.join(missing)}", file=sys.stderr)
             return 2
     section = render(results)
     with open(args.readme) as f:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import math
 import os
 import re
 import sys
@@ -34,7 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
-from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError,
+from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays, index_dtype,
                                  normalize_url, open_root, read_attrs)
 from shared.manifest import Manifest, ManifestError, verify_shards

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from shared.augment import ViewSpec
-from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, CacheError, expected_arrays,
-                                 index_dtype, open_root, read_attrs)
+from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, expected_arrays, open_root,
+                                 read_attrs)
 from shared.manifest import Manifest, ManifestError
 from shared.reader import pieces_for_rows, read_piece
 

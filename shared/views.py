@@ -30,7 +30,7 @@ def render_mixed(spec: ViewSpec, seed: int, view: int, manifest, samples: list[R
 
     ``samples`` must hold every row of the pairing windows around ``rows``
     (``shared.mixing.rows_with_partners``); each row's own view is rendered once and reused as a partner."""
-    from shared.mixing import MixParams, mix_views, partner_of, sample_mix
+    from shared.mixing import mix_views, partner_of, sample_mix
     by_row = {s.row: s for s in samples}
     own: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 

@@ -38,7 +38,7 @@ def test_bench_imagenet_quick(tmp_path):
     assert math.isclose(us["total"], sum(us[s] for s in ("read", "decode", "sample_view", "apply_view")), rel_tol=1e-3)
     assert [run["workers"] for run in loader["dataloader"]] == [0, 1, 2]
     for run in loader["dataloader"]:
-        assert run["images"] == 200 and run["failed_views"] == 0 and run["images_per_cpu_second"] > 0
+        assert run["images"] == 200 and run["images_per_cpu_second"] > 0
 
     bpv = r["bytes_per_view"]
     assert set(bpv) == {"1", "5", "10", "20"}

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from shared.cli import main as cli
 from shared.corruptions import CORRUPTIONS, SEVERITIES, corrupt
@@ -17,7 +16,7 @@ from shared.manifest import Manifest, ManifestError, ShardInfo, file_sha256, ver
 from shared.prepare import PrepareError, prepare_fashion_mnist, prepare_image_folder, read_idx, scan_shards
 from shared.reader import Piece, ShardStream, read_piece
 from shared.shards import ShardError, decode_image, iter_shard
-from tests.conftest import good_sample, idx_bytes, make_fake_fashion_mnist, write_samples
+from tests.conftest import good_sample, idx_bytes, write_samples
 
 REAL_FMNIST = os.environ.get("CIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 

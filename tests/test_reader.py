@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from shared.manifest import Manifest

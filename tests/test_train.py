@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -42,7 +41,6 @@ def _teacher_probs(full: np.ndarray, k: int, tau: float) -> np.ndarray:
 def _eq1(student: dict[str, np.ndarray], labels: np.ndarray, teachers: list[np.ndarray], k: int,
          lambdas: tuple, taus: tuple, smoothing: float) -> float:
     log_q = _log_softmax(student["cls"])
-    c = log_q.shape[1]
     nll = -log_q[np.arange(len(labels)), labels]
     ce = ((1 - smoothing) * nll + smoothing * (-log_q).mean(1)).mean()
     total = lambdas[0] * ce
