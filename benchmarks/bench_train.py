@@ -292,8 +292,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/train.json"))
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the memory runs")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="measure only the memory curves and update them in an existing --out JSON")
+    parser.add_argument("--memory-only", nargs="?", const="train,build", metavar="STAGES",
+                        help="measure only the memory curves (train, build or both) and update them in an existing "
+                             "--out JSON")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -305,8 +306,9 @@ def main() -> None:
             result = json.load(f)
         with tempfile.TemporaryDirectory() as folder:
             sizes = [200, 800] if args.quick else [1000, 4000, 16000]
-            result["memory"] = memory_curve(folder, sizes, args.workers)
-            result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build")
+            for stage in args.memory_only.split(","):
+                key = {"train": "memory", "build": "build_memory"}[stage]
+                result[key] = memory_curve(folder, sizes, args.workers, stage=stage)
         atomic_write_text(args.out, json.dumps(result, indent=1))
         print(f"updated the memory curves in {args.out}")
         return
