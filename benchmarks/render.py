@@ -258,6 +258,27 @@ def _by_variant(students: dict) -> dict[str, list[str]]:
     return out
 
 
+def token_findings(rob: dict, variant: str = "cit") -> list[str]:
+    """Do the student's conv and inv tokens inherit their teachers' differences?  (teachers listed conv, inv)"""
+    sets, cols = robustness_rows(rob)
+    conv_t, inv_t = list(rob["sets"][sets[0]]["teachers"])
+    if f"{variant} conv" not in cols:
+        return []
+    corrupt = [x for x in sets if x.startswith("corrupt/")]
+    same = [x for x in corrupt if (cols[f"{variant} conv"][x] - cols[f"{variant} inv"][x]) *
+            (cols[f"teacher {conv_t}"][x] - cols[f"teacher {inv_t}"][x]) > 0]
+    clean = rob["sets"][sets[0]]["students"]
+    labels = _by_variant(clean)[variant]
+    kl = {(h, t): _mean([clean[x]["kl"][h][t] for x in labels]) for h in ("conv", "inv") for t in (conv_t, inv_t)}
+    yes = {True: "yes", False: "no"}
+    return [f"- On {len(same)} of {len(corrupt)} corrupted sets the `{variant}` student's conv and inv tokens are "
+            f"ordered like their teachers ({', '.join(x.replace('corrupt/', '') for x in same) or 'none'}).",
+            f"- The conv token is closer to the conv teacher than the inv token is: {yes[kl['conv', conv_t] < kl['inv', conv_t]]} "
+            f"(KL {kl['conv', conv_t]:.3f} vs {kl['inv', conv_t]:.3f}); the inv token is closer to the inv teacher "
+            f"than the conv token is: {yes[kl['inv', inv_t] < kl['conv', inv_t]]} "
+            f"(KL {kl['inv', inv_t]:.3f} vs {kl['conv', inv_t]:.3f})."]
+
+
 def robustness_table(rob: dict) -> list[str]:
     sets, cols = robustness_rows(rob)
     lines = ["| model / head | " + " | ".join(x.replace("corrupt/", "") for x in sets) + " |",
@@ -273,7 +294,7 @@ def robustness_table(rob: dict) -> list[str]:
         for head in clean["students"][labels[0]]["kl"]:
             vals = [_mean([clean["students"][x]["kl"][head][t] for x in labels]) for t in teachers]
             lines.append(f"| {variant}, {head} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    return lines
+    return lines + [""] + token_findings(rob)
 
 
 def mixing_section(m: dict) -> list[str]:
