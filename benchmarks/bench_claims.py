@@ -29,8 +29,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from common import (ROOT, Teacher, base_sets, build_timed, command, fill_defaults, machine, mean_std, prepare_fmnist,
-                    run_student, train_teachers, write_result)
+from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
+                    mean_std, prepare_fmnist, run_student, train_teachers, write_result)
 
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}),
             Teacher("rednet", "rednet_small", "inv"),
@@ -65,18 +65,10 @@ ROBUSTNESS = ("cit", "no_kd")          # variants evaluated on the corrupted tes
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "claims.json"))
-    ap.add_argument("--quick", action="store_true", help="smoke run: 5 images per class, 1 epoch, 1 seed")
-    ap.add_argument("--seeds", type=int, help="student seeds per variant [3; quick 1]")
-    ap.add_argument("--per-class", type=int, help="training images per class [100; quick 5]")
-    ap.add_argument("--epochs", type=int, help="student epochs = cached views E [30; quick 1]")
-    ap.add_argument("--teacher-epochs", type=int, help="[40; quick 1]")
-    ap.add_argument("--test-samples", type=int, help="test images, 0 = all 10k [0; quick 500]")
+    accuracy_arguments(ap, "claims", epochs=30)
     ap.add_argument("--only", help="comma-separated variant names (default: all)")
-    ap.add_argument("--workdir", default="/tmp/cit-claims")
     ap.add_argument("--prepare-only", action="store_true", help="data, teachers and cache, then stop")
     ap.add_argument("--part", default="0/1", help="I/N: train only the student runs i with i %% N == I")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--workers", type=int, help="DataLoader workers per student run [1; quick 0]")
     args = ap.parse_args()
     args.part_index, args.parts = map(int, args.part.split("/"))

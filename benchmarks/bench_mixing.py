@@ -22,8 +22,8 @@ import os
 import statistics
 import time
 
-from common import (ROOT, Teacher, base_sets, build_timed, command, fill_defaults, machine, mean_std, prepare_fmnist,
-                    run_student, train_teachers, write_result)
+from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
+                    mean_std, prepare_fmnist, run_student, train_teachers, write_result)
 
 CONFIG = os.path.join(ROOT, "configs", "ablation", "cit.toml")
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}), Teacher("rednet", "rednet_small", "inv")]
@@ -42,15 +42,7 @@ def student_sets(args, seed: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mixing.json"))
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 epoch, 1 seed (< 1 min)")
-    ap.add_argument("--seeds", type=int, help="student seeds per variant [3; quick 1]")
-    ap.add_argument("--per-class", type=int, help="training images per class [100; quick 5]")
-    ap.add_argument("--epochs", type=int, help="student epochs = cache views E [20; quick 1]")
-    ap.add_argument("--teacher-epochs", type=int, help="[40; quick 1]: the teachers bench_claims.py trains")
-    ap.add_argument("--test-samples", type=int, help="test images, 0 = all 10k [0; quick 500]")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--workdir", default="/tmp/cit-claims", help="shared with bench_claims.py (same data, teachers)")
+    accuracy_arguments(ap, "mixing", epochs=20)      # same --workdir as bench_claims.py: same data and teachers
     args = ap.parse_args()
     q = args.quick
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (20, 1), "teacher_epochs": (40, 1),

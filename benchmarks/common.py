@@ -51,6 +51,19 @@ def write_result(path: str, result: dict) -> None:
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
+def accuracy_arguments(ap, name: str, epochs: int) -> None:
+    """The options the accuracy benchmarks share (defaults in brackets: full run; quick run)."""
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", f"{name}.json"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: 5 images per class, 1 epoch, 1 seed (< 1 min)")
+    ap.add_argument("--seeds", type=int, help="student seeds per variant [3; quick 1]")
+    ap.add_argument("--per-class", type=int, help="training images per class [100; quick 5]")
+    ap.add_argument("--epochs", type=int, help=f"student epochs = cached views E [{epochs}; quick 1]")
+    ap.add_argument("--teacher-epochs", type=int, help="[40; quick 1]")
+    ap.add_argument("--test-samples", type=int, help="test images, 0 = all 10k [0; quick 500]")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--workdir", default="/tmp/cit-claims", help="data, teachers, caches and runs (reused)")
+
+
 def fill_defaults(args, defaults: dict[str, tuple]) -> None:
     """Options left unset take their (full, quick) default, by ``args.quick``."""
     for name, (full, quick) in defaults.items():
