@@ -328,7 +328,7 @@ def plot_claims(c: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = c["summary"]
-    fig, axes = plt.subplots(1, 2 if c.get("robustness") else 1, figsize=(13, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if c.get("robustness") else 1, figsize=(13, 5.5), squeeze=False)
     ax = axes[0][0]
     names = list(s)
     means = [100 * s[n]["acc_cls_mean"] for n in names]
@@ -354,7 +354,7 @@ def plot_claims(c: dict, path: str) -> None:
                       rotation=30, ha="right")
         ax.set_ylabel("accuracy (%)")
         ax.set_title("Clean and corrupted test sets (severity 3)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
