@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cache_builder import build_cache                      # noqa: E402
 from bench_loader import cpu_seconds                                    # noqa: E402
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input   # noqa: E402
+from shared.io import atomic_write_text                                 # noqa: E402
 from shared.manifest import Manifest, ShardInfo, file_sha256            # noqa: E402
 from shared.reader import pieces_for_rows, read_piece                   # noqa: E402
 from shared.shards import ShardWriter, encode_png                       # noqa: E402
@@ -381,8 +382,7 @@ def main() -> None:
     result.setdefault("commands", {})[args.part] = {"command": " ".join(sys.argv), "seconds": time.time() - started}
     throughput, size = result.get("throughput"), result.get("bytes")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_text(args.out, json.dumps(result, indent=1))
     if throughput:
         print(f"throughput ratio {throughput['ratio']:.3f} (goal >= 0.9)")
     if size:

@@ -71,7 +71,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--part", default="0/1", help="I/N: train only the student runs i with i %% N == I")
     ap.add_argument("--workers", type=int, help="DataLoader workers per student run [1; quick 0]")
     args = ap.parse_args()
-    args.part_index, args.parts = map(int, args.part.split("/"))
+    try:
+        args.part_index, args.parts = map(int, args.part.split("/"))
+    except ValueError:
+        ap.error(f"--part takes I/N with integers, got {args.part!r}")
+    if not 0 <= args.part_index < args.parts:
+        ap.error(f"--part {args.part}: I must be in 0 .. N-1")
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (30, 1), "teacher_epochs": (40, 1),
                          "test_samples": (0, 500), "workers": (1, 0)})
     return args

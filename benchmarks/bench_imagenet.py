@@ -138,8 +138,7 @@ def write_image_folder(root: str, n: int, classes: int, seed: int, alpha: float,
              "width_mean": float(wh[:, 0].mean()), "height_mean": float(wh[:, 1].mean()),
              "side_min": int(wh.min()), "side_max": int(wh.max()),
              "portrait_fraction": float((wh[:, 1] > wh[:, 0]).mean())}
-    with open(marker, "w") as f:
-        json.dump({"settings": settings, "stats": stats}, f)
+    atomic_write_text(marker, json.dumps({"settings": settings, "stats": stats}))
     return stats
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from shared.io import atomic_write_text  # noqa: E402
 from shared.models import count_flops, count_params, create_model  # noqa: E402
 import shared.models.involution as involution_module  # noqa: E402
 
@@ -178,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "involution_vs_conv_twin": comparison,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"{'model':28s} {'params':>9s} {'GFLOPs':>7s} {'fwd img/s':>10s} {'train img/s':>12s}")
     for r in rows:
         gf = "-" if r["gflops_per_image"] is None else f"{r['gflops_per_image']:.3f}"

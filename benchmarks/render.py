@@ -15,6 +15,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 README = os.path.join(ROOT, "README.md")
 RESULTS_START, RESULTS_END = "<!-- RESULTS_START (benchmarks/render.py) -->", "<!-- RESULTS_END -->"
@@ -398,8 +399,8 @@ def main() -> int:
     new = head + section + tail
     if args.check:
         return int(new != readme)
-    with open(args.readme, "w") as f:
-        f.write(new)
+    from shared.io import atomic_write_text
+    atomic_write_text(args.readme, new)
     if results.get("claims"):
         plot_claims(results["claims"], os.path.join(args.results, "claims.png"))
     print(f"{args.readme}: results section rewritten ({len(section.splitlines())} lines)")

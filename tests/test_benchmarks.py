@@ -85,3 +85,10 @@ def test_quick_mode_writes_what_the_readme_reads(script, name, extra, workdir, t
     assert missing_fields(name, data) == []
     if name in ("claims", "mixing"):
         assert data["settings"]["quick"] is True and "--quick" in data["settings"]["command"]
+
+
+@pytest.mark.parametrize("part", ["2/2", "x/2", "1"])
+def test_claims_refuses_a_bad_part(part, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_claims.py", "--part", part, "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH": REPO})
+    assert proc.returncode == 2 and "--part" in proc.stderr and not any(tmp_path.iterdir())

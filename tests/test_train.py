@@ -116,6 +116,8 @@ def test_loss_topk_cuts_a_full_cache_and_online_logits_alike(tail):
     assert not torch.allclose(uncut, from_k3_cache, atol=1e-3)
     with pytest.raises(ValueError, match="loss.topk"):
         LossConfig(topk=-1)
+    with pytest.raises(ValueError, match="loss.topk=11 is more than the 10 classes"):
+        CiTLoss(LossConfig(topk=11), terms, 10)
 
 
 def test_kl_is_batchmean_times_tau_squared():
@@ -476,6 +478,8 @@ def test_agreement_eval_reports_heads_teachers_and_kl_per_token(data, tmp_path):
     assert set(r["students"]["s"]["kl"]) == {"cls", "conv", "inv", "mean"}
     with pytest.raises(ValueError, match="not a student with heads"):
         evaluate_agreement({"t": teachers["conv_a"]}, teachers, [data["test"]], num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_agreement({"s": student_path}, teachers, [], num_workers=0, device="cpu")
 
 
 def test_topk_beyond_the_cache_is_refused(data, tmp_path):

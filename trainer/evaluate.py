@@ -43,24 +43,34 @@ def expand_sets(data: list[str], corrupt_dir: str | None = None) -> dict[str, st
     return sets
 
 
+def load_sets(data: list[str], corrupt_dir: str | None, num_classes) -> dict[str, Manifest]:
+    """Name -> manifest of every set to evaluate; refuses none at all and any set of another class count."""
+    sets = expand_sets(data, corrupt_dir)
+    if not sets:
+        raise ValueError("nothing to evaluate: pass --data MANIFEST (and/or --corrupt-dir)")
+    manifests = {name: Manifest.load(path) for name, path in sets.items()}
+    for name, manifest in manifests.items():
+        if num_classes is not None and manifest.num_classes != int(num_classes):
+            raise ValueError(f"{sets[name]} has {manifest.num_classes} classes, the model {num_classes}")
+    return manifests
+
+
+def model_norm(meta, spec: ViewSpec) -> tuple[tuple, tuple]:
+    """The (mean, std) a model was trained with (its own, else the spec's)."""
+    return tuple(_get(meta, "mean") or spec.mean), tuple(_get(meta, "std") or spec.std)
+
+
 def evaluate_checkpoint(checkpoint_path: str, data: list[str], *, corrupt_dir: str | None = None,
                         batch_size: int = 256, num_workers: int = 2, device: str = "auto",
                         out: str | None = None) -> dict:
     """{"checkpoint", "outputs", "sets": {name: {"acc_cls", ["acc_mean"], "samples"}}}; written to ``out`` if set."""
     from shared import checkpoint
     runtime = setup_runtime(device)
-    sets = expand_sets(data, corrupt_dir)
-    if not sets:
-        raise ValueError("nothing to evaluate: pass --data MANIFEST (and/or --corrupt-dir)")
-    manifests = {name: Manifest.load(path) for name, path in sets.items()}
     model, meta = checkpoint.load_checkpoint(checkpoint_path)
-    classes = _get(meta, "num_classes")
-    for name, manifest in manifests.items():
-        if classes is not None and manifest.num_classes != int(classes):
-            raise ValueError(f"{sets[name]} has {manifest.num_classes} classes, the model {classes}")
+    manifests = load_sets(data, corrupt_dir, _get(meta, "num_classes"))
     model = model.to(runtime.device).eval()
     spec = eval_spec(meta)
-    mean, std = tuple(_get(meta, "mean") or spec.mean), tuple(_get(meta, "std") or spec.std)
+    mean, std = model_norm(meta, spec)
     results = {}
     for name, manifest in manifests.items():
         loader = make_loader(EvalViews(manifest, spec, runtime.rank, runtime.world), batch_size, num_workers,
@@ -85,9 +95,6 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
     Teachers run once per batch for all students.  Single process."""
     from shared import checkpoint
     runtime = setup_runtime(device)
-    sets = expand_sets(data, corrupt_dir)
-    if not sets:
-        raise ValueError("nothing to evaluate: pass --data MANIFEST (and/or --corrupt-dir)")
     models, metas = {}, {}
     for label, path in students.items():
         models[label], metas[label] = checkpoint.load_checkpoint(path)
@@ -95,19 +102,21 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
             raise ValueError(f"{path} is not a student with heads ({_get(metas[label], 'arch')}); "
                              "comparing with teachers needs a CiT student checkpoint")
     classes = _get(next(iter(metas.values())), "num_classes")
+    manifests = load_sets(data, corrupt_dir, classes)
     for name, path in teachers.items():
         models[name], metas[name] = checkpoint.load_checkpoint(path, expect_classes=classes)
     for model in models.values():
         model.to(runtime.device).eval()
     spec = eval_spec(next(iter(metas.values())))
-    norm = {n: (tuple(_get(m, "mean") or spec.mean), tuple(_get(m, "std") or spec.std)) for n, m in metas.items()}
+    norm = {n: model_norm(m, spec) for n, m in metas.items()}
     zero = lambda: torch.zeros((), device=runtime.device)  # noqa: E731
     results = {}
-    for set_name, path in sets.items():
-        loader = make_loader(EvalViews(Manifest.load(path), spec, 0, 1), batch_size, num_workers,
+    for set_name, manifest in manifests.items():
+        loader = make_loader(EvalViews(manifest, spec, 0, 1), batch_size, num_workers,
                              pin_memory=runtime.device.type == "cuda")
-        hits: dict[tuple[str, str], torch.Tensor] = defaultdict(zero)
+        hits: dict[tuple[str | None, str], torch.Tensor] = defaultdict(zero)
         kl: dict[tuple[str, str, str], torch.Tensor] = defaultdict(zero)
+        heads_of: dict[str, list[str]] = {}
         total = 0
         for batch in loader:
             batch = batch.to(runtime.device)
@@ -117,18 +126,18 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
             for label in students:
                 heads = model_outputs(models[label].forward_heads(to_model_input(batch.views, *norm[label])))
                 heads["mean"] = torch.stack(list(heads.values())).mean(0)
+                heads_of[label] = list(heads)
                 for head, z in heads.items():
                     hits[label, head] += (z.argmax(1) == batch.labels).sum()
                     for n, t in logits.items():
                         kl[label, head, n] += kd_kl(z, t, 1.0) * len(batch)
             total += len(batch)
         count = max(total, 1)
-        acc = {key: v.item() / count for key, v in hits.items()}
         results[set_name] = {
-            "samples": total, "teachers": {n: acc[None, n] for n in teachers},
-            "students": {label: {"acc": {h: a for (l, h), a in acc.items() if l == label},
-                                 "kl": {h: {n: kl[label, h, n].item() / count for n in teachers}
-                                        for (l, h), _ in acc.items() if l == label}} for label in students}}
+            "samples": total, "teachers": {n: hits[None, n].item() / count for n in teachers},
+            "students": {label: {"acc": {h: hits[label, h].item() / count for h in heads},
+                                 "kl": {h: {n: kl[label, h, n].item() / count for n in teachers} for h in heads}}
+                         for label, heads in heads_of.items()}}
     report = {"students": students, "teachers": teachers, "kl": "mean KL(teacher || head), tau = 1", "sets": results}
     if out:
         write_json(out, report)
@@ -141,7 +150,6 @@ def format_report(report: dict) -> str:
         accs = "  ".join(f"{k[4:]}={v * 100:.2f}%" for k, v in r.items() if k.startswith("acc_"))
         lines.append(f"  {name:<24} {accs}  (n={r['samples']})")
     return "\n".join(lines)
-
 
 
 def format_agreement(report: dict) -> str:

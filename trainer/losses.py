@@ -124,6 +124,8 @@ class CiTLoss(torch.nn.Module):
 
     def __init__(self, cfg: LossConfig, terms: list[KDTerm], num_classes: int):
         super().__init__()
+        if cfg.topk > num_classes:
+            raise ValueError(f"loss.topk={cfg.topk} is more than the {num_classes} classes")
         self.cfg, self.terms, self.num_classes = cfg, terms, num_classes
 
     def teacher_logits(self, targets: dict) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import json
 import os
 import statistics
 
+from shared.io import atomic_write_text
 from trainer.engine import write_json
 
 IGNORED = {("train", "seed"), ("train", "progress"), ("train", "log_interval"), ("train", "debug_rows"),
@@ -80,6 +81,5 @@ def report(folders: list[str], out: str | None = None, markdown_out: str | None 
     if out:
         write_json(out, {"rows": rows})
     if markdown_out:
-        with open(markdown_out, "w") as f:
-            f.write(markdown(rows) + "\n")
+        atomic_write_text(markdown_out, markdown(rows) + "\n")
     return rows
