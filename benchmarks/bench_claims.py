@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
-                    mean_std, prepare_fmnist, run_student, train_teachers, write_result)
+                    mean_std, prepare_fmnist, run_student, schedule_sets, train_teachers, write_result)
 
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}),
             Teacher("rednet", "rednet_small", "inv"),
@@ -83,13 +83,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def student_sets(args, cache: dict, teachers: dict, seed: int) -> list[str]:
-    sets = [f"data.cache={json.dumps(cache['url'])}", f"train.epochs={args.epochs}", f"train.seed={seed}",
-            f"train.eval_every={args.epochs}", "train.warmup_epochs=" + ("0" if args.quick else "3")]
-    sets += [f"kd.checkpoints.{n}={json.dumps(t['path'])}" for n, t in teachers.items()]   # used by online only
-    if args.quick:   # a smaller student keeps the smoke run short
-        sets += ["student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2",
-                 "student.options.stem_width=32"]
-    return sets
+    return schedule_sets(args, seed) + [f"data.cache={json.dumps(cache['url'])}"] + [
+        f"kd.checkpoints.{n}={json.dumps(t['path'])}" for n, t in teachers.items()]   # used by online only
 
 
 def robustness(work: str, runs: dict, teachers: dict, test_json: str, corrupt_dir: str, quick: bool) -> dict:

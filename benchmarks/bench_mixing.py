@@ -23,21 +23,13 @@ import statistics
 import time
 
 from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
-                    mean_std, prepare_fmnist, run_student, train_teachers, write_result)
+                    mean_std, prepare_fmnist, run_student, schedule_sets, train_teachers, write_result)
 
 CONFIG = os.path.join(ROOT, "configs", "ablation", "cit.toml")
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}), Teacher("rednet", "rednet_small", "inv")]
 TOPK = 10
 VARIANTS = {"exact_cached": ("exact", "cached"), "approx_cached": ("approx", "cached"),
             "exact_online": ("exact", "online")}
-
-
-def student_sets(args, seed: int) -> list[str]:
-    sets = [f"train.epochs={args.epochs}", f"train.eval_every={args.epochs}", f"train.seed={seed}",
-            "train.warmup_epochs=" + ("0" if args.quick else "3")]
-    if args.quick:   # a smaller student keeps the smoke run short
-        sets += ["student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2"]
-    return sets
 
 
 def main() -> None:
@@ -71,7 +63,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for variant, (mix, mode) in VARIANTS.items():
             cache = caches["unmixed" if mix == "approx" else "exact"]["url"]
-            sets = base_sets(train_json, test_json, workers) + student_sets(args, seed) + [
+            sets = base_sets(train_json, test_json, workers) + schedule_sets(args, seed) + [
                 f'augment.mix="{mix}"', f"kd.mode={mode}", f"data.cache={json.dumps(cache)}"]
             sets += [f"kd.checkpoints.{n}={json.dumps(t['path'])}" for n, t in teachers.items()]
             out = os.path.join(work, "runs", f"mix-{variant}-E{args.epochs}-s{seed}")

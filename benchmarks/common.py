@@ -117,8 +117,8 @@ def base_sets(train_json: str, test_json: str, workers: int = 1) -> list[str]:
 
 def train_teachers(work: str, teachers: list[Teacher], train_json: str, test_json: str, epochs: int,
                    config: str = LOWDATA_CONFIG) -> dict:
-    """Train each teacher once (reused when its checkpoint exists) with the CNN recipe: batch 32, lr 3e-3."""
-    from trainer.teacher import TeacherSpec, train_teacher
+    """Train each teacher once (reused when its checkpoint exists) with ``CNN_TEACHER_RECIPE``."""
+    from trainer.teacher import CNN_TEACHER_RECIPE, TeacherSpec, train_teacher
     from trainer.train import load_run_config
     out = {}
     for t in teachers:
@@ -127,8 +127,7 @@ def train_teachers(work: str, teachers: list[Teacher], train_json: str, test_jso
         reused = os.path.exists(path)
         if not reused:
             cfg = load_run_config(config, base_sets(train_json, test_json) + [
-                f"train.epochs={epochs}", "data.views=0", "train.batch_size=32", "train.lr=3e-3",
-                f"train.eval_every={max(epochs, 1)}"])
+                f"train.epochs={epochs}", f"train.eval_every={max(epochs, 1)}", *CNN_TEACHER_RECIPE])
             train_teacher(TeacherSpec(t.arch, t.kind, train_json, test_json, path, dict(t.options)), cfg)
         out[t.name] = {"arch": t.arch, "kind": t.kind, "options": dict(t.options), "path": path, "epochs": epochs,
                        "test_acc": teacher_accuracy(path), "reused": reused,
@@ -162,6 +161,15 @@ def build_timed(out: str, train_json: str, teachers: dict, spec, views: int, top
             "build_seconds_units": round(summary.build_seconds, 2), "bytes": size,
             "bytes_per_view_per_teacher": round(size / (rows * views * len(teachers)), 2),
             "views_per_second": round(summary.steady_views_per_second, 1)}
+
+
+def schedule_sets(args, seed: int) -> list[str]:
+    """A student run's schedule: E epochs (= views), one evaluation at the end, a smaller student when quick."""
+    sets = [f"train.epochs={args.epochs}", f"train.eval_every={args.epochs}", f"train.seed={seed}",
+            "train.warmup_epochs=" + ("0" if args.quick else "3")]
+    if args.quick:
+        sets += ["student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2"]
+    return sets
 
 
 def run_student(out: str, config: str, sets: list[str]) -> dict:

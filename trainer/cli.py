@@ -68,8 +68,8 @@ def evaluate(checkpoint, data, corrupt_dir, batch_size, workers, device, out, te
         _fail(ValueError(f"--teacher takes NAME=CHECKPOINT, got {', '.join(t for t in teachers if '=' not in t)}"))
     try:
         if named:
-            report = evaluate_agreement({"student": checkpoint}, named, list(data), corrupt_dir=corrupt_dir, batch_size=batch_size,
-                                        num_workers=workers, device=device, out=out)
+            report = evaluate_agreement({"student": checkpoint}, named, list(data), corrupt_dir=corrupt_dir,
+                                        batch_size=batch_size, num_workers=workers, device=device, out=out)
             click.echo(format_agreement(report))
             return
         report = evaluate_checkpoint(checkpoint, list(data), corrupt_dir=corrupt_dir, batch_size=batch_size,

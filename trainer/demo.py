@@ -30,7 +30,7 @@ def _cit(*args: str) -> None:
 
 def run_demo(folder: str, config: str, per_class: int = 100, teacher_epochs: int = 10, epochs: int | None = None,
              conv_teacher: str = CONV_TEACHER, inv_teacher: str = INV_TEACHER) -> list[dict]:
-    from trainer.teacher import TeacherSpec, train_teacher
+    from trainer.teacher import CNN_TEACHER_RECIPE, TeacherSpec, train_teacher
     from trainer.train import load_run_config, train
     data = os.path.join(folder, "data")
     train_json, test_json = os.path.join(data, "train.json"), os.path.join(data, "test.json")
@@ -38,8 +38,8 @@ def run_demo(folder: str, config: str, per_class: int = 100, teacher_epochs: int
         _cit("data", "prepare", "fashion-mnist", "--out", data, "--per-class", str(per_class))
     paths = {"data.train": train_json, "data.test": test_json, "data.cache": os.path.join(folder, "cache.zarr")}
     sets = [f"{k}={json.dumps(v)}" for k, v in paths.items()]
-    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", "data.views=0", "train.eval_every=1000",
-                                           "train.batch_size=32", "train.lr=3e-3"])   # CNN teachers: more, larger steps
+    teacher_cfg = load_run_config(config, sets + [f"train.epochs={teacher_epochs}", f"train.eval_every={teacher_epochs}",
+                                                  *CNN_TEACHER_RECIPE])
     checkpoints = {}
     for name, arch, kind in (("conv", conv_teacher, "conv"), ("inv", inv_teacher, "inv")):
         checkpoints[name] = os.path.join(folder, "teachers", f"{name}.safetensors")

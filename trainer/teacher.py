@@ -24,6 +24,9 @@ from trainer.data import make_loader
 from trainer.train import RunConfig, _channels, model_outputs
 
 KINDS = ("conv", "inv", "other")
+# Overrides the demo and the benchmarks train their small CNN teachers with: a fresh view every epoch, and more,
+# larger steps than the student's batch 64 / lr 1e-3 (measured on low-data Fashion-MNIST: 26% -> 68% in 10 epochs)
+CNN_TEACHER_RECIPE = ("data.views=0", "train.batch_size=32", "train.lr=3e-3")
 
 
 @dataclass
