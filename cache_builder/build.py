@@ -1,4 +1,4 @@
-"""Stage 1: run every teacher over E replayable views of every sample and store top-k logits in the Zarr cache.
+"""Stage 1: run every teacher over E replayable views of every sample and store its exact top-k targets in Zarr.
 
 Work unit = (view, row chunk), one Zarr chunk in every array.  The pipeline of one process (rank):
 
@@ -6,7 +6,8 @@ Work unit = (view, row chunk), one Zarr chunk in every array.  The pipeline of o
     DataLoader workers: read the chunk's rows (one sequential pass over its shard(s)), then per fixed batch of
         rows: decode once, render every pending view of the chunk (``sample_view`` + ``apply_view``) -> uint8
     main process: uint8 batch -> device (pinned, non_blocking) -> each teacher (eval, inference mode, its own
-        normalisation, bf16 autocast on CUDA only) -> log-sum-exp + top-k on the device -> one packed tensor ->
+        normalisation, bf16 autocast on CUDA only) -> top-k log-probs + tail log-mass per cached τ, fp32 on the
+        device from the full logits (``shared.targets.encode_logits``) -> one packed tensor ->
         one device->host copy (pinned, non_blocking, event; no host sync in the loop)
     writer thread: waits on the batch's event, checks finiteness (error names teacher and sample key), assembles
         the unit, ``LogitCache.write_unit`` (data chunks first, ``done`` last)
@@ -34,11 +35,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
-                                 LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays, index_dtype,
+                                 LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
 from shared.manifest import Manifest, ManifestError, verify_shards
 from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
 from shared.shards import ShardError, iter_shard
+from shared.targets import encode_logits
 from shared.views import decode, render_eval
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,18 @@ def parse_teacher_args(items) -> list[tuple[str, str]]:
     return pairs
 
 
+def parse_temperatures(items) -> tuple[float, ...]:
+    """``"1,2,4"`` or a sequence -> sorted distinct positive temperatures (the tail mass is stored at each)."""
+    parts = items.split(",") if isinstance(items, str) else list(items)
+    try:
+        values = sorted({float(x) for x in parts if str(x).strip()})
+    except ValueError:
+        raise BuildError(f"--temperatures {items!r} must be a comma-separated list of numbers, e.g. 1,2,4") from None
+    if not values or values[0] <= 0 or not all(np.isfinite(values)):
+        raise BuildError(f"--temperatures {items!r} must list positive temperatures, e.g. 1,2,4")
+    return tuple(values)
+
+
 def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device) -> list[Teacher]:
     from shared.checkpoint import load_checkpoint
     teachers = []
@@ -155,8 +169,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class TeacherRunner:
     """Runs every teacher on a uint8 batch on the device; returns device tensors, never syncs with the host."""
 
-    def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int):
+    def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int,
+                 temperatures: tuple[float, ...] = (1.0,)):
         self.teachers, self.device, self.precision, self.topk = teachers, device, precision, topk
+        self.temperatures = tuple(temperatures)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False      # same algorithm for the same shapes: reproducible bits
             torch.backends.cudnn.deterministic = True
@@ -181,25 +197,27 @@ class TeacherRunner:
         return out.float()
 
     def packed_topk(self, views: torch.Tensor) -> torch.Tensor:
-        """float32 (B, T, 2K+1): per teacher [top-k values (rounded to fp16), their indices, lse]."""
+        """float32 (B, T, 2K+S+1): per teacher [top-k log-probs, their indices, tail log-mass at each cached τ,
+        a finiteness flag of the full logits]: all from the full fp32 logits on the device (``shared.targets``)."""
         parts = []
         for teacher in self.teachers:
             logits = self.logits(teacher, views)
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            values, indices = torch.topk(logits, self.topk, dim=1, largest=True, sorted=True)
-            parts.append(torch.cat([values.half().float(), indices.float(), lse], dim=1))
+            logp, indices, tail = encode_logits(logits, self.topk, self.temperatures)
+            finite = torch.isfinite(logits).all(dim=1, keepdim=True).float()
+            parts.append(torch.cat([logp, indices.float(), tail, finite], dim=1))
         return torch.stack(parts, dim=1)
 
 
-def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, idx_dtype: np.dtype) -> TopK:
+def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, num_classes: int) -> tuple[TopK, np.ndarray]:
+    """The stored record of one teacher and the per-row finiteness of its logits."""
     block = packed[:, teacher_index]
-    return TopK(values=block[:, :topk].astype(np.float16),
-                indices=block[:, topk:2 * topk].astype(idx_dtype),
-                lse=np.ascontiguousarray(block[:, 2 * topk]).astype(np.float32))
+    logp, tail = block[:, :topk], block[:, 2 * topk:-1]
+    ok = (block[:, -1] == 1) & np.isfinite(logp).all(axis=1) & ~np.isnan(tail).any(axis=1)
+    return TopK.from_float(logp, block[:, topk:2 * topk], tail, num_classes), ok
 
 
-def check_finite(out: TopK, teacher: str, keys: list[str], where: str) -> None:
-    bad = ~(np.isfinite(out.lse) & np.isfinite(out.values.astype(np.float32)).all(axis=1))
+def check_finite(out: tuple[TopK, np.ndarray], teacher: str, keys: list[str], where: str) -> None:
+    bad = ~out[1]
     if bad.any():
         first = int(np.argmax(bad))
         raise BuildError(f"teacher {teacher} produced non-finite logits (NaN/Inf) on sample {keys[first]!r} "
@@ -481,6 +499,7 @@ class _Dist:
 
 
 def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10, spec: ViewSpec | dict | None = None,
+                temperatures: tuple[float, ...] | list[float] = (1.0,),
                 seed: int = 0, batch_size: int = 256, workers: int | None = None, device: str = "auto",
                 precision: str = "auto", chunk_rows: int | None = None, threads: int | None = None,
                 test_data: str | None = None,
@@ -501,6 +520,7 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         raise BuildError(f"--min-teacher-acc is a fraction in [0, 1], got {min_teacher_acc}")
     if min_teacher_acc is not None and not test_data:
         raise BuildError("--min-teacher-acc needs --test-data to measure the teachers on")
+    temperatures = parse_temperatures(temperatures)
     pairs = parse_teacher_args(teachers)
     dev = resolve_device(device)
     if workers is None:   # CPU: one worker renders ~25x faster than a teacher infers; GPU: keep the device fed
@@ -520,13 +540,14 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
     if chunk_rows < 1:
         raise BuildError(f"--chunk-rows must be >= 1, got {chunk_rows}")
     loaded = load_teachers(pairs, manifest.num_classes, dev)
-    runner = TeacherRunner(loaded, dev, precision, topk)
+    runner = TeacherRunner(loaded, dev, precision, topk, temperatures)
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
                           num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,
                           augment=spec.to_dict(), chunk_rows=chunk_rows, teachers=[t.record for t in loaded],
                           status=STATUS_CREATING,
                           build={"batch_size": batch_size, "precision": precision, "device": dev.type,
-                                 "cpu_threads": threads if dev.type == "cpu" else None})
+                                 "cpu_threads": threads if dev.type == "cpu" else None},
+                          temperatures=list(temperatures))
 
     comm = _Dist()
     caller_threads = torch.get_num_threads()     # the build pins its own count; give the caller theirs back
@@ -720,7 +741,7 @@ class _Unit:
     parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
 
 
-def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, idx_dtype) -> None:
+def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
     packed, params, keys = [], [], []
     for b in range(unit.nbatches):
         host, event, p, k = unit.parts[b]
@@ -732,9 +753,9 @@ def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, idx_dtyp
     packed = np.concatenate(packed)
     outputs = {}
     for i, name in enumerate(names):
-        out = unpack_topk(packed, i, topk, idx_dtype)
+        out = unpack_topk(packed, i, topk, num_classes)
         check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
-        outputs[name] = out
+        outputs[name] = out[0]
     cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs)
 
 
@@ -744,7 +765,6 @@ def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spe
         return 0, 0
     device = runner.device
     names = [t.name for t in runner.teachers]
-    idx_dtype = index_dtype(attrs.num_classes)
     total = sum((min((c + 1) * attrs.chunk_rows, attrs.num_samples) - c * attrs.chunk_rows) * len(vs)
                 for c, vs in groups)
     stream = UnitStream(manifest, spec, seed, attrs.chunk_rows, batch_size, groups)
@@ -781,7 +801,7 @@ def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spe
                         bar.update(rows)
                     if len(unit.parts) == unit.nbatches:
                         del units[key]
-                        futures.append(writer.submit(_write, cache, unit, names, attrs.topk, idx_dtype))
+                        futures.append(writer.submit(_write, cache, unit, names, attrs.topk, attrs.num_classes))
                         built_units += 1
                     while futures and (futures[0].done() or len(futures) > 8):
                         futures.popleft().result()      # re-raises a writer error (NaN, storage) here

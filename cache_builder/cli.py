@@ -46,6 +46,8 @@ def cache():
 @click.option("--views", "-E", "views", type=int, required=True, help="Views per sample (E).")
 @click.option("--topk", "-K", "topk", type=int, default=10, show_default=True, help="Logits kept per view (K).")
 @click.option("--out", required=True, help="Output URL: a path, file://, s3://, memory://.")
+@click.option("--temperatures", default="1", show_default=True, metavar="T1,T2,...",
+              help="KD temperatures at which the target is stored exactly (about 2 B per view and teacher each).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML config; its [augment] section is the augmentation spec.")
 @click.option("--set", "overrides", multiple=True, metavar="augment.KEY=VALUE", help="Override a config value.")
@@ -70,9 +72,9 @@ def cache():
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_size, workers, device, precision,
+def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device, precision,
           chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
-    """Run the teachers over E replayable views of every sample and store top-k logits (resumable)."""
+    """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
     from cache_builder.build import BuildError, build_cache
     from shared.augment import ViewSpec
     from shared.config import load_config, section
@@ -86,6 +88,7 @@ def build(data, teachers, views, topk, out, config_path, overrides, seed, batch_
         if seed is None:
             seed = int(cfg.get("data", {}).get("view_seed", 0))
         summary = build_cache(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
+                              temperatures=temperatures,
                               batch_size=batch_size, workers=workers, device=device, precision=precision,
                               chunk_rows=chunk_rows, threads=threads, test_data=test_data,
                               min_teacher_acc=min_teacher_acc,

@@ -16,6 +16,7 @@ from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, e
                                  read_attrs)
 from shared.manifest import Manifest, ManifestError
 from shared.reader import pieces_for_rows, read_piece
+from shared.targets import encode_logits
 
 MAX_REPORTED = 12
 
@@ -160,22 +161,23 @@ def _check_content(root, attrs: CacheAttrs, spec: ViewSpec, done: np.ndarray, re
                 report.problem("nonfinite", f"params {where} holds NaN/Inf (unwritten rows?)")
             for t in attrs.teachers:
                 try:
-                    values = np.asarray(root[f"{t.name}/values"][v, lo:hi]).astype(np.float32)
+                    logp = np.asarray(root[f"{t.name}/logp"][v, lo:hi]).astype(np.float32)
                     indices = np.asarray(root[f"{t.name}/indices"][v, lo:hi]).astype(np.int64)
-                    lse = np.asarray(root[f"{t.name}/lse"][v, lo:hi])
+                    tail = np.asarray(root[f"{t.name}/tail"][v, lo:hi]).astype(np.float32)
                 except Exception as exc:  # noqa: BLE001
                     report.problem("unreadable", f"teacher {t.name} {where}: {exc}")
                     continue
-                _check_block(t.name, where, values, indices, lse, c, k, report)
+                _check_block(t.name, where, logp, indices, tail, attrs, report)
             checked += 1
     if len(report.problems) == before:
-        report.passed.append(f"content: {checked} units finite, indices in [0, {c}) and distinct, values sorted "
-                             "descending, lse >= top-1 and top-k mass <= 1")
+        report.passed.append(f"content: {checked} units finite, indices in [0, {c}) and distinct, log-probabilities "
+                             "sorted descending, tail log-masses <= 0 and growing with τ, top-k + tail mass = 1")
 
 
-def _check_block(name, where, values, indices, lse, c, k, report) -> None:
-    if not (np.isfinite(values).all() and np.isfinite(lse).all()):
-        rows = np.flatnonzero(~(np.isfinite(values).all(axis=1) & np.isfinite(lse)))
+def _check_block(name, where, logp, indices, tail, attrs: CacheAttrs, report) -> None:
+    c, k = attrs.num_classes, attrs.topk
+    if not np.isfinite(logp).all() or np.isnan(tail).any():
+        rows = np.flatnonzero(~(np.isfinite(logp).all(axis=1) & ~np.isnan(tail).any(axis=1)))
         report.problem("nonfinite", f"teacher {name} {where}: NaN/Inf in {len(rows)} rows (first row offset "
                        f"{rows[0]})")
         return
@@ -184,16 +186,19 @@ def _check_block(name, where, values, indices, lse, c, k, report) -> None:
     srt = np.sort(indices, axis=1)
     if k > 1 and (srt[:, 1:] == srt[:, :-1]).any():
         report.problem("indices", f"teacher {name} {where}: a row repeats a class index")
-    if k > 1 and (np.diff(values, axis=1) > 0).any():
-        rows = np.flatnonzero((np.diff(values, axis=1) > 0).any(axis=1))
-        report.problem("sorted", f"teacher {name} {where}: top-k values not sorted descending in {len(rows)} rows "
-                       f"(first row offset {rows[0]})")
-    slack = 2e-3 * np.maximum(1.0, np.abs(values[:, 0]))      # fp16 rounding of the stored top-1
-    if (lse < values[:, 0] - slack).any():
-        report.problem("lse", f"teacher {name} {where}: log-sum-exp below the top-1 logit")
-    mass = np.exp(values - lse[:, None]).sum(axis=1)
-    if (mass > 1.0 + 1e-2).any():
-        report.problem("lse", f"teacher {name} {where}: top-k probability mass exceeds 1 (max {mass.max():.4f})")
+    if k > 1 and (np.diff(logp, axis=1) > 0).any():
+        rows = np.flatnonzero((np.diff(logp, axis=1) > 0).any(axis=1))
+        report.problem("sorted", f"teacher {name} {where}: top-k log-probabilities not sorted descending in "
+                       f"{len(rows)} rows (first row offset {rows[0]})")
+    if (logp > 0).any() or (tail > 0).any():
+        report.problem("mass", f"teacher {name} {where}: a log-probability or tail log-mass is above 0")
+    if tail.shape[1] > 1 and (np.diff(tail, axis=1) < -2e-3 * np.maximum(1.0, np.abs(tail[:, 1:]))).any():
+        report.problem("mass", f"teacher {name} {where}: tail mass shrinks as τ grows (impossible for a top-k)")
+    if 1.0 in attrs.temperatures:     # at τ = 1 the top-k and tail masses must add up to 1
+        total = np.exp(logp).sum(axis=1) + np.exp(tail[:, attrs.temperatures.index(1.0)])
+        if (np.abs(total - 1.0) > 5e-3).any():
+            report.problem("mass", f"teacher {name} {where}: top-k + tail mass at τ=1 is not 1 (worst "
+                           f"{total[np.argmax(np.abs(total - 1.0))]:.4f})")
 
 
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
@@ -223,7 +228,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     precision = attrs.build.get("precision", "fp32")
     if precision == "bf16" and dev.type != "cuda":
         precision = "fp32"     # compare with the looser bf16 tolerance below
-    runner = TeacherRunner(loaded, dev, precision, attrs.topk)
+    runner = TeacherRunner(loaded, dev, precision, attrs.topk, tuple(attrs.temperatures))
     # pick m random (view, row) among written units, deterministic in ``seed``
     rng = np.random.default_rng(seed)
     units = np.argwhere(done == 1)
@@ -274,20 +279,23 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         with torch.inference_mode():
             for t in loaded:
                 logits = runner.logits(t, views)
-                lse = torch.logsumexp(logits, dim=1).cpu().numpy()
+                ref_logp, _, ref_tail = encode_logits(logits, k, attrs.temperatures)
+                ref_logp, ref_tail = ref_logp.cpu().numpy(), ref_tail.cpu().numpy()
                 kk = min(k + 1, c)
                 top_v, top_i = torch.topk(logits, kk, dim=1)
                 top_v, top_i = top_v.cpu().numpy(), top_i.cpu().numpy()
                 for j, (v, row) in enumerate(batch):
-                    sv = stored(f"{t.name}/values", v, row).astype(np.float32)
+                    sv = stored(f"{t.name}/logp", v, row).astype(np.float32)
                     si = stored(f"{t.name}/indices", v, row).astype(np.int64)
-                    sl = float(stored(f"{t.name}/lse", v, row))
-                    ref_v = top_v[j, :k]
+                    st = stored(f"{t.name}/tail", v, row).astype(np.float32)
                     bad = []
-                    if not np.allclose(sv, ref_v, rtol=rtol, atol=atol):
-                        bad.append(f"values differ by up to {np.abs(sv - ref_v).max():.4g}")
-                    if not np.isclose(sl, lse[j], rtol=rtol, atol=atol):
-                        bad.append(f"lse {sl:.5g} != {lse[j]:.5g}")
+                    if not np.allclose(sv, ref_logp[j], rtol=rtol, atol=atol):
+                        bad.append(f"log-probabilities differ by up to {np.abs(sv - ref_logp[j]).max():.4g}")
+                    mass_error = np.abs(np.exp(st) - np.exp(ref_tail[j]))
+                    if (mass_error > atol).any():
+                        worst = int(np.argmax(mass_error))
+                        bad.append(f"tail mass at τ={attrs.temperatures[worst]:g} is {np.exp(st[worst]):.5g}, the "
+                                   f"teacher's {np.exp(ref_tail[j, worst]):.5g}")
                     # indices must agree wherever the rank is not a near-tie (ties may order either way)
                     gaps = np.abs(np.diff(top_v[j]))
                     tol = atol + rtol * np.abs(top_v[j])
@@ -303,7 +311,8 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     report.recomputed = len(picks)
     if mismatches == 0:
         report.passed.append(f"recompute: {len(picks)} random views re-rendered and re-run through "
-                             f"{[t.name for t in loaded]}: params identical, top-k and lse match")
+                             f"{[t.name for t in loaded]}: params identical, top-k log-probabilities and tail masses "
+                             "match")
 
 
 def _read_rows(manifest: Manifest, rows: list[int]) -> dict:

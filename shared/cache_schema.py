@@ -4,9 +4,14 @@
                                   build settings, status)
     <root>/params                 float32 (E, N, P)   view params records (shared.augment.ViewParams)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
-    <root>/<teacher>/values       float16 (E, N, K)   top-k logits, sorted descending
+    <root>/<teacher>/logp         float16 (E, N, K)   top-k log-probabilities z_i − lse(z), sorted descending
     <root>/<teacher>/indices      uint8 / int16 / int32 (E, N, K)  their class ids (narrowest that holds C-1)
-    <root>/<teacher>/lse          float32 (E, N)      log-sum-exp of the full logits
+    <root>/<teacher>/tail         float16 (E, N, S)   tail log-mass log Σ_{j∉top-k} softmax(z/τ_s)_j at each cached
+                                                      temperature τ_s (attribute ``temperatures``), fp32 from the
+                                                      full logits on the device, then rounded
+
+The teacher distribution at a cached τ is exact on the top-k and in its tail mass (``shared.targets``).  Format 2;
+a format-1 cache (raw fp16 top-k logits + lse) is refused: rebuild it with ``cit cache build ... --force``.
 
 All data arrays are chunked ``(1, chunk_rows, ...)``: a work unit is (view, row chunk), and a writer owns every
 chunk of its unit in every array, so no two processes ever write the same chunk (partial-chunk writes from
@@ -23,7 +28,7 @@ redundancy of real teachers' top-k index sets (bitshuffle doubles the index byte
 Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
 ``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.
 
-Readable with plain ``zarr``:  ``g = zarr.open_group(url, mode="r"); g["t1/values"][v, lo:hi]``.
+Readable with plain ``zarr``:  ``g = zarr.open_group(url, mode="r"); g["t1/logp"][v, lo:hi]``.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
 RESERVED_NAMES = ("params", "done")
 
@@ -71,6 +76,7 @@ class CacheAttrs:
     format: int = CACHE_FORMAT
     created_by: str = "cit"
     build: dict = field(default_factory=dict)   # settings that change the stored bits: batch_size, precision
+    temperatures: list[float] = field(default_factory=lambda: [1.0])   # τ at which the tail mass is stored
 
     @property
     def num_chunks(self) -> int:
@@ -150,9 +156,10 @@ def expected_arrays(attrs: CacheAttrs, num_params: int) -> dict[str, tuple[tuple
     arrays = {"params": ((e, n, num_params), (1, r, num_params), np.dtype(np.float32)),
               "done": ((e, attrs.num_chunks), (1, 1), np.dtype(np.uint8))}
     for teacher in attrs.teachers:
-        arrays[f"{teacher.name}/values"] = ((e, n, k), (1, r, k), np.dtype(np.float16))
+        s = len(attrs.temperatures)
+        arrays[f"{teacher.name}/logp"] = ((e, n, k), (1, r, k), np.dtype(np.float16))
         arrays[f"{teacher.name}/indices"] = ((e, n, k), (1, r, k), index_dtype(attrs.num_classes))
-        arrays[f"{teacher.name}/lse"] = ((e, n), (1, r), np.dtype(np.float32))
+        arrays[f"{teacher.name}/tail"] = ((e, n, s), (1, r, s), np.dtype(np.float16))
     return arrays
 
 
@@ -176,17 +183,43 @@ def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int) -> None:
             codecs = {"serializer": BytesCodec(), "compressors": None}
         else:
             codecs = _codecs(dtype)
-        fill = fills.get(path, {"values": np.nan, "indices": 0, "lse": np.nan}.get(leaf, 0))
+        fill = fills.get(path, {"logp": np.nan, "indices": 0, "tail": np.nan}.get(leaf, 0))
         root.create_array(path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True,
                           **codecs)
 
 
 @dataclass
 class TopK:
-    """Cached teacher output for a block of rows of one view."""
-    values: np.ndarray    # float16 (B, K), descending
+    """Cached teacher output for a block of rows of one view (or one row: shapes without the B)."""
+    logp: np.ndarray      # float16 (B, K): top-k log-probabilities, descending
     indices: np.ndarray   # int (B, K)
-    lse: np.ndarray       # float32 (B,)
+    tail: np.ndarray      # float16 (B, S): tail log-mass at each cached temperature
+
+    @classmethod
+    def from_float(cls, logp, indices, tail, num_classes: int) -> "TopK":
+        """The stored form of fp32 ``shared.targets.encode_logits`` output (numpy or CPU tensors): fp16 values
+        (log-probabilities below the fp16 range become −65504, a probability that is 0 in any float), the
+        narrowest index dtype."""
+        low = float(np.finfo(np.float16).min)
+        return cls(np.maximum(np.asarray(logp, np.float32), low).astype(np.float16),
+                   np.asarray(indices).astype(index_dtype(num_classes)),
+                   np.asarray(tail, np.float32).astype(np.float16))
+
+
+def check_topk_block(out: TopK, where: str) -> None:
+    """The writer's guard: the top-k must be sorted descending (``loss.topk`` keeps a prefix) and the tail
+    log-masses must be log-masses (<= 0, never NaN)."""
+    logp = np.asarray(out.logp, np.float32)
+    if logp.shape[-1] > 1:
+        bad = np.flatnonzero((np.diff(logp, axis=-1) > 0).any(axis=-1))
+        if bad.size:
+            raise CacheError(f"{where}: top-k log-probabilities are not sorted descending in {bad.size} rows (first "
+                             f"row offset {bad[0]}: {logp[bad[0]].tolist()}); sort each row by probability before "
+                             "writing")
+    tail = np.asarray(out.tail, np.float32)
+    if np.isnan(tail).any() or (tail > 0).any():
+        raise CacheError(f"{where}: tail log-mass must be <= 0 and not NaN (got max {np.nanmax(tail)}, "
+                         f"{int(np.isnan(tail).sum())} NaN)")
 
 
 def read_attrs(root: zarr.Group, url: str = "") -> CacheAttrs:
@@ -194,7 +227,12 @@ def read_attrs(root: zarr.Group, url: str = "") -> CacheAttrs:
     if "dataset_fingerprint" not in data:
         raise CacheError(f"{url or 'this store'} is a Zarr group but not a cit cache (no cit attributes)")
     if data.get("format") != CACHE_FORMAT:
-        raise CacheError(f"cache {url} has format {data.get('format')}, this cit reads format {CACHE_FORMAT}")
+        old = data.get("format") == 1
+        raise CacheError(f"cache {url or '?'} has format {data.get('format')}, this cit reads format {CACHE_FORMAT}"
+                         + (" (format 2 stores exact top-k log-probabilities and tail masses instead of fp16 logits)"
+                            if old else "")
+                         + f"; rebuild it: `cit cache build --data MANIFEST --teacher NAME=CKPT ... --out {url or 'URL'}"
+                         " --force` with the options it was built with")
     try:
         return CacheAttrs.from_json_dict(data)
     except TypeError as exc:
@@ -256,9 +294,9 @@ class LogitCache:
 
     def read_topk(self, teacher: str, view: int, lo: int, hi: int) -> TopK:
         self.attrs.teacher(teacher)
-        return TopK(np.asarray(self.array(f"{teacher}/values")[view, lo:hi]),
+        return TopK(np.asarray(self.array(f"{teacher}/logp")[view, lo:hi]),
                     np.asarray(self.array(f"{teacher}/indices")[view, lo:hi]),
-                    np.asarray(self.array(f"{teacher}/lse")[view, lo:hi]))
+                    np.asarray(self.array(f"{teacher}/tail")[view, lo:hi]))
 
     def read_params(self, view: int, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.array("params")[view, lo:hi])
@@ -272,11 +310,13 @@ class LogitCache:
         if set(outputs) != set(self.teacher_names):
             raise CacheError(f"write_unit needs outputs for exactly the teachers {self.teacher_names}, "
                              f"got {sorted(outputs)}")
+        for name, out in outputs.items():
+            check_topk_block(out, f"teacher {name}, view {view}, chunk {chunk}")
         self.array("params")[view, lo:hi] = params
         for name, out in outputs.items():
-            self.array(f"{name}/values")[view, lo:hi] = out.values
+            self.array(f"{name}/logp")[view, lo:hi] = out.logp
             self.array(f"{name}/indices")[view, lo:hi] = out.indices
-            self.array(f"{name}/lse")[view, lo:hi] = out.lse
+            self.array(f"{name}/tail")[view, lo:hi] = out.tail
         self.array("done")[view, chunk] = 1
 
     def set_status(self, status: str) -> None:

@@ -78,11 +78,13 @@ def test_stored_topk_equal_teachers_on_replayed_views(world):
                 logits = model(to_model_input(views, record.mean, record.std)).float()
             top = torch.topk(logits, K, dim=1)
             got = cache.read_topk(name, v, 0, N)
-            assert got.values.dtype == np.float16 and got.values.shape == (N, K)
-            np.testing.assert_allclose(got.values.astype(np.float32), top.values.half().float().numpy(),
+            assert got.logp.dtype == np.float16 and got.logp.shape == (N, K) and got.tail.shape == (N, 1)
+            log_p = torch.log_softmax(logits.double(), 1)
+            np.testing.assert_allclose(got.logp.astype(np.float32), log_p.gather(1, top.indices).numpy(),
                                        rtol=1e-3, atol=1e-3)
-            assert (np.diff(got.values.astype(np.float32), axis=1) <= 0).all()
-            np.testing.assert_allclose(got.lse, torch.logsumexp(logits, 1).numpy(), rtol=1e-5, atol=1e-5)
+            assert (np.diff(got.logp.astype(np.float32), axis=1) <= 0).all()
+            tail = 1 - log_p.exp().gather(1, top.indices).sum(1).numpy()
+            np.testing.assert_allclose(np.exp(got.tail[:, 0].astype(np.float64)), tail, rtol=1e-3, atol=2e-4)
             gap = (top.values[:, :-1] - top.values[:, 1:]).min(dim=1).values.numpy()
             clear = gap > 1e-3                   # rows without near-ties: class order is unambiguous
             assert clear.mean() > 0.5
@@ -112,8 +114,8 @@ def test_info_and_verify_on_a_good_cache(world):
     assert out.exit_code == 0, out.output
     # plain zarr, no cit code: the layout documented in docs/cache.md
     g = zarr.open_group(world["ref"], mode="r")
-    assert g.attrs["status"] == "complete" and g["conv/values"].shape == (E, N, K)
-    assert g["conv/values"].dtype == np.float16 and g["inv/lse"].shape == (E, N)
+    assert g.attrs["status"] == "complete" and g["conv/logp"].shape == (E, N, K) and g.attrs["format"] == 2
+    assert g["conv/logp"].dtype == np.float16 and g["inv/tail"].shape == (E, N, 1)
 
 
 def test_rerun_of_a_complete_build_does_nothing(world):
@@ -212,7 +214,7 @@ def test_s3_round_trip(world, tmp_path, monkeypatch):
         assert_bit_identical(world["ref"], url, options)
         cache = LogitCache.open(url, storage_options=options)
         ref = LogitCache.open(world["ref"])
-        np.testing.assert_array_equal(cache.read_topk("inv", 2, 10, 60).values, ref.read_topk("inv", 2, 10, 60).values)
+        np.testing.assert_array_equal(cache.read_topk("inv", 2, 10, 60).logp, ref.read_topk("inv", 2, 10, 60).logp)
         info = cache_info(url, options)
         assert info["complete"] and info["size_bytes"] > 0
         report = verify_cache(url, data="s3://cit-test/train/tr.json", recompute=3, storage_options=options)
@@ -227,12 +229,13 @@ def _copy(src: str, dst: str) -> str:
 
 
 def test_verify_catches_tampering_other_shards_and_incomplete(world, tmp_path):
-    # 1) a chunk whose numbers were changed (still sorted, finite, in range): only the recompute sees it
+    # 1) a chunk whose classes were moved to other rows (still sorted, finite, in range, masses adding up to 1):
+    # only the recompute sees it
     tampered = _copy(world["ref"], str(tmp_path / "tampered.zarr"))
     g = zarr.open_group(tampered, mode="r+")
-    g["conv/values"][1, 0:SHARD] = (g["conv/values"][1, 0:SHARD].astype(np.float32) + 0.05).astype(np.float16)
+    g["conv/indices"][1, 0:SHARD] = np.roll(g["conv/indices"][1, 0:SHARD], 1, axis=0)
     report = verify_cache(tampered, data=world["data"])
-    assert report.ok      # structurally fine ...
+    assert report.ok, report.text()      # structurally fine ...
     report = verify_cache(tampered, data=world["data"], recompute=N * E)
     assert not report.ok and any("recompute" in p and "conv" in p for p in report.problems), report.text()
     # 2) bytes of a chunk flipped on disk: the chunk's crc32c fails
@@ -246,8 +249,13 @@ def test_verify_catches_tampering_other_shards_and_incomplete(world, tmp_path):
     # 2b) unsorted values are caught without a recompute
     unsorted = _copy(world["ref"], str(tmp_path / "unsorted.zarr"))
     g = zarr.open_group(unsorted, mode="r+")
-    g["inv/values"][0, 0:SHARD] = g["inv/values"][0, 0:SHARD][:, ::-1]
+    g["inv/logp"][0, 0:SHARD] = g["inv/logp"][0, 0:SHARD][:, ::-1]
     assert any(p.startswith("sorted") for p in verify_cache(unsorted).problems)
+    # 2c) log-probabilities that no longer add up to 1 with the tail mass are caught without a recompute
+    shifted = _copy(world["ref"], str(tmp_path / "shifted.zarr"))
+    g = zarr.open_group(shifted, mode="r+")
+    g["conv/logp"][1, 0:SHARD] = (g["conv/logp"][1, 0:SHARD].astype(np.float32) + 0.05).astype(np.float16)
+    assert any(p.startswith("mass") and "conv" in p for p in verify_cache(shifted).problems)
     # 3) a cache built from other shards: fingerprint
     other = make_shards(str(tmp_path / "other"), num_samples=N, shard_size=SHARD, prefix="tr", seed=9)
     report = verify_cache(world["ref"], data=other.path)
@@ -375,8 +383,9 @@ def test_exact_mixing_caches_the_mixed_view(world, tmp_path):
         assert any(kinds)                                     # some rows really are mixed
         with torch.inference_mode():
             logits = model.eval()(to_model_input(views, meta.mean, meta.std)).float()
-        np.testing.assert_allclose(cache.read_topk("inv", v, lo, hi).lse, torch.logsumexp(logits, 1).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        top = logits.topk(K, dim=1)
+        np.testing.assert_allclose(cache.read_topk("inv", v, lo, hi).logp.astype(np.float32),
+                                   (top.values - torch.logsumexp(logits, 1, keepdim=True)).numpy(), rtol=1e-3, atol=1e-3)
     report = verify_cache(out, data=world["data"], recompute=10)
     assert report.ok, report.text()
     # mix settings that do not change the cached views are not part of the cache's identity
@@ -418,6 +427,6 @@ def test_other_fsspec_urls(world, tmp_path, scheme):
     summary = build_cache(world["data"], world["teachers"][:1], url, views=1, topk=2, spec=SPEC, seed=5,
                           batch_size=BATCH, workers=1, threads=1, progress=False)
     assert summary.complete
-    np.testing.assert_array_equal(LogitCache.open(url).read_topk("conv", 0, 0, N).values,
-                                  LogitCache.open(world["ref"]).read_topk("conv", 0, 0, N).values[:, :2])
+    np.testing.assert_array_equal(LogitCache.open(url).read_topk("conv", 0, 0, N).logp,
+                                  LogitCache.open(world["ref"]).read_topk("conv", 0, 0, N).logp[:, :2])
     assert cache_info(url)["complete"] and verify_cache(url, data=world["data"]).ok

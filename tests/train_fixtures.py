@@ -9,6 +9,7 @@ from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK
 from shared.manifest import Manifest
 from shared.reader import pieces_for_rows, read_piece
+from shared.targets import encode_logits
 from shared.views import render_view
 
 
@@ -19,14 +20,16 @@ def teacher_outputs(model: torch.nn.Module, views: torch.Tensor, mean, std) -> t
 
 
 def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: int,
-                teachers: dict[str, dict], topk: int, chunk_rows: int = 16) -> LogitCache:
-    """``teachers``: name -> {"model", "kind", "mean", "std", "sha256"}.  Writes every (view, chunk) unit."""
+                teachers: dict[str, dict], topk: int, chunk_rows: int = 16,
+                temperatures: tuple[float, ...] = (1.0,)) -> LogitCache:
+    """``teachers``: name -> {"model", "kind", "mean", "std", "sha256"}.  Writes every (view, chunk) unit with the
+    builder's encoding (``shared.targets.encode_logits``) of the teachers' full logits."""
     records = [TeacherRecord(name, t.get("kind", "conv"), t.get("arch", "test"), t.get("sha256", ""),
                              manifest.num_classes, list(t["mean"]), list(t["std"]), None,
                              {"checkpoint": t["checkpoint"]} if t.get("checkpoint") else {})
                for name, t in teachers.items()]
     attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, manifest.num_classes, views, topk, seed,
-                       spec.to_dict(), chunk_rows, records)
+                       spec.to_dict(), chunk_rows, records, temperatures=list(temperatures))
     cache = LogitCache.create(url, attrs, spec.num_params)
     for v in range(views):
         for chunk in range(attrs.num_chunks):
@@ -38,9 +41,7 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
             outputs = {}
             for name, t in teachers.items():
                 logits = teacher_outputs(t["model"], images, t["mean"], t["std"])
-                top = logits.topk(topk, dim=1)
-                outputs[name] = TopK(top.values.half().numpy(), top.indices.numpy().astype(np.uint8),
-                                     torch.logsumexp(logits, 1).numpy().astype(np.float32))
+                outputs[name] = TopK.from_float(*encode_logits(logits, topk, temperatures), manifest.num_classes)
             cache.write_unit(v, chunk, params, outputs)
     cache.set_status(STATUS_COMPLETE)
     return LogitCache.open(url)

@@ -100,7 +100,7 @@ class Sample:
     view: torch.Tensor                   # uint8 (C, H, W)
     label: int
     row: int
-    topk: list[TopK] = field(default_factory=list)   # one per teacher: values (K,), indices (K,), lse ()
+    topk: list[TopK] = field(default_factory=list)   # one per teacher: logp (K,), indices (K,), tail (S,)
     partner_label: int = -1              # exact mixup/cutmix: the partner's label (-1: not mixed)
     lam: float = 1.0                     # exact mixup/cutmix: weight of the sample's own view
 
@@ -110,9 +110,9 @@ class Batch:
     views: torch.Tensor                  # uint8 (B, C, H, W)
     labels: torch.Tensor                 # int64 (B,)
     rows: torch.Tensor                   # int64 (B,)
-    topk_values: torch.Tensor | None = None    # float16 (T, B, K)
+    topk_logp: torch.Tensor | None = None      # float16 (T, B, K): top-k log-probabilities
     topk_indices: torch.Tensor | None = None   # int (T, B, K), narrow dtype until on the device
-    topk_lse: torch.Tensor | None = None       # float32 (T, B)
+    topk_tail: torch.Tensor | None = None      # float16 (T, B, S): tail log-mass at each cached temperature
     partner_labels: torch.Tensor | None = None  # int64 (B,): set when the batch is mixed (exact or approx)
     lam: torch.Tensor | None = None             # float32 (B,): weight of each sample's own view
     partner_index: torch.Tensor | None = None   # int64 (B,): approx mode, the batch position mixed in
@@ -128,14 +128,14 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self._tensors()))
 
     def _tensors(self):
-        return (self.views, self.labels, self.rows, self.topk_values, self.topk_indices, self.topk_lse,
+        return (self.views, self.labels, self.rows, self.topk_logp, self.topk_indices, self.topk_tail,
                 self.partner_labels, self.lam, self.partner_index)
 
     def targets(self, teachers: list[str]) -> dict[str, tuple]:
-        """Teacher name -> cached (values, indices, lse), the form ``CiTLoss`` reconstructs from."""
-        if self.topk_values is None:
+        """Teacher name -> cached (logp, indices, tail), the form ``CiTLoss`` builds its targets from."""
+        if self.topk_logp is None:
             return {}
-        return {name: (self.topk_values[i], self.topk_indices[i], self.topk_lse[i]) for i, name in enumerate(teachers)}
+        return {name: (self.topk_logp[i], self.topk_indices[i], self.topk_tail[i]) for i, name in enumerate(teachers)}
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -177,12 +177,12 @@ def _collate_topk(samples: list[Sample]) -> tuple:
     if not samples[0].topk:
         return ()
     teachers = range(len(samples[0].topk))
-    values = np.stack([np.stack([s.topk[t].values for s in samples]) for t in teachers])
+    logp = np.stack([np.stack([s.topk[t].logp for s in samples]) for t in teachers])
     indices = np.stack([np.stack([s.topk[t].indices for s in samples]) for t in teachers])
-    lse = np.stack([np.stack([s.topk[t].lse for s in samples]) for t in teachers])
+    tail = np.stack([np.stack([s.topk[t].tail for s in samples]) for t in teachers])
     if indices.dtype == np.uint16 or indices.dtype == np.uint32:   # torch lacks some unsigned types
         indices = indices.astype(np.int64)
-    return torch.from_numpy(values), torch.from_numpy(indices), torch.from_numpy(lse)
+    return torch.from_numpy(logp), torch.from_numpy(indices), torch.from_numpy(tail)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class TrainViews(IterableDataset):
                                     f"the view the cache's teachers saw (params {params.tolist()} vs cached "
                                     f"{block.params[i].tolist()}): the augmentation code or its inputs changed "
                                     "since the cache was built")
-                topk = [TopK(t.values[i], t.indices[i], t.lse[i]) for t in block.topk]
+                topk = [TopK(t.logp[i], t.indices[i], t.tail[i]) for t in block.topk]
             yield Sample(image, raw.label, raw.row, topk, partner_label, lam)
 
     def num_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:

@@ -1,33 +1,31 @@
-"""The CiT objective (Eq. 1) and the teacher distribution rebuilt from the cache.
+"""The CiT objective (Eq. 1) and the teacher distributions it distils.
 
-    L = λ0·CE_ls(z_cls, y) + λ1·τ1²·KL(σ(t1/τ1) ‖ σ(z_conv/τ1)) + λ2·τ2²·KL(σ(t2/τ2) ‖ σ(z_inv/τ2))
+    L = λ0·CE_ls(z_cls, y) + λ1·τ1²·KL(q1(τ1) ‖ σ(z_conv/τ1)) + λ2·τ2²·KL(q2(τ2) ‖ σ(z_inv/τ2))
 
 KL uses batchmean reduction (sum over classes, mean over the batch) times τ², as in the paper's code; DeiT's
 ``reduction="sum" / numel`` would be C times smaller and change the λ balance.
 
-The cache holds, per view and teacher, the top-k logits v_1..v_K, their classes, and lse = log Σ_c exp(z_c) of the
-*full* logits.  We rebuild dense *reconstructed logits* ẑ (B, C):
-
-    ẑ_i = v_i                                   for the K cached classes
-    ẑ_j = lse + log(m / (C − K)),  m = 1 − Σ_i exp(v_i − lse)   for every other class (the tail)
-
-so every tail class carries an equal share of the tail mass m and σ(ẑ) reproduces the teacher's top-k
-probabilities exactly with the right total tail mass (logsumexp(ẑ) = lse).  At τ ≠ 1 we temper ẑ, i.e. the
-tail is treated as flat *before* tempering: exact for the top-k at τ = 1, an approximation of the tail otherwise
-(the true tail's shape is unknown).  With K = C there is no tail and ẑ is the teacher's logits (in fp16).
-``topk=k`` (below the cache's K) keeps only the first k cached classes, to measure how accuracy depends on K
-from one full cache; online teachers' dense logits are cut the same way, so cached and online KD stay comparable.
-``tail="renormalize"`` instead drops the tail (ẑ_j = −inf), i.e. renormalises the top-k: biased toward the
-top-k, available for comparison only.  If fp16 rounding makes m ≤ 0 the tail gets zero mass.
+q(τ) is the teacher's distribution at τ under one target model (``shared.targets``), the same for cached and
+live teachers: its top-k classes carry their true tempered probabilities, the rest of the mass (the true tail mass
+at τ) is spread uniformly over the other C − K classes.  From the cache this is exact at every temperature the
+cache was built with (``cit cache build --temperatures``); at another τ the nearest cached τ0's target is tempered
+by τ0/τ with a flat tail (an approximation: a warning says so).  Online teachers' full logits are cut to the same
+top-k (``loss.topk``, else the cache's K when a cache is given, else every class: the exact softmax).
+``topk=k`` (below the cache's K) keeps the first k cached classes and moves the others' mass into the tail, to
+measure how accuracy depends on K from one full cache.  ``tail="renormalize"`` drops the tail and renormalises the
+top-k: biased toward the top-k, available for comparison only.  With ``augment.mix=approx`` the two views' tempered
+distributions are mixed linearly (temper first, then mix).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from shared import targets as target_model
 from shared.mixing import mixed_targets
 
 HEADS = ("cls", "conv", "inv")
@@ -56,32 +54,13 @@ class LossConfig:
             raise ValueError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
-def reconstruct_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int,
-                       tail: str = "uniform") -> torch.Tensor:
-    """Dense (B, C) float32 logits from cached top-k ``values`` (B, K), ``indices`` (B, K) and ``lse`` (B,).
-
-    See the module docstring; runs on whatever device the inputs are on, no host sync."""
-    values = values.float()
-    lse = lse.float()
-    b, k = values.shape
-    if k > num_classes:
-        raise ValueError(f"cache has K={k} > C={num_classes} classes")
-    if k == num_classes or tail == "renormalize":
-        fill = torch.full((b, 1), -math.inf, device=values.device)
-    else:
-        top_mass = torch.exp(values - lse[:, None]).sum(1, keepdim=True)
-        tail_mass = (1.0 - top_mass).clamp_min(0.0)            # 0 -> log 0 = -inf: the tail gets no mass
-        fill = lse[:, None] + torch.log(tail_mass) - math.log(num_classes - k)
-    logits = fill.expand(b, num_classes).clone()
-    return logits.scatter_(1, indices.long(), values)
-
-
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """τ²·KL(σ(t/τ) ‖ σ(s/τ)), batchmean.  Teacher classes with zero probability (−inf logits) add nothing."""
+def kd_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ²·KL(q ‖ σ(s/τ)), batchmean; ``teacher_log_probs`` are the teacher's log-probabilities at τ (logits work
+    too at τ = 1: they are normalised here).  Classes with zero teacher probability (−inf) add nothing."""
     log_p_s = F.log_softmax(student_logits.float() / tau, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    log_p_t = F.log_softmax(teacher_log_probs.float(), dim=1)
     p_t = log_p_t.exp()
-    kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s         # xlogy(0, 0) = 0: -inf teacher logits are safe
+    kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s         # xlogy(0, 0) = 0: -inf teacher entries are safe
     return kl.sum() / student_logits.shape[0] * (tau * tau)
 
 
@@ -95,12 +74,12 @@ class MixInfo:
     partner_index: torch.Tensor | None = None
 
 
-def mix_teacher_logits(logits: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
-    """``approx`` mode: log(λ·σ(z_a) + (1−λ)·σ(z_b)) — the linear mix of the two views' teacher distributions
-    (what FKD/ReLabel do; an approximation of what the teacher would say about the mixed image)."""
+def mix_log_probs(log_q: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
+    """``approx`` mode: log(λ·q_a + (1−λ)·q_b) of two views' teacher distributions *at the KD temperature* (what
+    FKD/ReLabel do, tempered first; an approximation of what the teacher would say about the mixed image)."""
     lam = lam.view(-1, 1).float()
-    own = F.log_softmax(logits.float(), dim=1) + torch.log(lam)          # log 0 = -inf: logaddexp drops it
-    other = F.log_softmax(logits.float()[partner], dim=1) + torch.log1p(-lam)
+    own = log_q.float() + torch.log(lam)                                   # log 0 = -inf: logaddexp drops it
+    other = log_q.float()[partner] + torch.log1p(-lam)
     return torch.logaddexp(own, other)
 
 
@@ -119,31 +98,49 @@ class CiTLoss(torch.nn.Module):
     """Eq. 1 over the student's per-head logits.
 
     ``terms`` maps teachers to heads: conv teacher -> ``conv`` head, inv teacher -> ``inv`` head for CiT, or every
-    teacher -> ``cls`` head for the one-token variant.  ``forward`` returns the total loss and its detached parts
-    (device tensors: the caller decides when to sync)."""
+    teacher -> ``cls`` head for the one-token variant.  ``temperatures``: those the cache holds (None: no cache,
+    targets are live logits); ``cache_topk``: the cache's K, the top-k online targets are cut to (0: every class).
+    ``forward`` returns the total loss and its detached parts (device tensors: the caller decides when to sync)."""
 
-    def __init__(self, cfg: LossConfig, terms: list[KDTerm], num_classes: int):
+    def __init__(self, cfg: LossConfig, terms: list[KDTerm], num_classes: int,
+                 temperatures: list[float] | tuple[float, ...] | None = None, cache_topk: int = 0):
         super().__init__()
         if cfg.topk > num_classes:
             raise ValueError(f"loss.topk={cfg.topk} is more than the {num_classes} classes")
         self.cfg, self.terms, self.num_classes = cfg, terms, num_classes
+        self.temperatures = list(temperatures) if temperatures is not None else None
+        self.online_topk = cfg.topk or cache_topk
+        for term in terms:
+            self._warn_if_not_cached(term)
 
-    def teacher_logits(self, targets: dict) -> dict[str, torch.Tensor]:
-        """Teacher name -> dense logits.  A target is either dense logits (online KD) or a cached
-        ``(values, indices, lse)`` triple."""
-        k = self.cfg.topk
-        out = {}
-        for name, target in targets.items():
-            if isinstance(target, torch.Tensor):
-                if not k or k >= self.num_classes:
-                    out[name] = target
-                    continue
-                values, indices = torch.topk(target.float(), k, dim=1)
-                target = (values, indices, torch.logsumexp(target.float(), dim=1))
-            elif k:
-                target = (target[0][:, :k], target[1][:, :k], target[2])     # the cache's top-K is sorted
-            out[name] = reconstruct_logits(*target, self.num_classes, self.cfg.tail)
-        return out
+    def _cached_slot(self, tau: float) -> int | None:
+        """Index of ``tau`` among the cached temperatures (None: not cached)."""
+        for s, cached in enumerate(self.temperatures or ()):
+            if math.isclose(tau, cached, rel_tol=1e-6):
+                return s
+        return None
+
+    def _warn_if_not_cached(self, term: KDTerm) -> None:
+        if self.temperatures is None or self.cfg.tail == "renormalize" or self._cached_slot(term.tau) is not None:
+            return
+        near = self.temperatures[target_model.nearest_temperature(term.tau, self.temperatures)]
+        warnings.warn(f"loss.tau{1 if term.slot == 'conv' else 2}={term.tau:g} is not a temperature the cache holds "
+                      f"({', '.join(f'{t:g}' for t in self.temperatures)}): the {term.slot} teacher's target is "
+                      f"approximate — the τ={near:g} target with a flat tail tempered by {near:g}/{term.tau:g} "
+                      "(top-k weights exact, tail mass off); rebuild the cache with --temperatures including "
+                      f"{term.tau:g} for the exact target", stacklevel=3)
+
+    def teacher_log_probs(self, target, tau: float) -> torch.Tensor:
+        """Dense (B, C) teacher log-probabilities at ``tau`` from a cached ``(logp, indices, tail)`` triple or
+        from live full logits."""
+        k, mode = self.cfg.topk, self.cfg.tail
+        if isinstance(target, torch.Tensor):
+            return target_model.online_log_probs(target, self.online_topk, tau, self.num_classes, mode)
+        logp, indices, tails = target
+        s = self._cached_slot(tau)
+        if s is not None or mode == "renormalize":   # renormalising ignores the tail: exact at every τ
+            return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, k, mode)
+        return target_model.untempered_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
                 mix: "MixInfo | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -154,13 +151,16 @@ class CiTLoss(torch.nn.Module):
             ce = torch.sum(-soft * F.log_softmax(outputs["cls"].float(), dim=1), dim=1).mean()
         loss = self.cfg.lambda0 * ce
         parts = {"ce": ce.detach()}
-        if self.terms:
-            teachers = self.teacher_logits(targets or {})
-            if mix is not None and mix.partner_index is not None:
-                teachers = {name: mix_teacher_logits(z, mix.lam, mix.partner_index) for name, z in teachers.items()}
-            for term in self.terms:
-                kl = kd_kl(outputs[term.head], teachers[term.teacher], term.tau)
-                loss = loss + term.weight * kl
-                parts[f"kd_{term.slot}"] = kl.detach()
+        built: dict[tuple[str, float], torch.Tensor] = {}
+        for term in self.terms:
+            key = (term.teacher, term.tau)
+            if key not in built:
+                log_q = self.teacher_log_probs((targets or {})[term.teacher], term.tau)
+                if mix is not None and mix.partner_index is not None:     # approx: temper, then mix
+                    log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
+                built[key] = log_q
+            kl = kd_kl(outputs[term.head], built[key], term.tau)
+            loss = loss + term.weight * kl
+            parts[f"kd_{term.slot}"] = kl.detach()
         parts["loss"] = loss.detach()
         return loss, parts

@@ -264,7 +264,10 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     teachers = None
     if cfg.kd.mode == "online":
         teachers = load_online_teachers(cfg, records, num_classes, in_chans, runtime.device)
-    criterion = CiTLoss(cfg.loss, terms, num_classes)
+    cache_attrs = cache.attrs if cfg.data.cache else None
+    criterion = CiTLoss(cfg.loss, terms, num_classes,
+                        temperatures=cache_attrs.temperatures if cfg.kd.mode == "cached" else None,
+                        cache_topk=cache_attrs.topk if cache_attrs else 0)
     mean, std = cfg.augment.mean, cfg.augment.std
     cached = cfg.kd.mode == "cached"
 
