@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cache import _chunk_bytes, synthetic_topk        # noqa: E402
 from bench_loader import breakdown, cpu_seconds, loader_throughput              # noqa: E402
 from shared.augment import ViewSpec, sample_view                          # noqa: E402
-from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord, TopK, index_dtype   # noqa: E402
+from shared.cache_schema import (TEACHER_ARRAYS, CacheAttrs, LogitCache, TeacherRecord, TopK,   # noqa: E402
+                                 index_dtype)
 from shared.io import atomic_write_text                                   # noqa: E402
 from shared.manifest import Manifest                                      # noqa: E402
 from shared.models import describe_models                                 # noqa: E402
@@ -195,9 +196,8 @@ class TrainedLikeLogits:
 
 
 def to_topk(logits: torch.Tensor, k: int) -> TopK:
-    values, indices = torch.topk(logits, k, dim=1)
-    return TopK(values.half().numpy(), indices.numpy().astype(index_dtype(logits.shape[1])),
-                torch.logsumexp(logits, 1).numpy().astype(np.float32))
+    from shared.targets import encode_logits
+    return TopK.from_float(*encode_logits(logits, k, (1.0,)), logits.shape[1])
 
 
 def logit_stats(logits: torch.Tensor, labels: np.ndarray) -> dict:
@@ -227,7 +227,7 @@ def write_cache(out: str, rows: int, views: int, k: int, chunk_rows: int, params
 
 
 def teacher_bytes(out: str, views: int, rows: int) -> dict[str, dict[str, float]]:
-    return {name: {a: _chunk_bytes(os.path.join(out, name, a)) / (views * rows) for a in ("values", "indices", "lse")}
+    return {name: {a: _chunk_bytes(os.path.join(out, name, a)) / (views * rows) for a in TEACHER_ARRAYS}
             for name in TEACHERS}
 
 
@@ -253,7 +253,7 @@ def bench_bytes(tmp: str, rows: int, views: int, chunk_rows: int, seed: int) -> 
         result[str(k)] = {
             "bytes_per_view_per_teacher": float(np.mean(list(per_teacher.values()))),
             "by_teacher": per_teacher, "by_array": real,
-            "raw_record_bytes": k * (2 + index_dtype(CLASSES).itemsize) + 4,
+            "raw_record_bytes": k * (2 + index_dtype(CLASSES).itemsize) + 2,
             "random_topk_sets_bytes_per_view_per_teacher": float(np.mean([sum(b.values()) for b in hard.values()]))}
         print(f"  K={k:2d}: {result[str(k)]['bytes_per_view_per_teacher']:6.2f} B/view/teacher "
               f"(random top-k sets {result[str(k)]['random_topk_sets_bytes_per_view_per_teacher']:6.2f}, "

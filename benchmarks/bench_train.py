@@ -213,6 +213,7 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
         open_root
     from shared.manifest import Manifest
     from shared.reader import pieces_for_rows, read_piece
+    from shared.targets import encode_logits
     manifest = Manifest.load(manifest_path)
     records = [TeacherRecord(n, n, "random", "", 10, list(SPEC.mean), list(SPEC.std)) for n in ("conv", "inv")]
     attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, 10, views, 10, seed, SPEC.to_dict(), 1024, records)
@@ -226,9 +227,8 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
         keys = [s.key for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
         for v in range(views):
             params = np.stack([sample_view(SPEC, seed, k, v).encode(SPEC) for k in keys])
-            logits = np.sort(rng.normal(size=(hi - lo, 10)).astype(np.float32), 1)[:, ::-1]
-            top = TopK(logits.astype(np.float16), np.tile(np.arange(10, dtype=np.uint8), (hi - lo, 1)),
-                       np.log(np.exp(logits).sum(1)).astype(np.float32))
+            logits = torch.from_numpy(rng.normal(size=(hi - lo, 10)).astype(np.float32))
+            top = TopK.from_float(*encode_logits(logits, 10, attrs.temperatures), 10)
             cache.write_unit(v, chunk, params, {"conv": top, "inv": top})
     root.attrs["status"] = STATUS_COMPLETE
 

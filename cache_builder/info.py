@@ -5,7 +5,7 @@ import fsspec
 import numpy as np
 
 from shared.augment import ViewSpec
-from shared.cache_schema import STATUS_COMPLETE, normalize_url, open_root, read_attrs, CacheError
+from shared.cache_schema import STATUS_COMPLETE, TEACHER_ARRAYS, normalize_url, open_root, read_attrs, CacheError
 
 
 def _du(fs, path: str) -> int:
@@ -34,7 +34,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     teachers = []
     for t in attrs.teachers:
         size = _du(fs, f"{path}/{t.name}")
-        arrays = {leaf: _du(fs, f"{path}/{t.name}/{leaf}") for leaf in ("values", "indices", "lse")}
+        arrays = {leaf: _du(fs, f"{path}/{t.name}/{leaf}") for leaf in TEACHER_ARRAYS}
         teachers.append({"name": t.name, "kind": t.kind, "arch": t.arch, "num_classes": t.num_classes,
                          "test_accuracy": t.test_accuracy, "checkpoint_sha256": t.checkpoint_sha256,
                          "checkpoint": t.extra.get("checkpoint"), "bytes": size,

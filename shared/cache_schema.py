@@ -42,6 +42,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
 RESERVED_NAMES = ("params", "done")
+TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
 
 
 class CacheError(ValueError):

@@ -19,7 +19,8 @@ from tests.cache_fixtures import make_teacher
 from tests.shard_fixtures import make_shards
 from trainer import train as train_mod
 from trainer.data import TrainViews, collate
-from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo, mix_teacher_logits, reconstruct_logits
+from shared.targets import encode_logits
+from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo, mix_log_probs
 
 SEED, VIEWS, N = 3, 2, 67          # 67 rows in shards of 20: the last shard's windows exercise the lone-row rule
 SPEC = ViewSpec(image_size=28, mix="exact", mix_window=6, erase_prob=0.5)
@@ -86,11 +87,11 @@ def test_cached_logits_are_the_teachers_on_the_mixed_view(exact):
     batch = collate(list(ds))
     with torch.inference_mode():
         logits = model.eval()(to_model_input(batch.views, meta.mean, meta.std)).float()
-    top = logits.topk(10, dim=1)
+    log_p = torch.log_softmax(logits.double(), 1)
     stored = cache.read_topk("inv", 1, 0, N)
     order = batch.rows.numpy()
-    np.testing.assert_allclose(stored.values[order].astype(np.float32), top.values.numpy(), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(stored.lse[order], torch.logsumexp(logits, 1).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stored.logp[order].astype(np.float32), log_p.topk(10, dim=1).values.numpy(),
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_exact_cached_and_online_kd_agree_with_mixing(exact, tmp_path):
@@ -109,31 +110,35 @@ def test_exact_cached_and_online_kd_agree_with_mixing(exact, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=2e-3, abs=1e-4), key
 
 
-def test_approx_targets_are_the_linear_mix():
+def test_approx_targets_mix_the_tempered_distributions():
+    """Temper first, then mix: q = λ·σ(z_a/τ) + (1−λ)·σ(z_b/τ) (a K = C record: the targets are the full tempered
+    softmax), not σ(log(λ·σ(z_a) + (1−λ)·σ(z_b))/τ)."""
     torch.manual_seed(0)
-    c, k, b = 12, 5, 6
+    c, b, tau = 12, 6, 2.0
     full = torch.randn(b, c) * 3
-    top = full.topk(k, dim=1)
-    lse = torch.logsumexp(full, 1)
-    z = reconstruct_logits(top.values.half(), top.indices, lse, c)
-    lam = torch.full((b,), 0.3)
+    record = encode_logits(full, c, (1.0, tau))
+    lam = torch.full((b,), 0.8)
     partner = torch.arange(b - 1, -1, -1)
-    mixed = mix_teacher_logits(z, lam, partner).exp()
-    p = torch.softmax(z, 1)
-    torch.testing.assert_close(mixed, 0.3 * p + 0.7 * p[partner], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mix_teacher_logits(z, torch.ones(b), partner).exp(), p)
+    p = torch.softmax(full / tau, 1)
+    torch.testing.assert_close(mix_log_probs(p.log(), lam, partner).exp(), 0.8 * p + 0.2 * p[partner])
+    torch.testing.assert_close(mix_log_probs(p.log(), torch.ones(b), partner).exp(), p)
     # the loss uses exactly these mixed teacher distributions and mixed labels
-    loss = CiTLoss(LossConfig(label_smoothing=0.0), [KDTerm("conv", "conv", "t", 1.0, 1.0)], c)
+    loss = CiTLoss(LossConfig(label_smoothing=0.0, tau1=tau), [KDTerm("conv", "conv", "t", 1.0, tau)], c,
+                   temperatures=(1.0, tau))
     student = {"cls": torch.randn(b, c), "conv": torch.randn(b, c)}
     labels = torch.randint(0, c, (b,))
-    targets = {"t": (top.values.half(), top.indices, lse)}
-    total, parts = loss(student, labels, targets, MixInfo(labels[partner], lam, partner))
-    q = 0.3 * p + 0.7 * p[partner]
-    kl = (q * (q.log() - torch.log_softmax(student["conv"], 1))).sum() / b
-    soft = 0.3 * torch.nn.functional.one_hot(labels, c) + 0.7 * torch.nn.functional.one_hot(labels[partner], c)
+    total, parts = loss(student, labels, {"t": record}, MixInfo(labels[partner], lam, partner))
+    q = 0.8 * p + 0.2 * p[partner]
+    kl = (q * (q.log() - torch.log_softmax(student["conv"] / tau, 1))).sum() / b * tau * tau
+    soft = 0.8 * torch.nn.functional.one_hot(labels, c) + 0.2 * torch.nn.functional.one_hot(labels[partner], c)
     ce = -(soft * torch.log_softmax(student["cls"], 1)).sum(1).mean()
     assert parts["kd_conv"].item() == pytest.approx(kl.item(), rel=1e-5)
     assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    # mixing before tempering gives another target: the own class's weight is no longer λ
+    p1 = torch.softmax(full, 1)
+    before = torch.softmax(torch.log(0.8 * p1 + 0.2 * p1[partner]) / tau, 1)
+    wrong = (before * (before.log() - torch.log_softmax(student["conv"] / tau, 1))).sum() / b * tau * tau
+    assert abs(wrong.item() - kl.item()) > 1e-3
 
 
 def test_approx_mode_trains_from_an_unmixed_cache(exact, tmp_path):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.losses import CiTLoss, KDTerm, LossConfig, kd_kl, reconstruct_logits
+from shared.targets import encode_logits
+from trainer.losses import CiTLoss, KDTerm, LossConfig, kd_kl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,17 +26,16 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _teacher_probs(full: np.ndarray, k: int, tau: float) -> np.ndarray:
-    """The documented target: top-k exact, tail classes at the one logit carrying the tail mass, tempered by τ."""
+    """The documented target, from the full logits: the true top-k probabilities at τ, the true tail mass at τ
+    spread evenly over the other C − k classes."""
     b, c = full.shape
-    lse = np.log(np.exp(full).sum(1))
+    p = np.exp(_log_softmax(full / tau))
     top = np.argsort(-full, 1)[:, :k]
-    recon = np.empty_like(full)
+    q = np.empty_like(p)
     for i in range(b):
-        p_top = np.exp(full[i, top[i]] - lse[i])
-        tail = 1.0 - p_top.sum()
-        recon[i, :] = lse[i] + np.log(tail / (c - k))
-        recon[i, top[i]] = full[i, top[i]]
-    return np.exp(_log_softmax(recon / tau))
+        q[i, :] = (1.0 - p[i, top[i]].sum()) / (c - k) if k < c else 0.0
+        q[i, top[i]] = p[i, top[i]]
+    return q
 
 
 def _eq1(student: dict[str, np.ndarray], labels: np.ndarray, teachers: list[np.ndarray], k: int,
@@ -47,19 +47,25 @@ def _eq1(student: dict[str, np.ndarray], labels: np.ndarray, teachers: list[np.n
     for head, full, lam, tau in zip(("conv", "inv"), teachers, lambdas[1:], taus):
         p = _teacher_probs(full, k, tau)
         log_s = _log_softmax(student[head] / tau)
-        kl = (p * (np.log(p) - log_s)).sum(1).mean()
+        kl = (p * (np.log(np.where(p > 0, p, 1.0)) - log_s)).sum(1).mean()
         total += lam * tau * tau * kl
     return float(total)
 
 
-def _topk(full: np.ndarray, k: int):
-    t = torch.from_numpy(full)
-    top = t.topk(k, 1)
-    return top.values, top.indices, torch.logsumexp(t, 1)
+TEMPS = (0.5, 1.0, 2.0)
+
+
+def _topk(full: np.ndarray, k: int, rounded: bool = False):
+    """The cached record of ``full`` at the temperatures ``TEMPS`` (fp16 like the store when ``rounded``)."""
+    logp, indices, tail = encode_logits(torch.from_numpy(full), k, TEMPS)
+    if rounded:
+        logp, tail = logp.half(), tail.half()
+    return logp, indices, tail
 
 
 @pytest.mark.parametrize("taus", [(1.0, 1.0), (2.0, 0.5)])
-def test_loss_equals_eq1_with_tail_reconstruction(taus):
+@pytest.mark.parametrize("rounded", [False, True])
+def test_loss_equals_eq1_with_the_exact_tail(taus, rounded):
     rng = np.random.default_rng(0)
     b, c, k = 6, 12, 4
     student = {h: rng.normal(size=(b, c)) * 2 for h in ("cls", "conv", "inv")}
@@ -69,50 +75,59 @@ def test_loss_equals_eq1_with_tail_reconstruction(taus):
     cfg = LossConfig(lambda0=lambdas[0], lambda1=lambdas[1], lambda2=lambdas[2], tau1=taus[0], tau2=taus[1],
                      label_smoothing=smoothing)
     terms = [KDTerm("conv", "conv", "t1", cfg.lambda1, cfg.tau1), KDTerm("inv", "inv", "t2", cfg.lambda2, cfg.tau2)]
-    loss_mod = CiTLoss(cfg, terms, c).double()
-    targets = {"t1": _topk(teachers[0], k), "t2": _topk(teachers[1], k)}
+    loss_mod = CiTLoss(cfg, terms, c, temperatures=TEMPS).double()
+    targets = {"t1": _topk(teachers[0], k, rounded), "t2": _topk(teachers[1], k, rounded)}
     loss, parts = loss_mod({h: torch.from_numpy(v) for h, v in student.items()}, torch.from_numpy(labels), targets)
     expected = _eq1(student, labels, teachers, k, lambdas, taus, smoothing)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-3 if rounded else 1e-5)
     assert set(parts) == {"ce", "kd_conv", "kd_inv", "loss"}
 
 
-def test_reconstruction_is_exact_at_tau_1_and_keeps_the_tail_mass():
+def test_target_is_exact_and_spreads_the_tail_uniformly():
     rng = np.random.default_rng(1)
     full = rng.normal(size=(5, 10)) * 2
-    values, indices, lse = _topk(full, 3)
-    recon = reconstruct_logits(values, indices, lse, 10)
-    assert torch.allclose(torch.logsumexp(recon, 1), lse.float(), atol=1e-5)       # total mass 1
-    p = torch.softmax(recon, 1)
-    p_true = torch.softmax(torch.from_numpy(full).float(), 1)
-    assert torch.allclose(p.gather(1, indices), p_true.gather(1, indices), atol=1e-6)   # top-k exact
-    tail = torch.ones_like(p, dtype=torch.bool).scatter_(1, indices, False)
-    per_tail = p[tail].view(5, 7)
-    assert torch.allclose(per_tail, per_tail[:, :1].expand(5, 7))                       # spread uniformly
-    # K = C: the logits themselves; renormalise: no tail mass
-    v, i, l = _topk(full, 10)
-    assert torch.allclose(reconstruct_logits(v, i, l, 10), torch.from_numpy(full).float(), atol=1e-6)
-    renorm = torch.softmax(reconstruct_logits(values, indices, lse, 10, tail="renormalize"), 1)
-    assert torch.allclose(renorm.gather(1, indices).sum(1), torch.ones(5))
-    assert torch.allclose(renorm.gather(1, indices), p_true.gather(1, indices) /
-                          p_true.gather(1, indices).sum(1, keepdim=True), atol=1e-6)
+    loss = CiTLoss(LossConfig(), [], 10, temperatures=TEMPS)
+    for tau in TEMPS:
+        q = loss.teacher_log_probs(_topk(full, 3), tau).exp().double()
+        np.testing.assert_allclose(q.numpy(), _teacher_probs(full, 3, tau), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(q.sum(1), torch.ones(5, dtype=torch.float64))                # total mass 1
+    # K = C: the teacher's full tempered distribution
+    q = loss.teacher_log_probs(_topk(full, 10), 2.0).exp().double().numpy()
+    np.testing.assert_allclose(q, np.exp(_log_softmax(full / 2.0)), rtol=1e-5)
+    # renormalise: no tail mass, the top-k renormalised at τ
+    renorm = CiTLoss(LossConfig(tail="renormalize"), [], 10, temperatures=TEMPS).teacher_log_probs(_topk(full, 3), 2.0)
+    p = _teacher_probs(full, 3, 2.0)
+    top = np.argsort(-full, 1)[:, :3]
+    np.testing.assert_allclose(renorm.exp().double().numpy(), _renormalised(p, top), rtol=1e-5, atol=1e-7)
+
+
+def _renormalised(p: np.ndarray, top: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(p)
+    for i in range(len(p)):
+        out[i, top[i]] = p[i, top[i]] / p[i, top[i]].sum()
+    return out
 
 
 @pytest.mark.parametrize("tail", ["uniform", "renormalize"])
-def test_loss_topk_cuts_a_full_cache_and_online_logits_alike(tail):
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_loss_topk_cuts_a_full_cache_and_online_logits_alike(tail, tau):
     """loss.topk=k on a K=C cache, on a K=k cache and on dense online logits: one and the same target."""
     rng = np.random.default_rng(2)
     full = rng.normal(size=(6, 10)) * 2
     student = {"cls": torch.randn(6, 10), "conv": torch.randn(6, 10)}
     labels = torch.arange(6) % 10
-    terms = [KDTerm("conv", "conv", "t", 1.0, 1.0)]
-    cut = CiTLoss(LossConfig(topk=3, tail=tail), terms, 10)
+    terms = [KDTerm("conv", "conv", "t", 1.0, tau)]
+    cut = CiTLoss(LossConfig(topk=3, tail=tail, tau1=tau), terms, 10, temperatures=TEMPS)
     from_full_cache = cut(student, labels, {"t": _topk(full, 10)})[0]
     from_online = cut(student, labels, {"t": torch.from_numpy(full).float()})[0]
-    from_k3_cache = CiTLoss(LossConfig(tail=tail), terms, 10)(student, labels, {"t": _topk(full, 3)})[0]
-    uncut = CiTLoss(LossConfig(tail=tail), terms, 10)(student, labels, {"t": _topk(full, 10)})[0]
+    plain = CiTLoss(LossConfig(tail=tail, tau1=tau), terms, 10, temperatures=TEMPS)
+    from_k3_cache = plain(student, labels, {"t": _topk(full, 3)})[0]
+    uncut = plain(student, labels, {"t": _topk(full, 10)})[0]
+    online_k3 = CiTLoss(LossConfig(tail=tail, tau1=tau), terms, 10, cache_topk=3)(
+        student, labels, {"t": torch.from_numpy(full).float()})[0]
     assert torch.allclose(from_full_cache, from_k3_cache, atol=1e-6)
     assert torch.allclose(from_online, from_k3_cache, atol=1e-6)
+    assert torch.allclose(online_k3, from_k3_cache, atol=1e-6)     # online targets cut to the cache's K
     assert not torch.allclose(uncut, from_k3_cache, atol=1e-3)
     with pytest.raises(ValueError, match="loss.topk"):
         LossConfig(topk=-1)
@@ -124,7 +139,7 @@ def test_kl_is_batchmean_times_tau_squared():
     s, t = torch.randn(4, 7), torch.randn(4, 7)
     ref = torch.nn.functional.kl_div(torch.log_softmax(s / 3, 1), torch.log_softmax(t / 3, 1), reduction="batchmean",
                                      log_target=True) * 9
-    assert kd_kl(s, t, 3.0).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert kd_kl(s, torch.log_softmax(t / 3, 1), 3.0).item() == pytest.approx(ref.item(), rel=1e-5)   # log-probs at τ
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -195,7 +210,8 @@ def test_join_reads_one_block_per_piece_and_matches_the_cache(data):
         assert ds.reads == pieces * 3         # params + two teachers, once per piece
         for s in samples[:10]:
             top = cache.read_topk("conv_b", epoch % VIEWS, s.row, s.row + 1)
-            np.testing.assert_array_equal(s.topk[1].values, top.values[0])
+            np.testing.assert_array_equal(s.topk[1].logp, top.logp[0])
+            np.testing.assert_array_equal(s.topk[1].tail, top.tail[0])
             np.testing.assert_array_equal(s.topk[1].indices, top.indices[0])
 
 
@@ -393,16 +409,21 @@ def _flat(state: dict) -> torch.Tensor:
 
 def test_cached_and_online_kd_agree(data, tmp_path, monkeypatch):
     """Same seed, same views: cached KD (K = C) and online KD (teachers loaded from the checkpoints the cache
-    records) give the same losses and weights.  With the online logits rounded to fp16, the cache's storage
-    precision, the runs are bit-identical: join, replay and reconstruction are exact.  With fp32 online logits
-    they agree to the fp16 tolerance of the cache."""
+    records) give the same losses and weights.  With the online targets rounded to fp16 like the cache's record,
+    the runs are bit-identical: join, replay and the target model are one.  With fp32 online targets they agree
+    to the fp16 tolerance of the cache."""
     cfg = lambda mode: config(data, "train.batch_size=25", mode=mode, epochs=2)   # noqa: E731
     initial = _flat(train_mod.prepare(cfg("cached")).student.state_dict())
     runs = {"cached": train_mod.train(cfg("cached"), str(tmp_path / "cached")),
             "online": train_mod.train(cfg("online"), str(tmp_path / "online"))}
-    live = train_mod.OnlineTeachers.forward
-    monkeypatch.setattr(train_mod.OnlineTeachers, "forward",
-                        lambda self, views: {k: v.half().float() for k, v in live(self, views).items()})
+    import shared.targets as target_model
+    encode = target_model.encode_logits
+
+    def rounded(logits, k, temperatures):       # the stored precision (the cache holds τ = 1 only)
+        logp, indices, tail = encode(logits, k, (1.0,))
+        return logp.half().float(), indices, tail.half().float()
+
+    monkeypatch.setattr(target_model, "encode_logits", rounded)
     runs["online_fp16"] = train_mod.train(cfg("online"), str(tmp_path / "online_fp16"))
     keys = ("train_loss", "train_ce", "train_kd_conv", "train_kd_inv")
     cached, exact = runs["cached"], runs["online_fp16"]
