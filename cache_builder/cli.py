@@ -104,14 +104,40 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
-def info(url, as_json, storage_options):
+@click.option("--fidelity", is_flag=True, help="Per teacher: distribution of the top-1 probability, the top-k "
+              "coverage and the tail mass at each cached τ on M random views (text and a PNG).")
+@click.option("--sample", type=int, default=1000, show_default=True, metavar="M", help="--fidelity: views sampled.")
+@click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
+              help="--fidelity: also KL(live teacher ‖ cached target) at each cached τ (needs --data).")
+@click.option("--data", default=None, help="--fidelity --teacher: the manifest the cache was built from.")
+@click.option("--png", default="cache-fidelity.png", show_default=True, help="--fidelity: where the plot goes.")
+@click.option("--device", default="auto", show_default=True, help="--fidelity --teacher: where teachers run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--fidelity: which random views.")
+def info(url, as_json, storage_options, fidelity, sample, teachers, data, png, device, seed):
     """Teachers, accuracy, K, E, N, fingerprint, size on disk, bytes per view per teacher, completeness."""
     from cache_builder.info import cache_info, format_info
     try:
+        if fidelity:
+            _fidelity(url, as_json, storage_options, sample, teachers, data, png, device, seed)
+            return
         result = cache_info(url, _storage_options(storage_options))
     except CacheError as exc:
         raise _fail(exc) from None
     click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
+
+
+def _fidelity(url, as_json, storage_options, sample, teachers, data, png, device, seed) -> None:
+    from cache_builder.build import BuildError, parse_teacher_args
+    from cache_builder.fidelity import FidelityOptions, cache_fidelity, fidelity_png, format_fidelity, public
+    try:
+        pairs = dict(parse_teacher_args(teachers)) if teachers else {}
+    except BuildError as exc:
+        raise CacheError(str(exc)) from None
+    options = FidelityOptions(sample=sample, teachers=pairs, data=data, device=device, seed=seed,
+                              storage_options=_storage_options(storage_options))
+    report = cache_fidelity(url, options)
+    fidelity_png(report, png)
+    click.echo(json.dumps(public(report), indent=1) if as_json else format_fidelity(report) + f"\nplot: {png}")
 
 
 @cache.command()

@@ -44,7 +44,7 @@ def built(tmp_path_factory):
     model, meta = load_checkpoint(teacher)
     with torch.inference_mode():
         logits = model.eval()(to_model_input(views, meta.mean, meta.std)).double().numpy()
-    return {"url": url, "logits": logits, "cache": LogitCache.open(url)}
+    return {"url": url, "logits": logits, "cache": LogitCache.open(url), "data": data.path, "teacher": teacher}
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -177,3 +177,32 @@ def test_a_temperature_that_was_not_cached_warns_and_is_approximate(built):
     true_ratio = np.take_along_axis(direct, order, 1) / np.take_along_axis(direct, order, 1).sum(1, keepdims=True)
     np.testing.assert_allclose(ratio, true_ratio, atol=2e-3)
     assert np.abs(q - direct).sum(1).max() > 1e-3
+
+
+def test_fidelity_report_and_live_kl(built, tmp_path):
+    """``cit cache info --fidelity``: the distributions are those of the stored rows; KL(live ‖ cached) equals the
+    direct float64 KL from the full logits to the documented target (top-k exact + uniform tail)."""
+    png = tmp_path / "f.png"
+    args = ["info", built["url"], "--fidelity", "--sample", str(N), "--teacher", f"t={built['teacher']}",
+            "--data", built["data"], "--png", str(png), "--device", "cpu", "--json"]
+    result = CliRunner().invoke(cache_cli, args)
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads(result.output[:result.output.rindex("}") + 1])
+    t = report["teachers"]["t"]
+    full = built["logits"]
+    p1 = _softmax(full).max(1)
+    assert t["top1_probability"]["max"] == pytest.approx(p1.max(), abs=1e-3)
+    assert t["top1_probability"]["p50"] == pytest.approx(np.median(p1), abs=1e-3)
+    for tau in TEMPS:
+        p = _softmax(full / tau)
+        q = _direct_target(full, K, tau)
+        kl = (p * (np.log(p) - np.log(q))).sum(1)
+        got = t["kl_live_vs_cached"][f"{tau:g}"]
+        assert got["mean"] == pytest.approx(kl.mean(), abs=1e-3) and got["max"] == pytest.approx(kl.max(), abs=1e-3)
+        assert t["tail_mass"][f"{tau:g}"]["mean"] == pytest.approx(1 - np.sort(p, 1)[:, -K:].sum(1).mean(), abs=1e-3)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = CliRunner().invoke(cache_cli, ["info", built["url"], "--fidelity", "--png", str(png)])
+    assert text.exit_code == 0 and "top-k coverage τ=2" in text.output and "tail mass τ=4" in text.output
+    refused = CliRunner().invoke(cache_cli, ["info", built["url"], "--fidelity", "--teacher", "t=x.pt"])
+    assert refused.exit_code == 2 and "needs --data" in refused.output
