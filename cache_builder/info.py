@@ -46,7 +46,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "complete": attrs.status == STATUS_COMPLETE and units_done == attrs.num_units,
         "units_done": units_done, "units_total": attrs.num_units,
         "dataset_fingerprint": attrs.dataset_fingerprint, "num_samples": n, "num_classes": attrs.num_classes,
-        "views": e, "topk": attrs.topk, "seed": attrs.seed, "chunk_rows": attrs.chunk_rows,
+        "views": e, "topk": attrs.topk, "temperatures": attrs.temperatures, "seed": attrs.seed,
+        "chunk_rows": attrs.chunk_rows,
         "num_params": ViewSpec.from_dict(attrs.augment).num_params, "augment": attrs.augment, "build": attrs.build,
         "teachers": teachers, "size_bytes": total, "params_bytes": params_bytes,
         "bytes_per_view_per_teacher": (sum(t["bytes"] for t in teachers) / (e * n * len(teachers))
@@ -66,14 +67,15 @@ def _size(n: float) -> str:
 def format_info(info: dict) -> str:
     state = "complete" if info["complete"] else f"INCOMPLETE ({info['status']})"
     lines = [
-        f"cache        {info['url']}",
+        f"cache        {info['url']} (format {info['format']})",
         f"status       {state}: {info['units_done']}/{info['units_total']} units (view x chunk) written",
         f"dataset      N={info['num_samples']} samples, C={info['num_classes']} classes, "
         f"fingerprint {info['dataset_fingerprint']}",
         f"views        E={info['views']}, seed {info['seed']}, {info['num_params']} params per view; "
-        f"K={info['topk']}; chunk {info['chunk_rows']} rows; build {info['build']}",
+        f"K={info['topk']}; exact targets at τ = {', '.join(f'{t:g}' for t in info['temperatures'])}; "
+        f"chunk {info['chunk_rows']} rows; build {info['build']}",
         f"size         {_size(info['size_bytes'])} on disk; {info['bytes_per_view_per_teacher']:.2f} B per view "
-        f"per teacher (logits), {info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
+        f"per teacher (targets), {info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
         "teachers",
     ]
     for t in info["teachers"]:
