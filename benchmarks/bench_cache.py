@@ -412,8 +412,8 @@ def bench_targets(args) -> dict:
                        "top1_probability_median": float(p1.median()), "errors": errors}
                 results.append(row)
                 worst = max(e["tail_abs_error_max"] for e in errors.values())
-                print(f"  {teacher[:24]:<24} S={len(temperatures)} {layout[:40]:<40}: {row['bytes_per_view_per_teacher']:6.2f}"
-                      f" B, worst tail error {worst:.2e}", flush=True)
+                print(f"  {teacher[:24]:<24} S={len(temperatures)} {layout[:40]:<40}: "
+                      f"{row['bytes_per_view_per_teacher']:6.2f} B, worst tail error {worst:.2e}", flush=True)
     chosen = [r for r in results if r["layout"] == LAYOUTS[0]]
     per_s = {len(t): max(r["bytes_per_view_per_teacher"] for r in chosen if len(r["temperatures"]) == len(t))
              for t in TEMPERATURE_SETS}
@@ -478,7 +478,8 @@ def bench_bytes(tmp: str, args) -> dict:
     return {"data": source, "samples": n, "views": e, "chunk_rows": chunk_rows, "teacher": {"arch": arch, **kw},
             "results": results, "goal_at_k10": 30.0,
             "worst_at_k10": max(r["bytes_per_view_per_teacher"] for r in k10),
-            "note": "bytes_per_view_per_teacher = the teacher's chunk files (logp + indices + tail, one τ) / (E*N); array "
+            "note": "bytes_per_view_per_teacher = the teacher's chunk files (logp + indices + tail, one τ) / (E*N); "
+                    "array "
                     "metadata (a few KiB, independent of N) excluded; params are per view, shared by all teachers "
                     "(params_bytes_per_view). C=10: real builds (untrained teachers have flat logits and nearly "
                     "constant rankings, the briefly trained one peaked logits). C=100/1000: synthetic logits with "

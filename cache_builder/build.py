@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
-from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
+from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
 from shared.manifest import Manifest, ManifestError, verify_shards
@@ -376,7 +376,7 @@ def _progress(iterable, enabled: bool, desc: str, total, unit: str = "batch"):
 # The output location
 
 def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs | None]:
-    """("absent" | "empty" | "cache" | "foreign", attrs): what ``url`` holds now."""
+    """("absent" | "empty" | "cache" | "old format" | "foreign", attrs): what ``url`` holds now."""
     url = normalize_url(url)
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.exists(path):
@@ -387,8 +387,14 @@ def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs
         return "empty", None
     try:
         root = open_root(url, "r", storage_options)
-        return "cache", read_attrs(root, url)
     except Exception:  # noqa: BLE001 — any failure to read it as a cit cache means "something else is there"
+        return "foreign", None
+    data = dict(root.attrs)
+    if "dataset_fingerprint" in data and data.get("format") != CACHE_FORMAT:
+        return "old format", None        # a cit cache of another format: replaced only with --force
+    try:
+        return "cache", read_attrs(root, url)
+    except Exception:  # noqa: BLE001
         return "foreign", None
 
 
@@ -622,6 +628,9 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
     if state == "foreign":
         raise BuildError(f"--out {out} already holds something that is not a cit cache; refusing to touch it "
                          "(choose another location or delete it yourself)")
+    if state == "old format" and not force:
+        raise BuildError(f"--out {out} holds a cit cache of an older format (this cit writes format "
+                         f"{CACHE_FORMAT}); pass --force to rebuild it there, or choose another --out")
     if intended.build["device"] == "cpu" and intended.build["cpu_threads"] is None:
         # CPU kernels (oneDNN) may round differently with another intra-op thread count: the count is pinned per
         # cache — a resume (or another rank) uses the stored one, a new cache this process's
@@ -683,7 +692,7 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
         if [r.__dict__ for r in records] != [t.__dict__ for t in existing.teachers]:
             root.attrs.put(attrs.to_json_dict())
         return attrs
-    if state == "cache" and not resume:   # --force: replace whatever cache is there
+    if state in ("cache", "old format") and not resume:   # --force: replace whatever cache is there
         log.warning("--force: replacing the cache at %s", out)
         remove_store(out, storage_options)
     attrs = replace(intended, teachers=records, status=STATUS_CREATING)

@@ -72,8 +72,8 @@ def cache():
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device, precision,
-          chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
+def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
+          precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
     from cache_builder.build import BuildError, build_cache
     from shared.augment import ViewSpec

@@ -23,9 +23,9 @@ Codecs (all standard Zarr v3, readable by plain ``zarr``): Blosc/zstd level 7 wi
 array, and a crc32c checksum on every chunk, so a corrupted or truncated chunk fails loudly on read.  Measured
 against bitshuffle, a K-major transpose, plain zstd and no shuffle (benchmarks/bench_cache.py): byte shuffle is the
 best in total at C = 10..1000, K = 5..20 (for the format-2 arrays too), and the only one that keeps the
-redundancy of real teachers' top-k index sets (bitshuffle doubles the index bytes there).  fp16 log-probabilities
-and fp16 tail log-masses were chosen by the same benchmark: 27.5 B per view and teacher at C = 1000, K = 10, +1.2 B per extra
-temperature, tail-mass error <= 2e-4.
+redundancy of real teachers' top-k index sets (bitshuffle doubles the index bytes there).  fp16
+log-probabilities and fp16 tail log-masses were chosen by the same benchmark: 27.5 B per view and teacher at
+C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.
 
 Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
 ``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.
@@ -234,8 +234,8 @@ def read_attrs(root: zarr.Group, url: str = "") -> CacheAttrs:
         raise CacheError(f"cache {url or '?'} has format {data.get('format')}, this cit reads format {CACHE_FORMAT}"
                          + (" (format 2 stores exact top-k log-probabilities and tail masses instead of fp16 logits)"
                             if old else "")
-                         + f"; rebuild it: `cit cache build --data MANIFEST --teacher NAME=CKPT ... --out {url or 'URL'}"
-                         " --force` with the options it was built with")
+                         + "; rebuild it: `cit cache build --data MANIFEST --teacher NAME=CKPT ... --out "
+                         + f"{url or 'URL'} --force` with the options it was built with")
     try:
         return CacheAttrs.from_json_dict(data)
     except TypeError as exc:

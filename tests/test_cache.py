@@ -385,7 +385,8 @@ def test_exact_mixing_caches_the_mixed_view(world, tmp_path):
             logits = model.eval()(to_model_input(views, meta.mean, meta.std)).float()
         top = logits.topk(K, dim=1)
         np.testing.assert_allclose(cache.read_topk("inv", v, lo, hi).logp.astype(np.float32),
-                                   (top.values - torch.logsumexp(logits, 1, keepdim=True)).numpy(), rtol=1e-3, atol=1e-3)
+                                   (top.values - torch.logsumexp(logits, 1, keepdim=True)).numpy(),
+                                   rtol=1e-3, atol=1e-3)
     report = verify_cache(out, data=world["data"], recompute=10)
     assert report.ok, report.text()
     # mix settings that do not change the cached views are not part of the cache's identity

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache_builder import build_cache
+from cache_builder import BuildError, build_cache
 from cache_builder.cli import cache as cache_cli
 from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TopK
@@ -146,6 +146,13 @@ def test_format_1_is_refused_naming_both_versions_and_the_rebuild(built, tmp_pat
         LogitCache.open(old)
     result = CliRunner().invoke(cache_cli, ["info", old])
     assert result.exit_code == 2 and "format 1" in result.output and "Traceback" not in result.output
+    # the builder refuses to overwrite it without --force, and rebuilds it with --force
+    options = dict(views=1, topk=K, spec=SPEC, seed=2, temperatures=TEMPS, batch_size=16, workers=0, threads=1,
+                   progress=False)
+    with pytest.raises(BuildError, match=r"older format \(this cit writes format 2\); pass --force"):
+        build_cache(built["data"], [f"t={built['teacher']}"], old, **options)
+    assert build_cache(built["data"], [f"t={built['teacher']}"], old, force=True, **options).complete
+    assert LogitCache.open(old).attrs.format == 2
 
 
 def test_the_writer_refuses_an_unsorted_block(built, tmp_path):

@@ -137,6 +137,8 @@ class CiTLoss(torch.nn.Module):
         if isinstance(target, torch.Tensor):
             return target_model.online_log_probs(target, self.online_topk, tau, self.num_classes, mode)
         logp, indices, tails = target
+        if self.temperatures is None:
+            raise ValueError("cached targets need the cache's temperatures (CiTLoss(..., temperatures=...))")
         s = self._cached_slot(tau)
         if s is not None or mode == "renormalize":   # renormalising ignores the tail: exact at every τ
             return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, k, mode)
