@@ -4,6 +4,7 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 
+from shared import provenance
 from shared.augment import ViewSpec
 from shared.cache_schema import STATUS_COMPLETE, normalize_url, open_root, read_attrs, CacheError
 
@@ -48,6 +49,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "dataset_fingerprint": attrs.dataset_fingerprint, "num_samples": n, "num_classes": attrs.num_classes,
         "views": e, "topk": attrs.topk, "seed": attrs.seed, "chunk_rows": attrs.chunk_rows,
         "num_params": ViewSpec.from_dict(attrs.augment).num_params, "augment": attrs.augment, "build": attrs.build,
+        "view_code": attrs.view_code, "provenance": attrs.provenance, "digest_bytes_per_view": _du(fs, f"{path}/digest") / (e * n),
         "teachers": teachers, "size_bytes": total, "params_bytes": params_bytes,
         "bytes_per_view_per_teacher": (sum(t["bytes"] for t in teachers) / (e * n * len(teachers))
                                        if teachers else 0.0),
@@ -74,6 +76,8 @@ def format_info(info: dict) -> str:
         f"K={info['topk']}; chunk {info['chunk_rows']} rows; build {info['build']}",
         f"size         {_size(info['size_bytes'])} on disk; {info['bytes_per_view_per_teacher']:.2f} B per view "
         f"per teacher (logits), {info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
+        f"view code    {info['view_code']}; pixel digests {info['digest_bytes_per_view']:.2f} B per view",
+        f"built with   {provenance.summary(info['provenance'])}",
         "teachers",
     ]
     for t in info["teachers"]:

@@ -9,7 +9,7 @@ from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK
 from shared.manifest import Manifest
 from shared.reader import pieces_for_rows, read_piece
-from shared.views import render_view
+from shared.views import VIEW_CODE, pixel_digest, render_view
 
 
 def teacher_outputs(model: torch.nn.Module, views: torch.Tensor, mean, std) -> torch.Tensor:
@@ -26,7 +26,7 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                              {"checkpoint": t["checkpoint"]} if t.get("checkpoint") else {})
                for name, t in teachers.items()]
     attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, manifest.num_classes, views, topk, seed,
-                       spec.to_dict(), chunk_rows, records)
+                       spec.to_dict(), chunk_rows, records, view_code=dict(VIEW_CODE))
     cache = LogitCache.create(url, attrs, spec.num_params)
     for v in range(views):
         for chunk in range(attrs.num_chunks):
@@ -41,6 +41,7 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                 top = logits.topk(topk, dim=1)
                 outputs[name] = TopK(top.values.half().numpy(), top.indices.numpy().astype(np.uint8),
                                      torch.logsumexp(logits, 1).numpy().astype(np.float32))
-            cache.write_unit(v, chunk, params, outputs)
+            digests = np.asarray([pixel_digest(r[0]) for r in rendered], dtype=np.uint32)
+            cache.write_unit(v, chunk, params, outputs, digests=digests)
     cache.set_status(STATUS_COMPLETE)
     return LogitCache.open(url)
