@@ -4,7 +4,8 @@ Work unit = (view, row chunk), one Zarr chunk in every array.  The pipeline of o
 
     pending units (done map) --split--> this rank's units, grouped by chunk
     DataLoader workers: read the chunk's rows (one sequential pass over its shard(s)), then per fixed batch of
-        rows: decode once, render every pending view of the chunk (``sample_view`` + ``apply_view``) -> uint8
+        rows: decode once, render every pending view of the chunk (``shared.views`` renderer) -> uint8 views,
+        params records and pixel digests
     main process: uint8 batch -> device (pinned, non_blocking) -> each teacher (eval, inference mode, its own
         normalisation, bf16 autocast on CUDA only) -> top-k log-probs + tail log-mass per cached τ, fp32 on the
         device from the full logits (``shared.targets.encode_logits``) -> one packed tensor ->
@@ -33,15 +34,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
+from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
+from shared import provenance
 from shared.manifest import Manifest, ManifestError, verify_shards
 from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
 from shared.shards import ShardError, iter_shard
 from shared.targets import encode_logits
-from shared.views import decode, render_eval
+from shared.views import VIEW_CODE, LoadedRows, PlainRenderer, decode, make_renderer, render_eval
 
 log = logging.getLogger(__name__)
 
@@ -250,30 +252,17 @@ def batch_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def chunk_read_range(manifest: Manifest, spec: ViewSpec, lo: int, hi: int) -> tuple[int, int]:
-    """Rows to load to render rows [lo, hi): themselves, plus their mixing partners' windows in ``exact`` mode."""
-    if spec.mix == "exact":
-        from shared.mixing import rows_with_partners
-        return rows_with_partners(manifest, lo, hi, spec.mix_window)
-    return lo, hi
+    """Rows to load to render rows [lo, hi) (with exact mixing: plus their partners' windows)."""
+    return make_renderer(spec, 0, manifest).rows_to_load(lo, hi)
 
 
-def render_rows(manifest: Manifest, spec: ViewSpec, seed: int, view: int, samples: list[RawSample], first: int,
-                a: int, z: int, images: list | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 views (z-a, C, H, W) and params records of rows [a, z) for view ``view``; ``samples`` hold rows
-    ``first ...`` (in exact mode including every partner window).  ``images``: the decoded images of rows [a, z)
-    (decode once, render every view), used when views are not mixed."""
-    if spec.mix == "exact":   # the mixed view is part of the view: the same function stage 2 calls
-        from shared.views import render_mixed
-        out = render_mixed(spec, seed, view, manifest, samples, range(a, z))
-        return torch.stack([out[r][0] for r in range(a, z)]), np.stack([out[r][1] for r in range(a, z)])
-    raws = samples[a - first:z - first]
-    images = images if images is not None else [decode(raw) for raw in raws]
-    tensors, records = [], []
-    for raw, image in zip(raws, images):
-        params = sample_view(spec, seed, raw.key, view)
-        tensors.append(apply_view(spec, image, params))
-        records.append(params.encode(spec))
-    return torch.stack(tensors), np.stack(records)
+def render_rows(renderer: PlainRenderer, view: int, rows: LoadedRows, a: int,
+                z: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """uint8 views (z-a, C, H, W), params records and uint32 pixel digests of rows [a, z) for view ``view``;
+    ``rows`` holds every row ``renderer.rows_to_load(a, z)`` asks for."""
+    rendered = [renderer.render(view, rows, row) for row in range(a, z)]
+    return (torch.stack([r.pixels for r in rendered]), np.stack([r.params for r in rendered]),
+            np.asarray([r.digest for r in rendered], dtype=np.uint32))
 
 
 class UnitStream(IterableDataset):
@@ -289,23 +278,23 @@ class UnitStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         n = self.manifest.num_samples
-        exact = self.spec.mix == "exact"
+        renderer = make_renderer(self.spec, self.seed, self.manifest)
         for i, (chunk, views) in enumerate(self.groups):
             if i % workers != worker:
                 continue
             lo, hi = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, n)
-            first, last = chunk_read_range(self.manifest, self.spec, lo, hi)
+            first, last = renderer.rows_to_load(lo, hi)
             samples = read_rows(self.manifest, first, last)
             bounds = batch_bounds(lo, hi, self.batch_size)
             for b, (a, z) in enumerate(bounds):
-                raws = samples[a - first:z - first]
-                images = None if exact else [decode(raw) for raw in raws]
-                keys = [raw.key for raw in raws]
+                need_lo, need_hi = renderer.rows_to_load(a, z)
+                rows = LoadedRows(samples[need_lo - first:need_hi - first], keep_images=True)   # decode once
+                keys = [raw.key for raw in samples[a - first:z - first]]
                 for view in views:
-                    tensors, records = render_rows(self.manifest, self.spec, self.seed, view, samples, first, a, z,
-                                                   images)
+                    tensors, records, digests = render_rows(renderer, view, rows, a, z)
                     yield {"view": view, "chunk": chunk, "batch": b, "nbatches": len(bounds), "images": tensors,
-                           "params": torch.from_numpy(records), "keys": keys}
+                           "params": torch.from_numpy(records), "digests": torch.from_numpy(digests.view(np.int32)),
+                           "keys": keys}
 
 
 class EvalStream(IterableDataset):
@@ -553,7 +542,8 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
                           status=STATUS_CREATING,
                           build={"batch_size": batch_size, "precision": precision, "device": dev.type,
                                  "cpu_threads": threads if dev.type == "cpu" else None},
-                          temperatures=list(temperatures))
+                          temperatures=list(temperatures),
+                          view_code=dict(VIEW_CODE), provenance=provenance.collect(dev.type))
 
     comm = _Dist()
     caller_threads = torch.get_num_threads()     # the build pins its own count; give the caller theirs back
@@ -722,9 +712,9 @@ def _remove_partial_writes(url: str) -> None:
 def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int) -> None:
     """Run every teacher on a few real views before anything is written: shapes and finiteness."""
     n = min(8, manifest.num_samples, chunk_rows)
-    first, last = chunk_read_range(manifest, spec, 0, n)
-    samples = read_rows(manifest, first, last)
-    views = render_rows(manifest, spec, seed, 0, samples, first, 0, n)[0].to(runner.device)
+    renderer = make_renderer(spec, seed, manifest)
+    samples = read_rows(manifest, *renderer.rows_to_load(0, n))
+    views = render_rows(renderer, 0, LoadedRows(samples), 0, n)[0].to(runner.device)
     keys = [r.key for r in samples[:n]]
     with torch.inference_mode():
         for teacher in runner.teachers:
@@ -751,13 +741,14 @@ class _Unit:
 
 
 def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
-    packed, params, keys = [], [], []
+    packed, params, digests, keys = [], [], [], []
     for b in range(unit.nbatches):
-        host, event, p, k = unit.parts[b]
+        host, event, p, d, k = unit.parts[b]
         if event is not None:
             event.synchronize()
         packed.append(host.numpy())
         params.append(p.numpy())
+        digests.append(d.numpy().view(np.uint32))
         keys.extend(k)
     packed = np.concatenate(packed)
     outputs = {}
@@ -765,7 +756,7 @@ def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_clas
         out = unpack_topk(packed, i, topk, num_classes)
         check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
         outputs[name] = out[0]
-    cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs)
+    cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs, digests=np.concatenate(digests))
 
 
 def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
@@ -803,7 +794,7 @@ def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spe
                         host = packed
                     key = (item["view"], item["chunk"])
                     unit = units.setdefault(key, _Unit(item["view"], item["chunk"], item["nbatches"]))
-                    unit.parts[item["batch"]] = (host, event, item["params"], item["keys"])
+                    unit.parts[item["batch"]] = (host, event, item["params"], item["digests"], item["keys"])
                     rows = len(item["keys"])
                     built_views += rows
                     if bar is not None:

@@ -148,15 +148,21 @@ def _fidelity(url, as_json, storage_options, sample, teachers, data, png, device
 @click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
               help="Checkpoint for --recompute (default: the path recorded at build time).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Which random views --recompute picks.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Which random views --recompute and --pixels --sample pick.")
+@click.option("--pixels", is_flag=True, help="Re-render stored views from the shards (needs --data) and check their "
+              "params records and pixel digests; no teacher needed.")
+@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True, metavar="M",
+              help="With --pixels: check M random views instead of all.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def verify(url, data, recompute, teachers, device, seed, storage_options, as_json):
+def verify(url, data, recompute, teachers, device, seed, pixels, sample, storage_options, as_json):
     """Check structure, completeness, fingerprint, finiteness, index range, sorting (and recompute M views)."""
     from cache_builder.verify import verify_cache
     try:
         report = verify_cache(url, data=data, recompute=recompute, teachers=list(teachers) or None,
-                              storage_options=_storage_options(storage_options), device=device, seed=seed)
+                              storage_options=_storage_options(storage_options), device=device, seed=seed,
+                              pixels=pixels, sample=sample)
     except (CacheError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fsspec
 import numpy as np
 
+from shared import provenance
 from shared.augment import ViewSpec
 from shared.cache_schema import STATUS_COMPLETE, TEACHER_ARRAYS, normalize_url, open_root, read_attrs, CacheError
 
@@ -49,6 +50,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "views": e, "topk": attrs.topk, "temperatures": attrs.temperatures, "seed": attrs.seed,
         "chunk_rows": attrs.chunk_rows,
         "num_params": ViewSpec.from_dict(attrs.augment).num_params, "augment": attrs.augment, "build": attrs.build,
+        "view_code": attrs.view_code, "provenance": attrs.provenance, "digest_bytes_per_view": _du(fs, f"{path}/digest") / (e * n),
         "teachers": teachers, "size_bytes": total, "params_bytes": params_bytes,
         "bytes_per_view_per_teacher": (sum(t["bytes"] for t in teachers) / (e * n * len(teachers))
                                        if teachers else 0.0),
@@ -76,6 +78,8 @@ def format_info(info: dict) -> str:
         f"chunk {info['chunk_rows']} rows; build {info['build']}",
         f"size         {_size(info['size_bytes'])} on disk; {info['bytes_per_view_per_teacher']:.2f} B per view "
         f"per teacher (targets), {info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
+        f"view code    {info['view_code']}; pixel digests {info['digest_bytes_per_view']:.2f} B per view",
+        f"built with   {provenance.summary(info['provenance'])}",
         "teachers",
     ]
     for t in info["teachers"]:

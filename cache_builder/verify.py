@@ -1,4 +1,5 @@
-"""``cit cache verify``: structure, completeness, fingerprint, content sanity and (optionally) teacher recompute.
+"""``cit cache verify``: structure, completeness, fingerprint, content sanity and (optionally) pixel replay and
+teacher recompute.
 
 Content checks read one (view, chunk) block at a time (bounded memory, one Zarr call per array per block).
 Every chunk carries a crc32c, so a byte-level corruption shows up as an unreadable chunk.
@@ -61,10 +62,12 @@ class VerifyReport:
 
 def verify_cache(url: str, data: str | None = None, recompute: int = 0, teachers: dict | list | None = None,
                  storage_options: dict | None = None, device: str = "auto", batch_size: int = 64,
-                 seed: int = 0) -> VerifyReport:
+                 seed: int = 0, pixels: bool = False, sample: int = 0) -> VerifyReport:
     """Check the cache at ``url``; ``data`` is the manifest it should have been built from.  ``recompute`` > 0 re-runs
     the teachers (checkpoints from ``teachers`` NAME->PATH, else the paths recorded at build time) on that many
-    random stored views and compares.  Returns a report; never raises for a problem it can name."""
+    random stored views and compares.  ``pixels`` re-renders every stored view (``sample`` > 0: that many random
+    ones) from the shards and checks its params record and pixel digest — no teacher needed.  Returns a report;
+    never raises for a problem it can name."""
     report = VerifyReport(url)
     try:
         root = open_root(url, "r", storage_options)
@@ -85,6 +88,11 @@ def verify_cache(url: str, data: str | None = None, recompute: int = 0, teachers
     if data:
         manifest = _check_fingerprint(attrs, data, report)
     _check_content(root, attrs, spec, done, report)
+    if pixels:
+        if manifest is None:
+            report.problem("pixels", "--pixels needs --data (the manifest to re-render the views from)")
+        else:
+            _check_pixels(root, attrs, spec, manifest, done, sample, seed, report)
     if recompute > 0:
         if manifest is None:
             report.problem("recompute", "--recompute needs --data (the manifest to rebuild the views from)")
@@ -201,10 +209,62 @@ def _check_block(name, where, logp, indices, tail, attrs: CacheAttrs, report) ->
                            f"{total[np.argmax(np.abs(total - 1.0))]:.4f})")
 
 
+def _pick_views(attrs: CacheAttrs, done: np.ndarray, m: int, seed: int) -> list[tuple[int, int]]:
+    """``m`` random distinct (view, row) among written units, deterministic in ``seed``, sorted by row."""
+    rng = np.random.default_rng(seed)
+    units = np.argwhere(done == 1)
+    picks: set = set()
+    tries = 0
+    while len(units) and len(picks) < min(m, attrs.views * attrs.num_samples) and tries < 100 * m:
+        v, chunk = units[rng.integers(len(units))]
+        lo, hi = attrs.chunk_rows_range(int(chunk))
+        picks.add((int(v), int(rng.integers(lo, hi))))
+        tries += 1
+    return sorted(picks, key=lambda p: (p[1], p[0]))
+
+
+def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, sample: int,
+                  seed: int, report: VerifyReport) -> None:
+    """Re-render stored views through the shared renderer; compare params records and pixel digests."""
+    from shared.views import VIEW_CODE, LoadedRows, make_renderer, view_mismatch
+    if attrs.view_code != VIEW_CODE:
+        report.problem("pixels", f"the views were rendered by view code {attrs.view_code or 'of an older cit'}, "
+                       f"this cit renders {VIEW_CODE}: rebuild the cache")
+        return
+    renderer = make_renderer(spec, attrs.seed, manifest)
+    if sample > 0:
+        picks = _pick_views(attrs, done, sample, seed)
+    else:
+        picks = [(v, row) for row in range(attrs.num_samples) for v in range(attrs.views)
+                 if done[v, row // attrs.chunk_rows] == 1]
+    by_chunk: dict[int, list[tuple[int, int]]] = collections.defaultdict(list)
+    for v, row in picks:
+        by_chunk[row // attrs.chunk_rows].append((v, row))
+    bad = 0
+    for chunk, chunk_picks in sorted(by_chunk.items()):
+        lo, hi = attrs.chunk_rows_range(chunk)
+        wanted = sorted({r for _, row in chunk_picks for r in range(*renderer.rows_to_load(row, row + 1))})
+        rows = LoadedRows(list(_read_rows(manifest, wanted).values()), keep_images=True)
+        stored = {}
+        for v in sorted({v for v, _ in chunk_picks}):
+            stored[v] = (np.asarray(root["params"][v, lo:hi]), np.asarray(root["digest"][v, lo:hi]))
+        for v, row in chunk_picks:
+            params, digests = stored[v]
+            problem = view_mismatch(v, rows.raw(row), renderer.render(v, rows, row), params[row - lo],
+                                    digests[row - lo])
+            if problem:
+                bad += 1
+                report.problem("pixels", problem)
+    if bad == 0:
+        report.passed.append(f"pixels: {len(picks)} {'random ' if sample > 0 else ''}views re-rendered from the "
+                             "shards: params records and pixel digests match")
+
+
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
-    from cache_builder.build import (BuildError, TeacherRunner, chunk_read_range, load_teachers, parse_teacher_args,
-                                     render_rows, resolve_device)
+    from cache_builder.build import (BuildError, TeacherRunner, load_teachers, parse_teacher_args, render_rows,
+                                     resolve_device)
+    from shared.views import LoadedRows, make_renderer
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
     for t in attrs.teachers:
@@ -229,21 +289,12 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     if precision == "bf16" and dev.type != "cuda":
         precision = "fp32"     # compare with the looser bf16 tolerance below
     runner = TeacherRunner(loaded, dev, precision, attrs.topk, tuple(attrs.temperatures))
-    # pick m random (view, row) among written units, deterministic in ``seed``
-    rng = np.random.default_rng(seed)
-    units = np.argwhere(done == 1)
-    if len(units) == 0:
+    picks = _pick_views(attrs, done, m, seed)
+    if not picks:
         report.problem("recompute", "no written units to recompute")
         return
-    picks = set()
-    tries = 0
-    while len(picks) < min(m, attrs.views * attrs.num_samples) and tries < 100 * m:
-        v, chunk = units[rng.integers(len(units))]
-        lo, hi = attrs.chunk_rows_range(int(chunk))
-        picks.add((int(v), int(rng.integers(lo, hi))))
-        tries += 1
-    picks = sorted(picks, key=lambda p: (p[1], p[0]))
-    ranges = {row: chunk_read_range(manifest, spec, row, row + 1) for _, row in picks}   # + mixing partners
+    renderer = make_renderer(spec, attrs.seed, manifest)
+    ranges = {row: renderer.rows_to_load(row, row + 1) for _, row in picks}   # + mixing partners
     raws = _read_rows(manifest, sorted({r for lo, hi in ranges.values() for r in range(lo, hi)}))
     k, c = attrs.topk, attrs.num_classes
     loose = attrs.build.get("precision") == "bf16"
@@ -268,8 +319,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         for v, row in batch:
             raw = raws[row]
             lo, hi = ranges[row]
-            view, record = render_rows(manifest, spec, attrs.seed, v, [raws[r] for r in range(lo, hi)], lo, row,
-                                       row + 1)
+            view, record, _ = render_rows(renderer, v, LoadedRows([raws[r] for r in range(lo, hi)]), row, row + 1)
             if not np.array_equal(stored("params", v, row).view(np.uint32), record[0].view(np.uint32)):
                 report.problem("recompute", f"view {v} of {raw.key!r} (row {row}): stored params differ from the "
                                "replayed view's")

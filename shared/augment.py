@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from shared import exact_math
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -88,16 +90,21 @@ class ViewSpec:
             raise ValueError(f"augment.ra_num_ops must be >= 0, got {self.ra_num_ops}")
 
     @property
+    def mixes_views(self) -> bool:
+        """Whether mixing is part of each cached view (``exact``): the one place that decides it."""
+        return self.mix == "exact"
+
+    @property
     def num_params(self) -> int:
-        """Length of a view's params record: the augmentation record, plus the mix record in exact mode."""
-        from shared.mixing import MixParams
-        return ViewParams.size(self) + (MixParams.SIZE if self.mix == "exact" else 0)
+        """Length of a view's params record (``PARAMS_FIELDS``): the augmentation part, plus the mix part in exact
+        mode."""
+        return record_size(self)
 
     def view_identity(self) -> dict:
         """What defines the *cached* views.  Mix settings only count in exact mode: an ``approx`` or ``off`` run
         trains on the same unmixed cached views."""
         data = self.to_dict()
-        if self.mix != "exact":
+        if not self.mixes_views:
             for name in MIX_FIELDS:
                 data.pop(name)
         return data
@@ -108,11 +115,74 @@ MIX_FIELDS = ("mix", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The params record
+# The params record: one declarative field table drives its encoding, decoding and length
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    width: int = 1
+    repeat: str = ""        # a ViewSpec attribute giving how many times the field repeats ("" = once)
+    part: str = "view"      # view | mix (the mix part exists only when the spec mixes views)
+
+
+# Bump when the layout or the meaning of a field changes: it is part of the cache identity (``VIEW_CODE``).
+PARAMS_LAYOUT_VERSION = 2
+PARAMS_FIELDS: tuple[Field, ...] = (
+    Field("crop", 4),                       # area fraction, log aspect, u_top, u_left
+    Field("flip"),                          # 0 | 1
+    Field("op", 2, repeat="ra_num_ops"),    # op id (-1: skipped), signed level
+    Field("erase_on"),                      # 0 | 1
+    Field("erase", 4),                      # area fraction, log aspect, u_top, u_left (0 when off)
+    Field("noise_seed"),                    # key of the erasing noise's Philox stream (< 2**24)
+    Field("mix_kind", part="mix"),          # shared.mixing.MIX_NONE | MIX_MIXUP | MIX_CUTMIX
+    Field("mix_partner", part="mix"),       # partner row, -1 when not mixed
+    Field("mix_lam", part="mix"),           # weight of the row's own view
+    Field("mix_box", 4, part="mix"),        # CutMix box: top, left, h, w (pixels)
+)
+
+
+def record_slices(spec: "ViewSpec | None", parts: tuple[str, ...] | None = None) -> dict[str, slice]:
+    """name -> slice of the record, for the parts present (default: all parts this spec's record has)."""
+    if parts is None:
+        parts = ("view", "mix") if spec is not None and spec.mixes_views else ("view",)
+    out, at = {}, 0
+    for f in PARAMS_FIELDS:
+        if f.part not in parts:
+            continue
+        width = f.width * (int(getattr(spec, f.repeat)) if f.repeat else 1)
+        out[f.name] = slice(at, at + width)
+        at += width
+    return out
+
+
+def record_size(spec: "ViewSpec | None", parts: tuple[str, ...] | None = None) -> int:
+    slices = record_slices(spec, parts)
+    return max((s.stop for s in slices.values()), default=0)
+
+
+def encode_record(spec: "ViewSpec | None", values: dict, parts: tuple[str, ...] | None = None) -> np.ndarray:
+    """The float32 record of ``values`` (name -> number or sequence); every field of ``parts`` must be given."""
+    slices = record_slices(spec, parts)
+    if set(values) != set(slices):
+        raise ValueError(f"params record fields {sorted(values)} do not match the layout {list(slices)}")
+    record = np.empty(record_size(spec, parts), dtype=np.float32)
+    for name, where in slices.items():
+        record[where] = np.asarray(values[name], dtype=np.float64).reshape(-1)
+    return record
+
+
+def decode_record(spec: "ViewSpec | None", record: np.ndarray,
+                  parts: tuple[str, ...] | None = None) -> dict[str, list[float]]:
+    record = np.asarray(record, dtype=np.float32)
+    size = record_size(spec, parts)
+    if record.shape != (size,):
+        raise ValueError(f"params record has shape {record.shape}, the layout expects ({size},)")
+    return {name: [float(x) for x in record[where]] for name, where in record_slices(spec, parts).items()}
+
 
 @dataclass
 class ViewParams:
-    """All random choices of one view.  Encodes to a fixed-size float32 record; every field is exactly
+    """All random choices of one view (the ``view`` part of ``PARAMS_FIELDS``).  Every field is exactly
     representable in float32 (integers < 2**24), so decode(encode(p)) == p and apply sees the same numbers."""
     crop: tuple[float, float, float, float] = (1.0, 0.0, 0.5, 0.5)   # area fraction, log aspect, u_top, u_left
     flip: bool = False
@@ -120,33 +190,23 @@ class ViewParams:
     erase: tuple[float, float, float, float] | None = None           # area fraction, log aspect, u_top, u_left
     noise_seed: int = 0
 
-    HEAD = 5     # crop(4) + flip
-    TAIL = 6     # erase flag + erase(4) + noise seed
-
     @staticmethod
     def size(spec: ViewSpec) -> int:
-        return ViewParams.HEAD + 2 * spec.ra_num_ops + ViewParams.TAIL
+        return record_size(spec, ("view",))
 
     def encode(self, spec: ViewSpec) -> np.ndarray:
         ops = list(self.ops) + [(-1, 0.0)] * (spec.ra_num_ops - len(self.ops))
-        record = [*self.crop, float(self.flip)]
-        for op, level in ops:
-            record += [op, level]
-        record += [1.0, *self.erase] if self.erase is not None else [0.0, 0.0, 0.0, 0.0, 0.0]
-        record.append(self.noise_seed)
-        return np.asarray(record, dtype=np.float32)
+        return encode_record(spec, {"crop": self.crop, "flip": float(self.flip), "op": ops,
+                                    "erase_on": float(self.erase is not None), "erase": self.erase or (0.0,) * 4,
+                                    "noise_seed": self.noise_seed}, ("view",))
 
     @classmethod
     def decode(cls, record: np.ndarray, spec: ViewSpec) -> "ViewParams":
-        record = np.asarray(record, dtype=np.float32)
-        if record.shape != (cls.size(spec),):
-            raise ValueError(f"params record has shape {record.shape}, spec expects ({cls.size(spec)},)")
-        r = [float(x) for x in record]
-        n = spec.ra_num_ops
-        ops = [(int(r[cls.HEAD + 2 * i]), r[cls.HEAD + 2 * i + 1]) for i in range(n)]
-        tail = r[cls.HEAD + 2 * n:]
-        erase = tuple(tail[1:5]) if tail[0] > 0 else None
-        return cls(crop=tuple(r[0:4]), flip=r[4] > 0, ops=ops, erase=erase, noise_seed=int(tail[5]))
+        r = decode_record(spec, record, ("view",))
+        ops = [(int(r["op"][2 * i]), r["op"][2 * i + 1]) for i in range(spec.ra_num_ops)]
+        erase = tuple(r["erase"]) if r["erase_on"][0] > 0 else None
+        return cls(crop=tuple(r["crop"]), flip=r["flip"][0] > 0, ops=ops, erase=erase,
+                   noise_seed=int(r["noise_seed"][0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,27 +224,28 @@ def _f32(x: float) -> float:
 
 def _box(u: np.ndarray, area: tuple[float, float], ratio: tuple[float, float]) -> tuple:
     """Four uniforms -> relative box (area fraction, log aspect, u_top, u_left), float32-exact."""
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    log_lo, log_hi = exact_math.log(ratio[0]), exact_math.log(ratio[1])
     return (_f32(area[0] + u[0] * (area[1] - area[0])), _f32(log_lo + u[1] * (log_hi - log_lo)),
             _f32(u[2]), _f32(u[3]))
 
 
 def sample_view(spec: ViewSpec, seed: int, key: str, view: int) -> ViewParams:
     """Every draw comes from one block of uniforms in a fixed layout, so switching an op off (or on) leaves the
-    other ops' draws alone, and one generator call serves the whole view (it is on the loader's hot path)."""
+    other ops' draws alone, and one generator call serves the whole view (it is on the loader's hot path).
+    Uniforms are Philox bits scaled by 2**-53 (exact); the magnitude noise is Box–Muller in ``exact_math``."""
     rng = view_generator(seed, key, view)
     n = spec.ra_num_ops
-    u = rng.random(5 + 3 * n + 6)          # crop(4) flip(1) | per op: applied, op, sign | erase(1+4) seed(1)
-    normals = rng.standard_normal(n) if n else ()
+    u = rng.random(5 + 5 * n + 6)   # crop(4) flip(1) | per op: applied, op, sign, normal(2) | erase(1+4) seed(1)
     crop = _box(u[0:4], spec.rrc_scale, spec.rrc_ratio)
     flip = bool(u[4] < spec.hflip)
     ops = []
     for i in range(n):
-        applied, which, sign = u[5 + 3 * i: 8 + 3 * i]
-        magnitude = min(max(spec.ra_magnitude + spec.ra_magnitude_std * normals[i], 0.0), _MAX_LEVEL)
+        applied, which, sign, n1, n2 = (float(x) for x in u[5 + 5 * i: 10 + 5 * i])
+        normal = exact_math.normal_from(n1, n2)
+        magnitude = min(max(spec.ra_magnitude + spec.ra_magnitude_std * normal, 0.0), _MAX_LEVEL)
         level = -magnitude if sign < 0.5 else magnitude
         ops.append((int(which * len(RAND_OPS)), _f32(level)) if applied < spec.ra_prob else (-1, 0.0))
-    tail = u[5 + 3 * n:]
+    tail = u[5 + 5 * n:]
     erase = _box(tail[1:5], spec.erase_area, spec.erase_ratio) if tail[0] < spec.erase_prob else None
     return ViewParams(crop=crop if spec.rrc else (1.0, 0.0, 0.5, 0.5), flip=flip, ops=ops, erase=erase,
                       noise_seed=int(tail[5] * (1 << 24)))
@@ -201,7 +262,7 @@ def box_pixels(box: tuple[float, float, float, float], height: int, width: int) 
     """Relative (area, log aspect, u_top, u_left) -> integer (top, left, h, w), clamped inside the image."""
     area, log_ratio, u_top, u_left = box
     target = area * height * width
-    ratio = math.exp(log_ratio)
+    ratio = exact_math.exp(log_ratio)
     w = min(max(int(round(math.sqrt(target * ratio))), 1), width)
     h = min(max(int(round(math.sqrt(target / ratio))), 1), height)
     top = min(int(u_top * (height - h + 1)), height - h)
@@ -226,8 +287,7 @@ RAND_OPS: list[tuple[str, callable]] = [
     ("AutoContrast", lambda img, level: ImageOps.autocontrast(img)),
     ("Equalize", lambda img, level: ImageOps.equalize(img)),
     ("Invert", lambda img, level: ImageOps.invert(img)),
-    ("Rotate", lambda img, level: img.rotate(level / _MAX_LEVEL * 30.0, resample=Image.BILINEAR,
-                                             fillcolor=_fill(img))),
+    ("Rotate", lambda img, level: _rotate(img, level / _MAX_LEVEL * 30.0)),
     ("PosterizeIncreasing", lambda img, level: ImageOps.posterize(img, max(1, 4 - int(abs(level) / _MAX_LEVEL * 4)))),
     ("SolarizeIncreasing", lambda img, level: ImageOps.solarize(img, 256 - int(abs(level) / _MAX_LEVEL * 256))),
     ("SolarizeAdd", lambda img, level: _solarize_add(img, int(abs(level) / _MAX_LEVEL * 110))),
@@ -242,16 +302,36 @@ RAND_OPS: list[tuple[str, callable]] = [
 ]
 
 
+def _rotate(image: Image.Image, degrees: float) -> Image.Image:
+    """``Image.rotate(degrees, BILINEAR)`` about the centre, with the matrix from ``exact_math.sin_cos`` instead of
+    the C library's (Pillow's own code otherwise: the same reverse affine matrix, rounded to 15 digits)."""
+    if degrees % 360.0 == 0:
+        return image.copy()
+    w, h = image.size
+    sin, cos = exact_math.sin_cos(-degrees * (math.pi / 180.0))
+    a, b, d, e = round(cos, 15), round(sin, 15), round(-sin, 15), round(cos, 15)
+    cx, cy = w / 2, h / 2
+    c = a * -cx + b * -cy + cx
+    f = d * -cx + e * -cy + cy
+    return image.transform((w, h), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR,
+                           fillcolor=_fill(image))
+
+
 def _solarize_add(image: Image.Image, add: int, threshold: int = 128) -> Image.Image:
     lut = [min(255, i + add) if i < threshold else i for i in range(256)]
     return image.point(lut * (3 if image.mode == "RGB" else 1))
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.array(image, dtype=np.uint8)  # a writable copy: erasing writes into the tensor
+def to_uint8_array(image: Image.Image) -> np.ndarray:
+    """uint8 (C, H, W), C-contiguous and writable (erasing writes into it)."""
+    array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
-        return torch.from_numpy(array).unsqueeze(0)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return np.array(array[None])
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(to_uint8_array(image))
 
 
 def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.Tensor:
@@ -266,16 +346,24 @@ def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.
     for op, level in params.ops:
         if op >= 0:
             image = RAND_OPS[op][1](image, level)
-    view = to_uint8_tensor(image)
+    view = to_uint8_array(image)
     if params.erase is not None:
-        c = view.shape[0]
-        top, left, h, w = box_pixels(params.erase, spec.image_size, spec.image_size)
-        generator = torch.Generator().manual_seed(params.noise_seed)
-        mean = torch.tensor(_per_channel(spec.mean, c)).view(c, 1, 1)
-        std = torch.tensor(_per_channel(spec.std, c)).view(c, 1, 1)
-        noise = torch.randn((c, h, w), generator=generator) * std + mean
-        view[:, top:top + h, left:left + w] = (noise * 255).round_().clamp_(0, 255).to(torch.uint8)
-    return view
+        erase_noise(spec, view, params)
+    return torch.from_numpy(view)
+
+
+_NOISE_DOMAIN = 0x4E4F495345 << 32      # keeps the noise streams apart from every other Philox key of a view
+
+
+def erase_noise(spec: ViewSpec, view: np.ndarray, params: ViewParams) -> None:
+    """Fill the erase box of ``view`` (uint8 C, H, W; in place) with per-pixel N(mean, std) noise quantised to
+    uint8 — from a Philox stream keyed by the record's noise seed and integer table look-ups, so no CPU vector
+    path or thread count can change it."""
+    c = view.shape[0]
+    top, left, h, w = box_pixels(params.erase, spec.image_size, spec.image_size)
+    bits = exact_math.uniform_bits(_NOISE_DOMAIN + params.noise_seed, c * h * w).reshape(c, h, w)
+    for channel, (mean, std) in enumerate(zip(_per_channel(spec.mean, c), _per_channel(spec.std, c))):
+        view[channel, top:top + h, left:left + w] = exact_math.quantised_normal(bits[channel], mean, std)
 
 
 def eval_view(spec: ViewSpec, image: Image.Image) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
     <root>/                       group; attributes = CacheAttrs (format, fingerprint, spec, seed, E, K, teachers,
                                   build settings, status)
-    <root>/params                 float32 (E, N, P)   view params records (shared.augment.ViewParams)
+    <root>/params                 float32 (E, N, P)   view params records (shared.augment.PARAMS_FIELDS)
+    <root>/digest                 uint32  (E, N)      crc32 of each view's uint8 pixels (shared.views.pixel_digest)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
     <root>/<teacher>/logp         float16 (E, N, K)   top-k log-probabilities z_i − lse(z), sorted descending
     <root>/<teacher>/indices      uint8 / int16 / int32 (E, N, K)  their class ids (narrowest that holds C-1)
@@ -43,7 +44,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
 CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
-RESERVED_NAMES = ("params", "done")
+RESERVED_NAMES = ("params", "digest", "done")
 TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
 
 
@@ -80,6 +81,8 @@ class CacheAttrs:
     created_by: str = "cit"
     build: dict = field(default_factory=dict)   # settings that change the stored bits: batch_size, precision
     temperatures: list[float] = field(default_factory=lambda: [1.0])   # τ at which the tail mass is stored
+    view_code: dict = field(default_factory=dict)   # shared.views.VIEW_CODE: params layout, renderer, digest
+    provenance: dict = field(default_factory=dict)  # shared.provenance.collect(): library versions, CPU/GPU
 
     @property
     def num_chunks(self) -> int:
@@ -101,11 +104,13 @@ class CacheAttrs:
 
     def identity(self) -> dict:
         """What must agree for two builds to be the same cache: everything that determines the stored arrays.
-        Excluded: the status, per-teacher measurements/notes (``test_accuracy``, ``extra``) and mix settings that
-        do not change the cached views (``ViewSpec.view_identity``: only ``exact`` mixing is part of a view)."""
+        Excluded: the status, the provenance (the pixel digests decide whether another environment renders the same
+        views), per-teacher measurements/notes (``test_accuracy``, ``extra``) and mix settings that do not change
+        the cached views (``ViewSpec.view_identity``: only ``exact`` mixing is part of a view)."""
         from shared.augment import ViewSpec
         data = asdict(self)
         data.pop("status")
+        data.pop("provenance")
         data["augment"] = ViewSpec.from_dict(data["augment"]).view_identity()
         for teacher in data["teachers"]:
             teacher.pop("test_accuracy")
@@ -157,6 +162,7 @@ def expected_arrays(attrs: CacheAttrs, num_params: int) -> dict[str, tuple[tuple
     """path -> (shape, chunks, dtype) of every array of the layout."""
     e, n, k, r = attrs.views, attrs.num_samples, attrs.topk, attrs.chunk_rows
     arrays = {"params": ((e, n, num_params), (1, r, num_params), np.dtype(np.float32)),
+              "digest": ((e, n), (1, r), np.dtype(np.uint32)),
               "done": ((e, attrs.num_chunks), (1, 1), np.dtype(np.uint8))}
     for teacher in attrs.teachers:
         s = len(attrs.temperatures)
@@ -179,7 +185,7 @@ def open_root(url: str, mode: str, storage_options: dict | None = None) -> zarr.
 
 def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int) -> None:
     """Create every array of the layout (empty); attributes are written by the caller."""
-    fills = {"params": np.nan, "done": 0}
+    fills = {"params": np.nan, "digest": 0, "done": 0}
     for path, (shape, chunks, dtype) in expected_arrays(attrs, num_params).items():
         leaf = path.rsplit("/", 1)[-1]
         if path == "done":   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
@@ -304,11 +310,16 @@ class LogitCache:
     def read_params(self, view: int, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.array("params")[view, lo:hi])
 
+    def read_digests(self, view: int, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self.array("digest")[view, lo:hi])
+
     def done_map(self) -> np.ndarray:
         return np.asarray(self.array("done")[:])
 
-    def write_unit(self, view: int, chunk: int, params: np.ndarray, outputs: dict[str, TopK]) -> None:
-        """Write one whole (view, chunk) unit in every array, then mark it done (last, so a kill leaves it undone)."""
+    def write_unit(self, view: int, chunk: int, params: np.ndarray, outputs: dict[str, TopK], *,
+                   digests: np.ndarray) -> None:
+        """Write one whole (view, chunk) unit in every array, then mark it done (last, so a kill leaves it undone).
+        ``digests``: each row's ``shared.views.pixel_digest``."""
         lo, hi = self.attrs.chunk_rows_range(chunk)
         if set(outputs) != set(self.teacher_names):
             raise CacheError(f"write_unit needs outputs for exactly the teachers {self.teacher_names}, "
@@ -316,6 +327,7 @@ class LogitCache:
         for name, out in outputs.items():
             check_topk_block(out, f"teacher {name}, view {view}, chunk {chunk}")
         self.array("params")[view, lo:hi] = params
+        self.array("digest")[view, lo:hi] = np.asarray(digests, dtype=np.uint32)
         for name, out in outputs.items():
             self.array(f"{name}/logp")[view, lo:hi] = out.logp
             self.array(f"{name}/indices")[view, lo:hi] = out.indices

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shared import exact_math
+from shared.augment import decode_record, encode_record, record_size
 from shared.manifest import Manifest
 
 MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
@@ -29,21 +31,24 @@ MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
 @dataclass(frozen=True)
 class MixParams:
-    """One row's mixing decision; encodes to the last ``SIZE`` floats of the view's params record."""
+    """One row's mixing decision: the ``mix`` part of the params record (``shared.augment.PARAMS_FIELDS``), which
+    comes last, so it is the last ``SIZE`` floats of an exact-mode record."""
     kind: int = MIX_NONE
     partner: int = -1          # partner row (global), -1 when not mixed
     lam: float = 1.0           # weight of the row's own view (after the CutMix area correction)
     box: tuple[int, int, int, int] = (0, 0, 0, 0)   # CutMix box: top, left, h, w (pixels)
 
-    SIZE = 7
+    SIZE = record_size(None, ("mix",))
 
-    def encode(self) -> list[float]:
-        return [float(self.kind), float(self.partner), self.lam, *map(float, self.box)]
+    def encode(self) -> np.ndarray:
+        return encode_record(None, {"mix_kind": self.kind, "mix_partner": self.partner, "mix_lam": self.lam,
+                                    "mix_box": self.box}, ("mix",))
 
     @classmethod
     def decode(cls, values) -> "MixParams":
-        v = [float(x) for x in values]
-        return cls(int(v[0]), int(v[1]), v[2], tuple(int(x) for x in v[3:7]))
+        r = decode_record(None, values, ("mix",))
+        return cls(int(r["mix_kind"][0]), int(r["mix_partner"][0]), r["mix_lam"][0],
+                   tuple(int(x) for x in r["mix_box"]))
 
 
 def window_bounds(manifest: Manifest, row: int, window: int) -> tuple[int, int]:
@@ -81,7 +86,7 @@ def sample_mix(spec, seed: int, key: str, view: int, row: int, partner: int) -> 
     u_apply, u_switch, u_cy, u_cx = rng.random(4)
     use_cutmix = spec.cutmix_alpha > 0 and (spec.mixup_alpha <= 0 or u_switch < spec.mix_switch_prob)
     alpha = spec.cutmix_alpha if use_cutmix else spec.mixup_alpha
-    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
+    lam = exact_math.beta(rng, alpha, alpha) if alpha > 0 else 1.0
     if partner == row or u_apply >= spec.mix_prob or alpha <= 0:
         return MixParams()
     lam = float(np.float32(lam))
@@ -99,10 +104,14 @@ def sample_mix(spec, seed: int, key: str, view: int, row: int, partner: int) -> 
 
 
 def mix_views(own: torch.Tensor, partner: torch.Tensor, mix: MixParams) -> torch.Tensor:
-    """The mixed uint8 view.  Pure: same inputs, same bytes, in every process."""
+    """The mixed uint8 view.  Pure: same inputs, same bytes, on every machine — mixup is two float64 products of
+    a uint8 and a float32 (exact), one rounded sum and ``rint`` (IEEE, element by element: no vector path, thread
+    count or device can change it)."""
     if mix.kind == MIX_MIXUP:
-        mixed = own.float() * mix.lam + partner.float() * (1.0 - mix.lam)
-        return mixed.round_().clamp_(0, 255).to(torch.uint8)
+        a, b = own.numpy().astype(np.float64), partner.numpy().astype(np.float64)
+        lam = float(np.float32(mix.lam))
+        mixed = np.rint(a * lam + b * (1.0 - lam))
+        return torch.from_numpy(np.clip(mixed, 0, 255).astype(np.uint8))
     if mix.kind == MIX_CUTMIX:
         top, left, h, w = mix.box
         out = own.clone()

@@ -207,7 +207,7 @@ def test_join_reads_one_block_per_piece_and_matches_the_cache(data):
         samples = list(ds)
         assert sorted(s.row for s in samples) == list(range(N))
         pieces = len(ds.stream.pieces())
-        assert ds.reads == pieces * 3         # params + two teachers, once per piece
+        assert ds.reads == pieces * 4         # params, digests + two teachers, once per piece
         for s in samples[:10]:
             top = cache.read_topk("conv_b", epoch % VIEWS, s.row, s.row + 1)
             np.testing.assert_array_equal(s.topk[1].logp, top.logp[0])
@@ -217,10 +217,10 @@ def test_join_reads_one_block_per_piece_and_matches_the_cache(data):
 
 def test_replay_drift_is_detected(data, monkeypatch):
     p = train_mod.prepare(config(data))
-    import trainer.data as data_mod
-    real = data_mod.render_view
-    monkeypatch.setattr(data_mod, "render_view", lambda spec, seed, view, raw: real(spec, seed + 1, view, raw))
-    with pytest.raises(DataError, match="differs from the view the cache's teachers saw"):
+    import shared.views as views_mod
+    real = views_mod.sample_view
+    monkeypatch.setattr(views_mod, "sample_view", lambda spec, seed, key, view: real(spec, seed + 1, key, view))
+    with pytest.raises(DataError, match="differs from the view the cache's teachers saw: params check failed"):
         next(iter(p.train_set))
 
 

@@ -10,7 +10,7 @@ from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, Teacher
 from shared.manifest import Manifest
 from shared.reader import pieces_for_rows, read_piece
 from shared.targets import encode_logits
-from shared.views import render_view
+from shared.views import VIEW_CODE, pixel_digest, render_view
 
 
 def teacher_outputs(model: torch.nn.Module, views: torch.Tensor, mean, std) -> torch.Tensor:
@@ -29,7 +29,8 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                              {"checkpoint": t["checkpoint"]} if t.get("checkpoint") else {})
                for name, t in teachers.items()]
     attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, manifest.num_classes, views, topk, seed,
-                       spec.to_dict(), chunk_rows, records, temperatures=list(temperatures))
+                       spec.to_dict(), chunk_rows, records, temperatures=list(temperatures),
+                       view_code=dict(VIEW_CODE))
     cache = LogitCache.create(url, attrs, spec.num_params)
     for v in range(views):
         for chunk in range(attrs.num_chunks):
@@ -42,6 +43,7 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
             for name, t in teachers.items():
                 logits = teacher_outputs(t["model"], images, t["mean"], t["std"])
                 outputs[name] = TopK.from_float(*encode_logits(logits, topk, temperatures), manifest.num_classes)
-            cache.write_unit(v, chunk, params, outputs)
+            digests = np.asarray([pixel_digest(r[0]) for r in rendered], dtype=np.uint32)
+            cache.write_unit(v, chunk, params, outputs, digests=digests)
     cache.set_status(STATUS_COMPLETE)
     return LogitCache.open(url)

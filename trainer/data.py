@@ -3,8 +3,9 @@
 Epoch t uses view v = t mod E.  ``ShardStream`` hands each DataLoader worker contiguous *pieces* (rows [lo, hi) of
 one shard) whose samples arrive together, so the join reads one block per piece, view and teacher (one Zarr
 call per array) and serves the piece's samples from it — never one Zarr call per sample.  With
-``verify_views`` each replayed view's params record is compared with the one the cache builder stored, so a
-replay that drifted from what the teacher saw fails loudly instead of silently training on mismatched logits.
+``verify_views`` (the default) each replayed view's params record and pixel digest are compared with the ones
+the cache builder stored, so a replay that drifted from what the teacher saw (a shard changed after the build,
+another Pillow/numpy) fails loudly instead of silently training on mismatched logits.
 
 Views stay uint8 until they reach the device (4x less to pin and copy); normalisation happens there.
 """
@@ -21,8 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
 from shared.manifest import Manifest
-from shared.reader import Piece, ShardStream, seed_worker
-from shared.views import render_eval, render_mixed, render_view
+from shared.reader import Piece, ShardStream, read_piece, seed_worker
+from shared.views import VIEW_CODE, LoadedRows, make_renderer, render_eval, view_mismatch
 
 
 @dataclass
@@ -36,7 +37,7 @@ class DataConfig:
     allow_repeat_views: bool = False  # train more epochs than views (later epochs replay earlier views)
     num_workers: int = 2
     shuffle: bool = True
-    verify_views: bool = True         # check each replayed view's params against the cache's record
+    verify_views: bool = True         # check each replayed view's params and pixel digest against the cache's
 
 
 class DataError(ValueError):
@@ -69,6 +70,9 @@ def check_cache(attrs: CacheAttrs, manifest: Manifest, spec: ViewSpec, view_seed
               for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if differ:
         problems.append("its augmentation spec differs (" + "; ".join(differ) + ")")
+    if attrs.view_code != VIEW_CODE:
+        problems.append(f"its views were rendered by view code {attrs.view_code or 'of an older cit'}, this cit "
+                        f"renders {VIEW_CODE} (rebuild the cache with `cit cache build ... --force`)")
     names = [t.name for t in attrs.teachers]
     for name in teachers:
         if name not in names:
@@ -78,6 +82,17 @@ def check_cache(attrs: CacheAttrs, manifest: Manifest, spec: ViewSpec, view_seed
                             f"{num_classes}")
     if problems:
         raise CacheError(f"cache {url or '?'} does not match this training run: " + "; ".join(problems))
+
+
+def warn_provenance(attrs: CacheAttrs, url: str, verify: bool) -> None:
+    """Say once what differs between the cache's build environment and this one; the digests decide the rest."""
+    from shared import provenance
+    diff = provenance.differences(attrs.provenance, provenance.collect())
+    if not diff:
+        return
+    then = ("every replayed view's pixel digest is checked, so a view that renders differently here stops the run"
+            if verify else "data.verify_views is off: replayed pixels are NOT checked against the cache")
+    warnings.warn(f"cache {url} was built in another environment ({'; '.join(diff)}); {then}", stacklevel=2)
 
 
 def check_views(epochs: int, views: int, allow_repeat: bool) -> None:
@@ -190,9 +205,10 @@ def _collate_topk(samples: list[Sample]) -> tuple:
 
 @dataclass
 class _Block:
-    """One piece's rows for the current view: params records and each teacher's top-k."""
+    """One piece's rows for the current view: params records, pixel digests and each teacher's top-k."""
     piece: Piece
     params: np.ndarray | None
+    digests: np.ndarray | None
     topk: list[TopK]
 
 
@@ -207,6 +223,7 @@ class TrainViews(IterableDataset):
         self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
         self._cache: LogitCache | None = None
         self.collate_fn = ApproxMixCollate(spec, view_seed) if spec.mix == "approx" else collate
+        self.renderer = make_renderer(spec, view_seed, manifest)
         self.reads = 0          # Zarr block reads by this process (tests assert one per piece and array)
 
     @property
@@ -233,44 +250,38 @@ class TrainViews(IterableDataset):
     def _fetch(self, piece: Piece) -> _Block:
         cache = self.cache()
         params = cache.read_params(self.view, piece.lo, piece.hi) if self.verify else None
+        digests = cache.read_digests(self.view, piece.lo, piece.hi) if self.verify else None
         topk = [cache.read_topk(name, self.view, piece.lo, piece.hi) for name in self.teachers]
-        self.reads += len(topk) + (params is not None)
-        return _Block(piece, params, topk)
+        self.reads += len(topk) + 2 * (params is not None)
+        return _Block(piece, params, digests, topk)
 
     def _rendered(self) -> Iterator[tuple]:
-        """(raw sample, its piece, view, params record, partner label, λ) in this consumer's epoch order."""
-        if self.spec.mix != "exact":
-            for raw in self.stream:
-                yield (raw, raw.piece, *render_view(self.spec, self.view_seed, self.view, raw), -1, 1.0)
-            return
-        from shared.mixing import rows_with_partners
-        from shared.reader import read_piece
+        """(raw sample, its piece, rendered view) in this consumer's epoch order."""
         manifest = self.stream.manifest
         for piece in self.stream.pieces():
-            # load the pairing windows around the piece (same shard: windows never cross shards)
-            lo, hi = rows_with_partners(manifest, piece.lo, piece.hi, self.spec.mix_window)
+            # with exact mixing: plus the pairing windows around the piece (windows never cross shards)
+            lo, hi = self.renderer.rows_to_load(piece.lo, piece.hi)
             samples = read_piece(manifest, Piece(piece.shard, lo, hi))
-            mixed = render_mixed(self.spec, self.view_seed, self.view, manifest, samples, range(piece.lo, piece.hi))
+            rows = LoadedRows(samples)
             own = [s for s in samples if piece.lo <= s.row < piece.hi]
             for raw in self.stream.permute(own, piece):
-                yield (raw, piece, *mixed[raw.row])
+                yield raw, piece, self.renderer.render(self.view, rows, raw.row)
 
     def __iter__(self) -> Iterator[Sample]:
         block: _Block | None = None
         join = bool(self.cache_url) and (bool(self.teachers) or self.verify)
-        for raw, piece, image, params, partner_label, lam in self._rendered():
+        for raw, piece, rendered in self._rendered():
             topk = []
             if join:
                 if block is None or block.piece != piece:
                     block = self._fetch(piece)
                 i = raw.row - piece.lo
-                if block.params is not None and not np.array_equal(params, block.params[i]):
-                    raise DataError(f"replayed view {self.view} of sample {raw.key!r} (row {raw.row}) differs from "
-                                    f"the view the cache's teachers saw (params {params.tolist()} vs cached "
-                                    f"{block.params[i].tolist()}): the augmentation code or its inputs changed "
-                                    "since the cache was built")
+                if block.params is not None:
+                    problem = view_mismatch(self.view, raw, rendered, block.params[i], block.digests[i])
+                    if problem:
+                        raise DataError(problem)
                 topk = [TopK(t.logp[i], t.indices[i], t.tail[i]) for t in block.topk]
-            yield Sample(image, raw.label, raw.row, topk, partner_label, lam)
+            yield Sample(rendered.pixels, raw.label, raw.row, topk, rendered.partner_label, rendered.lam)
 
     def num_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
         """Batches rank ``rank``'s DataLoader yields per epoch (each worker ends with its own partial batch)."""

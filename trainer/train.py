@@ -31,7 +31,8 @@ from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
 from shared.config import ConfigError, load_config, section, set_dotted
 from shared.manifest import Manifest
-from trainer.data import DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader
+from trainer.data import (DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader,
+                          warn_provenance)
 from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, evaluate, fit, setup_runtime,
                             write_json)
 from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo
@@ -247,6 +248,7 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         cache = LogitCache.open(cfg.data.cache)
         check_cache(cache.attrs, manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
                     cfg.data.cache)
+        warn_provenance(cache.attrs, cfg.data.cache, cfg.data.verify_views)
         records = {name: cache.attrs.teacher(name) for name in teacher_names}
         if cfg.loss.topk > cache.attrs.topk:
             raise ConfigError(f"loss.topk={cfg.loss.topk} but the cache {cfg.data.cache} holds only "
