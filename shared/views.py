@@ -5,13 +5,11 @@ import numpy as np
 import torch
 
 from shared.augment import ViewSpec, apply_view, eval_view, sample_view
-from shared.reader import RawSample
-from shared.shards import decode_image, image_field
+from shared.reader import RawSample, decode_raw
 
 
 def decode(raw: RawSample):
-    field = image_field(raw.data)
-    return decode_image(raw.data[field], raw.shard_url, raw.key)
+    return decode_raw(raw)
 
 
 def render_view(spec: ViewSpec, seed: int, view: int, raw: RawSample) -> tuple[torch.Tensor, np.ndarray]:

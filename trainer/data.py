@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     verify_views: bool = True         # check each replayed view's params against the cache's record
+    verify_shards: bool = True        # at start, check each shard's sha256 (existence and size always)
 
 
 class DataError(ValueError):
