@@ -204,8 +204,10 @@ def check_shards(manifest: Manifest, *, sha256: bool = True, count: bool = False
             size = _stat_size(url)
             if sha256:
                 digest, size = stream_digest(url)
-        except (FileNotFoundError, IsADirectoryError):
-            raise ManifestError(f"shard {url} listed in manifest {where} does not exist (or is a folder)") from None
+        except FileNotFoundError:
+            raise ManifestError(f"shard {url} listed in manifest {where} does not exist") from None
+        except IsADirectoryError:
+            raise ManifestError(f"shard {url} listed in manifest {where} is a folder, not a tar file") from None
         except OSError as exc:
             raise ManifestError(f"shard {url} listed in manifest {where} cannot be read: {exc}") from None
         if size is not None and shard.size is not None and size != shard.size:

@@ -272,6 +272,10 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
     except (tarfile.TarError, EOFError) as exc:
         raise ShardError(f"unreadable shard {url}: {exc}") from None
     except OSError as exc:         # a failing pipe: command, a lost connection
+        status = getattr(raw, "status", None)
+        if is_pipe(url) and status:
+            raise ShardError(f"the command of shard {url} failed with exit status {status} (its own message, if "
+                             "any, is printed above)") from None
         raise ShardError(f"cannot read shard {url}: {exc}") from None
     finally:
         _close_quietly(raw)        # stopped early or failed: the error that matters is already on its way
