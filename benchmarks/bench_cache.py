@@ -64,7 +64,8 @@ def write_dataset(folder: str, images: np.ndarray, labels: np.ndarray, classes: 
         for i, (image, label) in enumerate(zip(images, labels)):
             writer.write({"__key__": f"s{i:07d}", "png": encode_png(image), "cls": str(int(label) % classes)})
     shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
-    manifest = Manifest(shards, classes, [f"c{c}" for c in range(classes)], name=f"bench{classes}")
+    manifest = Manifest(shards, classes, [f"c{c}" for c in range(classes)], name=f"bench{classes}",
+                        channels=1 if images.ndim == 3 else 3)
     manifest.save(os.path.join(folder, "train.json"))
     return manifest
 

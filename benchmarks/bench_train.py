@@ -58,7 +58,7 @@ def make_data(folder: str, num_samples: int, shard_size: int = 512, seed: int = 
             writer.write({"__key__": f"s{i:07d}", "png": encode_png(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
                           "cls": str(i % 10)})
     shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
-    manifest = Manifest(shards, 10, [f"c{c}" for c in range(10)], name="bench")
+    manifest = Manifest(shards, 10, [f"c{c}" for c in range(10)], name="bench", channels=1)
     path = os.path.join(folder, "train.json")
     manifest.save(path)
     return path

@@ -89,10 +89,10 @@ def _test_subset(test_json: str, samples: int) -> str:
         for s in full.shards:
             if n >= samples:
                 break
-            shards.append(ShardInfo(url=s.url, samples=s.samples, sha256=s.sha256))
+            shards.append(ShardInfo(url=s.url, samples=s.samples, sha256=s.sha256, size=s.size))
             n += s.samples
         sub = Manifest(shards=shards, num_classes=full.num_classes, class_names=full.class_names,
-                       name=full.name + f"[:{n}]", source=full.source)
+                       name=full.name + f"[:{n}]", source=full.source, channels=full.channels)
         atomic_write_text(sub_json, sub.to_json())
     return sub_json
 

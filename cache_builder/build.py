@@ -39,9 +39,9 @@ from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
 from shared import provenance
-from shared.manifest import Manifest, ManifestError, verify_shards
+from shared.manifest import Manifest, ManifestError, check_shards
 from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
-from shared.shards import ShardError, iter_shard
+from shared.shards import ShardError
 from shared.targets import encode_logits
 from shared.views import VIEW_CODE, LoadedRows, PlainRenderer, decode, make_renderer, render_eval
 
@@ -395,33 +395,20 @@ def remove_store(url: str, storage_options: dict | None) -> None:
 
 
 def check_shards_readable(manifest: Manifest, verify: bool) -> None:
-    """Every listed shard exists (and, with ``verify``, has its recorded sha256) — before any work is written."""
-    if verify:
-        try:
-            verify_shards(manifest)
-        except (ManifestError, OSError) as exc:
-            raise BuildError(f"unreadable shards: {exc}") from None
-        return
-    for i in range(len(manifest.shards)):
-        url = manifest.shard_url(i)
-        try:
-            fs, path = fsspec.core.url_to_fs(url)
-            ok = fs.isfile(path)
-        except OSError as exc:
-            raise BuildError(f"unreadable shard {url}: {exc}") from None
-        if not ok:
-            raise BuildError(f"shard {url} listed in manifest {manifest.path} does not exist")
+    """Every listed shard exists and has its recorded size (and, with ``verify``, its recorded sha256) — before
+    any work is written."""
+    try:
+        check_shards(manifest, sha256=verify)
+    except ManifestError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def data_channels(manifest: Manifest) -> int:
-    """Channels of the first sample's image (1 for L, 3 for RGB)."""
-    for i in range(len(manifest.shards)):
-        if manifest.shards[i].samples == 0:
-            continue
-        for sample in iter_shard(manifest.shard_url(i)):
-            raw = RawSample(sample["__key__"], 0, 0, sample, manifest.shard_url(i), None)
-            return 1 if decode(raw).mode == "L" else 3
-    raise BuildError(f"manifest {manifest.path} has no samples")
+    """The manifest's channel count (1: L, 3: RGB): every image is decoded to it."""
+    try:
+        return manifest.require_channels()
+    except ManifestError as exc:
+        raise BuildError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -649,6 +636,8 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
         if test.num_classes != manifest.num_classes:
             raise BuildError(f"--test-data {test_data} has {test.num_classes} classes, --data has "
                              f"{manifest.num_classes}")
+        if data_channels(test) != channels:
+            raise BuildError(f"--test-data {test_data} has {test.channels}-channel images, --data {channels}")
         test_fp = test.fingerprint
         stored = {t.name: t for t in existing.teachers} if resume else {}
         reuse = all(stored.get(r.name) is not None and stored[r.name].test_accuracy is not None

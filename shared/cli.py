@@ -161,12 +161,15 @@ def prepare_folder_cmd(root, out, split_name, shard_size, per_class, seed, worke
 @click.option("--num-classes", default=None, type=click.IntRange(min=1), help="[default: max cls + 1]")
 @click.option("--class-names", default=None, metavar="A,B,...", help="Comma-separated class names.")
 @click.option("--skip-bad", is_flag=True, help="Record bad samples in the manifest instead of failing.")
+@click.option("--channels", default=None, type=click.Choice(["1", "3"]),
+              help="Decode every image to 1 (L) or 3 (RGB) channels [default: 1 if all images are grey, else 3].")
 @click.option("--force", is_flag=True, help="Replace an existing manifest describing other shards or options.")
-def prepare_scan_cmd(urls, out, num_classes, class_names, skip_bad, force):
+def prepare_scan_cmd(urls, out, num_classes, class_names, skip_bad, force, channels=None):
     """Existing WebDataset shards -> manifest (validates every sample; never modifies the shards)."""
     from shared.prepare import scan_shards
     names = [n.strip() for n in class_names.split(",")] if class_names else None
-    manifest = scan_shards(list(urls), out, num_classes, names, skip_bad, force=force)
+    manifest = scan_shards(list(urls), out, num_classes, names, skip_bad, force=force,
+                           channels=int(channels) if channels else None)
     _report({"": manifest})
     if manifest.skipped:
         click.echo(f"skipped {len(manifest.skipped)} bad sample(s), listed in the manifest")
@@ -174,20 +177,21 @@ def prepare_scan_cmd(urls, out, num_classes, class_names, skip_bad, force):
 
 @data.command("info")
 @click.argument("manifest_path", metavar="MANIFEST")
-@click.option("--verify", is_flag=True, help="Also check every shard's sha256.")
+@click.option("--verify", is_flag=True, help="Also check every shard's size, sha256 and sample count.")
 def info_cmd(manifest_path, verify):
     """Summary of a manifest: samples, classes, shards, fingerprint."""
-    from shared.manifest import Manifest, verify_shards
+    from shared.manifest import Manifest, check_shards
     manifest = Manifest.load(manifest_path)
     names = ", ".join(manifest.class_names[:10]) + (", ..." if manifest.num_classes > 10 else "")
     lines = [("name", manifest.name), ("samples", manifest.num_samples),
-             ("classes", f"{manifest.num_classes} ({names})"), ("shards", len(manifest.shards)),
+             ("classes", f"{manifest.num_classes} ({names})"), ("channels", manifest.channels),
+             ("shards", len(manifest.shards)),
              ("fingerprint", manifest.fingerprint), ("skipped", len(manifest.skipped))]
     lines += [(f"source.{k}", v) for k, v in manifest.source.items() if k not in ("files", "recipe")]
     for label, value in lines:
         click.echo(f"{label:>20}: {value}")
     if verify:
-        verify_shards(manifest)
-        click.echo(f"{'verified':>20}: all {len(manifest.shards)} shards match their sha256")
+        check_shards(manifest, sha256=True, count=True)
+        click.echo(f"{'verified':>20}: all {len(manifest.shards)} shards match their size, sha256 and count")
 if __name__ == "__main__":
     main()

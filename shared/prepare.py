@@ -42,9 +42,9 @@ from tqdm import tqdm
 
 from shared.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from shared.io import is_local, local_path
-from shared.manifest import Manifest, ManifestError, ShardInfo, file_sha256, verify_shards
-from shared.shards import IMAGE_EXTS, ShardError, ShardWriter, check_key, decode_image, encode_png, \
-    iter_shard, read_label
+from shared.manifest import Manifest, ManifestError, ShardInfo, file_sha256, stream_digest, verify_shards
+from shared.shards import IMAGE_EXTS, ShardError, ShardWriter, check_key, decode_image, encode_png, is_pipe, \
+    iter_shard, mode_channels, open_image, read_label, to_channels
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,12 @@ class ImageStats:
     def to_source(self) -> dict:
         (w, h) = next(iter(self.sizes)) if len(self.sizes) == 1 else (None, None)
         return {"image_size": w if w == h else None, "sizes": [list(min(self.sizes)), list(max(self.sizes))],
-                "channels": 3 if "RGB" in self.modes else 1, "modes": self.modes, "fields": self.fields}
+                "channels": self.channels, "modes": self.modes, "fields": self.fields}
+
+    @property
+    def channels(self) -> int:
+        """1 when every image is grey (L, LA, 16-bit grey, ...), else 3: what the manifest decodes all images to."""
+        return max((mode_channels(mode) for mode in self.modes), default=1)
 
 
 def idx_keys(prefix: str, rows: np.ndarray, total: int) -> list[str]:
@@ -233,6 +238,7 @@ class ShardResult:
     samples: int
     sha256: str
     stats: ImageStats
+    size: int
 
 
 def write_shard(path: str, source: Callable[[ImageStats], Iterable[dict]]) -> ShardResult:
@@ -244,7 +250,7 @@ def write_shard(path: str, source: Callable[[ImageStats], Iterable[dict]]) -> Sh
     if not writer.written:
         raise PrepareError(f"no samples for shard {path}")
     os.replace(writer.written[0].path, path)
-    return ShardResult(writer.written[0].samples, file_sha256(path), stats)
+    return ShardResult(writer.written[0].samples, file_sha256(path), stats, os.path.getsize(path))
 
 
 def default_workers() -> int:
@@ -291,7 +297,8 @@ class Staging:
         built: dict[str, tuple[list[ShardInfo], ImageStats]] = {name: ([], ImageStats()) for name in splits}
         for (name, i, _), result in zip(tasks, results):
             shards, stats = built[name]
-            shards.append(ShardInfo(f"{posixpath.basename(name)}/{SHARD_PATTERN % i}", result.samples, result.sha256))
+            shards.append(ShardInfo(f"{posixpath.basename(name)}/{SHARD_PATTERN % i}", result.samples, result.sha256,
+                                    size=result.size))
             stats.update(result.stats)
         return built
 
@@ -376,7 +383,7 @@ def prepare_fashion_mnist(source_dir: str, out_dir: str, shard_size: int = 5000,
                 shards, stats = built[name]
                 title = "fashion-mnist/" + name + (f"-pc{per_class}-s{seed}" if name == "train" and per_class else "")
                 manifests[name] = Manifest(shards, len(FASHION_MNIST_CLASSES), list(FASHION_MNIST_CLASSES), title,
-                                           source={**plans[name][0], **stats.to_source()})
+                                           source={**plans[name][0], **stats.to_source()}, channels=stats.channels)
             staging.publish(manifests)
         result.update(manifests)
     return result
@@ -440,9 +447,11 @@ def folder_sample(path: str, key: str, label: int, stats: ImageStats) -> dict:
         image.load()
     except Exception as exc:   # PIL raises many types for unreadable files
         raise PrepareError(f"cannot decode image file {path}: {exc}") from None
-    if image.mode not in ("L", "RGB"):   # what decode_image will give the readers
-        image = image.convert("RGB")
-    stored = {KEPT_FORMATS[fmt]: data} if fmt in KEPT_FORMATS else {"png": encode_png(np.asarray(image))}
+    if fmt in KEPT_FORMATS:
+        stored = {KEPT_FORMATS[fmt]: data}     # decoded later by the readers' one decode, like any shard image
+    else:
+        image = to_channels(image, mode_channels(image.mode))
+        stored = {"png": encode_png(np.asarray(image))}
     stats.add(image.size, image.mode, next(iter(stored)))
     return {"__key__": key, **stored, "cls": str(label).encode()}
 
@@ -486,7 +495,7 @@ def prepare_image_folder(root: str, out_dir: str, split_name: str, shard_size: i
                   "per_class": per_class, "seed": seed, "shard_size": shard_size, "ignored_files": ignored,
                   **stats.to_source(), "recipe": digest}
         manifest = Manifest(shards, len(classes), classes, f"{os.path.basename(os.path.abspath(root))}/{split_name}",
-                            source=source)
+                            source=source, channels=stats.channels)
         staging.publish({split_name: manifest})
     return manifest
 
@@ -501,7 +510,9 @@ def expand_urls(urls_or_glob: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for pattern in patterns:
         for url in braceexpand(pattern):
-            if any(c in url for c in "*?["):
+            if is_pipe(url):                     # a command: braces expanded as webdataset does, never globbed
+                urls.append(url)
+            elif any(c in url for c in "*?["):
                 fs, path = fsspec.core.url_to_fs(url)
                 matches = sorted(fs.glob(path))
                 if not matches:
@@ -519,6 +530,8 @@ def expand_urls(urls_or_glob: str | Sequence[str]) -> list[str]:
 
 def relative_url(url: str, manifest_path: str) -> str:
     """``url`` relative to the manifest's folder when the shard lives under it, else unchanged (absolute)."""
+    if is_pipe(url):
+        return url
     if is_local(url) and is_local(manifest_path):
         url, folder = os.path.abspath(local_path(url)), os.path.dirname(os.path.abspath(local_path(manifest_path)))
         return os.path.relpath(url, folder) if url.startswith(folder + os.sep) else url
@@ -527,7 +540,7 @@ def relative_url(url: str, manifest_path: str) -> str:
 
 
 def check_sample(sample: dict, url: str, num_classes: int | None) -> tuple[int, Image.Image, str]:
-    """(label, decoded image, image field) of one sample, or ShardError naming the shard and key."""
+    """(label, decoded image in its own mode, image field) of one sample, or ShardError naming shard and key."""
     key = sample["__key__"]
     fields = [f for f in sample if not f.startswith("__")]
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -544,18 +557,23 @@ def check_sample(sample: dict, url: str, num_classes: int | None) -> tuple[int, 
     if label < 0 or (num_classes is not None and label >= num_classes):
         limit = f"0..{num_classes - 1}" if num_classes is not None else "a non-negative class id"
         raise ShardError(f"sample {key!r} in shard {url} has cls={label}, outside {limit}")
-    return label, decode_image(sample[ext], url, key), ext
+    image = open_image(sample[ext], url, key)
+    decode_image(sample[ext], url, key)        # the readers' conversion works for this mode (raises if not)
+    return label, image, ext
 
 
 def scan_shards(urls_or_glob: str | Sequence[str], out_manifest: str | None = None, num_classes: int | None = None,
                 class_names: Sequence[str] | None = None, skip_bad: bool = False, *, name: str | None = None,
-                force: bool = False) -> Manifest:
+                force: bool = False, channels: int | None = None) -> Manifest:
     """Validate existing shards sample by sample and write a manifest for them (shards are only read).
 
     A bad sample raises ShardError naming shard and key; with ``skip_bad`` it goes to ``manifest.skipped``
     instead (and out of the shard's count; the reader skips it).  Unreadable shards and duplicate keys always
     raise.  ``num_classes`` defaults to ``len(class_names)``, else max cls + 1.  The manifest goes to
-    ``out_manifest`` (default: ``manifest.json`` beside the first shard)."""
+    ``out_manifest`` (default: ``manifest.json`` beside the first shard).  ``channels`` (1 or 3) is what every image
+    will be decoded to; default 1 if every image is grey (L, LA, 16-bit grey), else 3 (RGB, RGBA, P, CMYK, ...)."""
+    if channels not in (None, 1, 3):
+        raise PrepareError(f"channels must be 1 or 3, got {channels}")
     urls = expand_urls(urls_or_glob)
     if class_names is not None:
         class_names = list(class_names)
@@ -568,7 +586,8 @@ def scan_shards(urls_or_glob: str | Sequence[str], out_manifest: str | None = No
     out_manifest = out_manifest or posixpath.join(posixpath.dirname(urls[0]), "manifest.json")
     stored = [relative_url(url, out_manifest) for url in urls]
     digest = recipe_digest({"kind": "scan", "shards": stored, "num_classes": num_classes,
-                            "class_names": class_names, "skip_bad": skip_bad})
+                            "class_names": class_names, "skip_bad": skip_bad,
+                            **({"channels": channels} if channels else {})})
     if fsspec.core.url_to_fs(out_manifest)[0].exists(out_manifest):
         existing, problem = reusable_manifest(out_manifest, digest)
         if existing is not None:
@@ -605,11 +624,12 @@ def scan_shards(urls_or_glob: str | Sequence[str], out_manifest: str | None = No
         raise ShardError(f"no valid samples in {len(urls)} shard(s) starting with {urls[0]}")
     num_classes = num_classes if num_classes is not None else max_label + 1
     class_names = class_names or [str(i) for i in range(num_classes)]
-    shards = [ShardInfo(s, n, file_sha256(url)) for s, n, url in zip(stored, counts, urls)]
+    digests = [stream_digest(url) for url in urls]          # (sha256, bytes), also for pipe: shards
+    shards = [ShardInfo(s, n, sha, size=size) for s, n, (sha, size) in zip(stored, counts, digests)]
     source = {"kind": "scan", **stats.to_source(), "skip_bad": skip_bad, "recipe": digest}
     if skipped:
         log.warning("skipped %d bad sample(s), e.g. %s", len(skipped), skipped[0]["reason"])
     manifest = Manifest(shards, num_classes, class_names, name or posixpath.basename(out_manifest).rsplit(".", 1)[0],
-                        skipped=skipped, source=source)
+                        skipped=skipped, source=source, channels=channels or stats.channels)
     manifest.save(out_manifest)
     return manifest

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shared.manifest import Manifest
-from shared.shards import ShardError, iter_shard, read_label
+from shared.shards import ShardError, decode_image, image_field, iter_shard, read_label
 
 
 @dataclass
@@ -36,7 +36,13 @@ class RawSample:
     label: int
     data: dict          # the sample's raw fields (bytes), e.g. {"png": ...}
     shard_url: str
-    piece: Piece
+    piece: Piece | None
+    channels: int | None = None   # the manifest's channel count: every image is decoded to it
+
+
+def decode_raw(raw: RawSample):
+    """The sample's image as a PIL image of the manifest's channel count (mode L or RGB): the decode of every stage."""
+    return decode_image(raw.data[image_field(raw.data)], raw.shard_url, raw.key, raw.channels)
 
 
 def distributed_context(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -90,12 +96,15 @@ def read_piece(manifest: Manifest, piece: Piece) -> list[RawSample]:
         if key in skipped:
             continue
         if row >= piece.hi:
+            if piece.hi == shard.stop:   # one sample past the shard's end costs nothing and catches a lowered count
+                raise ShardError(f"shard {url} has more samples than manifest {manifest.path} says "
+                                 f"({shard.samples}); the manifest was edited or belongs to other shards: rescan")
             break
         if row >= piece.lo:
             label = read_label(sample, url)
             if not 0 <= label < manifest.num_classes:
                 raise ShardError(f"sample {key!r} in shard {url} has cls={label}, outside 0..{manifest.num_classes - 1}")
-            samples.append(RawSample(key, row, label, sample, url, piece))
+            samples.append(RawSample(key, row, label, sample, url, piece, manifest.channels))
         row += 1
     if row < piece.hi:
         raise ShardError(f"shard {url} has fewer samples than the manifest says ({row - shard.start} < "

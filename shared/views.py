@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from shared.augment import PARAMS_LAYOUT_VERSION, ViewSpec, apply_view, eval_view, sample_view
-from shared.reader import RawSample
-from shared.shards import decode_image, image_field
+from shared.reader import RawSample, decode_raw
 
 # Bump when any change to the view code (sampling, ops, erasing, mixing, exact_math) changes a view's pixels.
 RENDERER_VERSION = 2
@@ -23,8 +22,7 @@ VIEW_CODE = {"params_layout": PARAMS_LAYOUT_VERSION, "renderer": RENDERER_VERSIO
 
 
 def decode(raw: RawSample):
-    field = image_field(raw.data)
-    return decode_image(raw.data[field], raw.shard_url, raw.key)
+    return decode_raw(raw)
 
 
 def pixel_digest(pixels: torch.Tensor | np.ndarray) -> int:

@@ -18,7 +18,9 @@ def make_shards(folder: str, num_samples: int = 100, shard_size: int = 30, num_c
             shape = (size, size) if channels == 1 else (size, size, channels)
             image = rng.integers(0, 256, shape, dtype=np.uint8)
             writer.write({"__key__": f"{prefix}_{i:06d}", "png": encode_png(image), "cls": str(i % num_classes)})
-    shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
-    manifest = Manifest(shards, num_classes, [f"c{c}" for c in range(num_classes)], name=prefix)
+    shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path), size=os.path.getsize(w.path))
+              for w in writer.written]
+    manifest = Manifest(shards, num_classes, [f"c{c}" for c in range(num_classes)], name=prefix,
+                        channels=1 if channels == 1 else 3)
     manifest.save(os.path.join(folder, f"{prefix}.json"))
     return manifest

@@ -325,6 +325,12 @@ def test_bad_inputs_refused_before_any_work(world, tmp_path):
     changed = make_shards(str(root / "changed"), num_samples=60, shard_size=20, prefix="ch")
     with open(changed.shard_url(2), "ab") as f:
         f.write(b"\0" * 512)
+    size = os.path.getsize(changed.shard_url(2)) - 512
+    _refused(world, out, f"has {size + 512} bytes but manifest .* records {size}", data=changed.path)
+    with open(changed.shard_url(2), "r+b") as f:     # same size, other bytes
+        f.truncate(size)
+        f.seek(size - 2000)
+        f.write(b"\1")
     _refused(world, out, "sha256", data=changed.path)
     # a teacher producing NaN: named, with the sample key
     nan = make_teacher(str(root / "nan.safetensors"), "conv", nan=True)

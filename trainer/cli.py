@@ -31,9 +31,11 @@ def _fail(exc: Exception) -> None:
 @click.option("--allow-repeat-views", is_flag=True, default=None, help="Allow more epochs than cached views.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/state.safetensors.")
+@click.option("--no-verify-shards", "no_verify_shards", is_flag=True, default=None,
+              help="At start, check shards' existence and size only, not their sha256 (data.verify_shards).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config override (repeatable).")
 def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student, epochs, batch_size,
-          allow_repeat_views, out, resume, sets):
+          allow_repeat_views, out, resume, sets, no_verify_shards=None):
     """Train a student (CiT) from a config; `torchrun --nproc-per-node N -m trainer.cli train ...` for DDP."""
     from shared.cache_schema import CacheError
     from shared.config import ConfigError
@@ -42,7 +44,8 @@ def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student
     from trainer.train import load_run_config, train as run
     pairs = {"data.train": data, "data.test": test_data, "data.cache": cache, "kd.mode": kd,
              "kd.conv_teacher": conv_teacher, "kd.inv_teacher": inv_teacher, "student.arch": student,
-             "train.epochs": epochs, "train.batch_size": batch_size, "data.allow_repeat_views": allow_repeat_views}
+             "train.epochs": epochs, "train.batch_size": batch_size, "data.allow_repeat_views": allow_repeat_views,
+             "data.verify_shards": False if no_verify_shards else None}
     try:
         cfg = load_run_config(config, _overrides(pairs, sets))
         run(cfg, out, resume=resume)

@@ -38,6 +38,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     verify_views: bool = True         # check each replayed view's params and pixel digest against the cache's
+    verify_shards: bool = True        # at start, check each shard's sha256 (existence and size always)
 
 
 class DataError(ValueError):

@@ -43,8 +43,9 @@ def expand_sets(data: list[str], corrupt_dir: str | None = None) -> dict[str, st
     return sets
 
 
-def load_sets(data: list[str], corrupt_dir: str | None, num_classes) -> dict[str, Manifest]:
-    """Name -> manifest of every set to evaluate; refuses none at all and any set of another class count."""
+def load_sets(data: list[str], corrupt_dir: str | None, num_classes, in_chans=None) -> dict[str, Manifest]:
+    """Name -> manifest of every set to evaluate; refuses none at all and any set of another class or channel
+    count."""
     sets = expand_sets(data, corrupt_dir)
     if not sets:
         raise ValueError("nothing to evaluate: pass --data MANIFEST (and/or --corrupt-dir)")
@@ -52,6 +53,8 @@ def load_sets(data: list[str], corrupt_dir: str | None, num_classes) -> dict[str
     for name, manifest in manifests.items():
         if num_classes is not None and manifest.num_classes != int(num_classes):
             raise ValueError(f"{sets[name]} has {manifest.num_classes} classes, the model {num_classes}")
+        if in_chans is not None and manifest.require_channels() != int(in_chans):
+            raise ValueError(f"{sets[name]} has {manifest.channels}-channel images, the model takes {in_chans}")
     return manifests
 
 
@@ -67,7 +70,7 @@ def evaluate_checkpoint(checkpoint_path: str, data: list[str], *, corrupt_dir: s
     from shared import checkpoint
     runtime = setup_runtime(device)
     model, meta = checkpoint.load_checkpoint(checkpoint_path)
-    manifests = load_sets(data, corrupt_dir, _get(meta, "num_classes"))
+    manifests = load_sets(data, corrupt_dir, _get(meta, "num_classes"), _get(meta, "in_chans"))
     model = model.to(runtime.device).eval()
     spec = eval_spec(meta)
     mean, std = model_norm(meta, spec)
@@ -102,7 +105,7 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
             raise ValueError(f"{path} is not a student with heads ({_get(metas[label], 'arch')}); "
                              "comparing with teachers needs a CiT student checkpoint")
     classes = _get(next(iter(metas.values())), "num_classes")
-    manifests = load_sets(data, corrupt_dir, classes)
+    manifests = load_sets(data, corrupt_dir, classes, _get(next(iter(metas.values())), "in_chans"))
     for name, path in teachers.items():
         models[name], metas[name] = checkpoint.load_checkpoint(path, expect_classes=classes)
     for model in models.values():

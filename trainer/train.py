@@ -30,7 +30,7 @@ import torch.nn as nn
 from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
 from shared.config import ConfigError, load_config, section, set_dotted
-from shared.manifest import Manifest
+from shared.manifest import Manifest, check_shards
 from trainer.data import (DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader,
                           warn_provenance)
 from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, evaluate, fit, setup_runtime,
@@ -232,6 +232,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data MANIFEST (data.train)")
     manifest = Manifest.load(cfg.data.train)
+    manifest.require_channels()
+    check_shards(manifest, sha256=cfg.data.verify_shards)    # before any step: a missing shard fails here, not mid-run
     num_classes = manifest.num_classes
     slots = cfg.kd.slots()
     if cfg.kd.mode == "none" and (cfg.kd.conv_teacher or cfg.kd.inv_teacher):
@@ -297,6 +299,9 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         test = Manifest.load(cfg.data.test)
         if test.num_classes != num_classes:
             raise DataError(f"test set {cfg.data.test} has {test.num_classes} classes, the training set {num_classes}")
+        if test.require_channels() != in_chans:
+            raise DataError(f"test set {cfg.data.test} has {test.channels}-channel images, the training set {in_chans}")
+        check_shards(test, sha256=cfg.data.verify_shards)
         test_set = EvalViews(test, cfg.augment, runtime.rank, runtime.world)
         eval_fn = make_eval_fn(test_set, cfg, runtime, mean, std)
     run_meta = {"config": cfg.to_dict(), "dataset_fingerprint": manifest.fingerprint, "views": views,
@@ -306,12 +311,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
 
 
 def _channels(manifest: Manifest, cfg: RunConfig) -> int:
-    """Image channels, from the first sample (the manifest does not record them)."""
-    from shared.reader import read_piece, Piece
-    from shared.views import render_eval
-    shard = manifest.shards[0]
-    raw = read_piece(manifest, Piece(0, shard.start, shard.start + 1))[0]
-    return int(render_eval(cfg.augment, raw).shape[0])
+    """Image channels: the manifest's (every image is decoded to them), a contract checked before anything runs."""
+    return manifest.require_channels()
 
 
 def eval_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
