@@ -307,5 +307,8 @@ def test_cit_models_lists_every_builder():
 
 
 def test_teacher_import_help():
+    from shared.models import importers
+    from trainer import teacher_import
+    assert teacher_import.SOURCES == importers.SOURCES and teacher_import.INTERPOLATIONS == importers.INTERPOLATIONS
     result = cit("teacher", "import", "--help")
     assert result.exit_code == 0 and "--weights" in result.output and "weights_only" in result.output

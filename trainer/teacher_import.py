@@ -10,6 +10,8 @@ import os
 
 import click
 
+# the choices of shared.models.importers (INTERPOLATIONS, SOURCES), repeated so `--help` needs no torch import;
+# tests/test_import.py checks they agree
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 SOURCES = ("auto", "timm", "torchvision", "mmcls", "coadvise")
 

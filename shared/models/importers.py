@@ -76,7 +76,7 @@ TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet1
 # The official RedNets' evaluation pipeline (mmcls ImageNet config): 224 px, bilinear, ImageNet mean/std,
 # first conv and classifier named as timm's pretrained configs name them.
 REDNET_PRETRAINED = {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
-                     "std": IMAGENET_STD, "first_conv": "stem.0.0", "classifier": "fc", "tag": "mmcls_in1k"}
+                     "std": IMAGENET_STD, "first_conv": "stem.0.0", "classifier": "fc"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -197,7 +197,7 @@ def rename(names: list[str], source: str) -> dict[str, str]:
     return out
 
 
-def detect_source(names: list[str], arch: str) -> str:
+def detect_source(names: list[str]) -> str:
     """The naming of a state dict: mmcls (``backbone.``), co-advise (``model.`` + ``classifier.``) or timm's."""
     if any(n.startswith("backbone.") for n in names):
         return "mmcls"
@@ -269,9 +269,11 @@ def resolve_input(spec: ImportSpec, cfg: Mapping[str, Any], arch: str, in_chans:
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean) != in_chans and len(mean) == 3 and in_chans == 1:   # grey weights: the channel average
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    origin = "command line" if len(given) == 3 else f"pretrained config {arch}" + (
-        f".{cfg['tag']}" if cfg.get("tag") and "." not in arch else "") + (
-        f" (overridden: {', '.join(given)})" if given else "")
+    if _is_rednet(arch):
+        base = "the official RedNet evaluation pipeline (mmcls ImageNet config)"
+    else:
+        base = f"timm pretrained config {arch}" + (f".{cfg['tag']}" if cfg.get("tag") and "." not in arch else "")
+    origin = "command line" if len(given) == 3 else base + (f" (overridden: {', '.join(given)})" if given else "")
     return InputConfig(int(size), str(interpolation), mean, std, origin)
 
 
@@ -356,7 +358,7 @@ def import_weights(spec: ImportSpec) -> tuple[nn.Module, ModelMeta]:
     tensors, where = unwrap_state_dict(read_state_dict(path), path, spec.key)
     source = spec.source
     if source == "auto":
-        source = detect_source(list(tensors), spec.arch)
+        source = detect_source(list(tensors))
     if source in ("mmcls", "coadvise") and not _is_rednet(spec.arch):
         raise WeightsImportError(f"{path}: {source} names are RedNet names; --arch must be rednet26/38/50/101, got "
                            f"{spec.arch!r}")
