@@ -135,6 +135,16 @@ def test_official_rednet26_checkpoint_imports_with_equal_logits(rednet26, tmp_pa
     assert meta["imported_from"]["tensors"] == 251
 
 
+@pytest.mark.parametrize("depth, tensors", [(26, 251), (38, 351), (50, 451), (101, 876)])
+def test_mmcls_table_maps_every_official_rednet_name(depth, tensors):
+    from shared.models.importers import rename
+    with torch.device("meta"):
+        ours = list(create_model(f"rednet{depth}").state_dict())
+    official = [to_mmcls(k) for k in ours]
+    assert len(official) == tensors
+    assert list(rename(official, "mmcls").values()) == ours
+
+
 def test_coadvise_rednet_naming_imports(rednet26, tmp_path):
     coadvise = {}
     for k, v in rednet26.state_dict().items():
@@ -182,6 +192,19 @@ def test_bad_key_and_wrong_shape_are_named(tiny_timm, tmp_path):
     result = cit("teacher", "import", "--arch", "resnet10t", "--weights", bad_shape, "--out", out)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "layer2.0.conv2.weight (128, 3, 3, 3) vs model (128, 128, 3, 3)" in result.output
+    assert not os.path.exists(out)
+
+
+def test_unknown_arch_missing_file_and_wrong_source_are_refused(tiny_timm, tmp_path):
+    _, path = tiny_timm
+    out = str(tmp_path / "x.safetensors")
+    for args, words in ((["--arch", "resnet_nope", "--weights", path], "neither rednet26/38/50/101 nor a timm"),
+                        (["--arch", "resnet10t", "--weights", str(tmp_path / "none.pth")], "does not exist"),
+                        (["--arch", "resnet10t", "--weights", path, "--from", "mmcls"], "RedNet names"),
+                        (["--arch", "regnety_002", "--weights", path], "weights do not fit regnety_002")):
+        result = cit("teacher", "import", *args, "--out", out)
+        assert result.exit_code == 2 and words in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
     assert not os.path.exists(out)
 
 

@@ -76,7 +76,7 @@ TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet1
 # The official RedNets' evaluation pipeline (mmcls ImageNet config): 224 px, bilinear, ImageNet mean/std,
 # first conv and classifier named as timm's pretrained configs name them.
 REDNET_PRETRAINED = {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": IMAGENET_MEAN,
-                     "std": IMAGENET_STD, "first_conv": "stem.0.0", "classifier": "fc"}
+                     "std": IMAGENET_STD, "first_conv": "stem.0.0", "classifier": "fc", "num_classes": 1000}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -245,7 +245,7 @@ def pretrained_input(arch: str) -> dict[str, Any]:
         return {}
     data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
     return {k: data.get(k) for k in ("input_size", "interpolation", "mean", "std", "first_conv", "classifier",
-                                     "tag", "crop_pct")}
+                                     "num_classes", "tag")}
 
 
 def resolve_input(spec: ImportSpec, cfg: Mapping[str, Any], arch: str, in_chans: int) -> InputConfig:
@@ -283,6 +283,8 @@ def _infer(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], spec: Im
     fc = tensors.get(f"{cfg.get('classifier')}.weight") if cfg.get("classifier") else None
     if classes is None and fc is not None and fc.dim() >= 2:
         classes = int(fc.shape[0])
+    if classes is None:    # no classifier where the config says: build the stock head, the fit check names the rest
+        classes = cfg.get("num_classes")
     conv = tensors.get(f"{cfg.get('first_conv')}.weight") if cfg.get("first_conv") else None
     chans = int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None
     return classes, chans
