@@ -335,3 +335,37 @@ def test_teacher_import_help():
     assert teacher_import.SOURCES == importers.SOURCES and teacher_import.INTERPOLATIONS == importers.INTERPOLATIONS
     result = cit("teacher", "import", "--help")
     assert result.exit_code == 0 and "--weights" in result.output and "weights_only" in result.output
+
+
+def test_cit_eval_teacher_comparison_resizes_the_teacher(tiny_timm, tmp_path):
+    """`cit eval --teacher` on 16-px views with a 32-px teacher: the teacher's accuracy is its accuracy on the
+    2x upscaled views (nearest = pixel replication, computed here independently)."""
+    from shared.augment import ViewSpec, to_model_input
+    from shared.checkpoint import save_checkpoint
+    from shared.reader import Piece, read_piece
+    from shared.views import render_eval
+    from trainer.evaluate import evaluate_agreement
+    from trainer.train import model_outputs
+    manifest = make_shards(str(tmp_path / "test"), num_samples=12, shard_size=12, num_classes=7, size=16, channels=3)
+    source, path = tiny_timm
+    teacher = str(tmp_path / "t.safetensors")
+    assert cit("teacher", "import", "--arch", "resnet10t", "--weights", path, "--out", teacher,
+               "--input-size", "32", "--interpolation", "nearest").exit_code == 0
+    spec = ViewSpec(image_size=16)
+    student = create_model("cit_nano", num_classes=7, in_chans=3, img_size=16).eval()
+    save_checkpoint(student, str(tmp_path / "s.safetensors"), {"kind": "student", "mean": [0.5], "std": [0.5],
+                                                                "augment": spec.to_dict()})
+    report = evaluate_agreement({"s": str(tmp_path / "s.safetensors")}, {"t": teacher}, [manifest.path],
+                                batch_size=8, num_workers=0, device="cpu")
+    raws = read_piece(manifest, Piece(0, 0, 12))
+    views = torch.stack([render_eval(spec, r) for r in raws])
+    meta = read_meta(teacher)
+    with torch.no_grad():
+        logits = source(to_model_input(views.repeat_interleave(2, -1).repeat_interleave(2, -2), meta.mean, meta.std))
+        heads = model_outputs(student.forward_heads(to_model_input(views, [0.5], [0.5])))
+    acc = (logits.argmax(1) == torch.tensor([r.label for r in raws])).float().mean().item()
+    result = next(iter(report["sets"].values()))
+    assert result["teachers"]["t"] == pytest.approx(acc)
+    p = logits.softmax(1)     # KL(teacher || class head), per sample, averaged
+    kl = (p * (logits.log_softmax(1) - heads["cls"].log_softmax(1))).sum(1).mean().item()
+    assert result["students"]["s"]["kl"]["cls"]["t"] == pytest.approx(kl, rel=1e-4)
