@@ -115,7 +115,9 @@ def parse_temperatures(items) -> tuple[float, ...]:
     return tuple(values)
 
 
-def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device) -> list[Teacher]:
+def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device,
+                  view_size: int | None = None) -> list[Teacher]:
+    """``view_size``: the side of the views; a teacher built for another input size gets them resized."""
     from shared.checkpoint import load_checkpoint
     teachers = []
     for name, path in pairs:
@@ -136,6 +138,7 @@ def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.
                                checkpoint_sha256=str(_meta(meta, "sha256", "checkpoint_sha256", default="")),
                                num_classes=classes, mean=[float(x) for x in mean], std=[float(x) for x in std],
                                extra={"checkpoint": str(path)})
+        record.input_size, record.interpolation = meta.resize_for(view_size)
         acc = _meta(meta, "test_accuracy", "accuracy")
         if acc is not None:
             record.extra["checkpoint_test_accuracy"] = float(acc)
@@ -185,8 +188,10 @@ class TeacherRunner:
         return torch.autocast(self.device.type, enabled=False)
 
     def normalise(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
-        """The teacher's own normalisation, on the device (``to_model_input`` keeps mean/std there)."""
-        return to_model_input(views, teacher.record.mean, teacher.record.std)
+        """The teacher's own input size (resized on the device, when it differs) and normalisation."""
+        from shared.models.normalize import teacher_input   # here: importing timm slows every `cit` command
+        record = teacher.record
+        return teacher_input(views, record.mean, record.std, record.input_size, record.interpolation)
 
     def logits(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) on the device -> float32 logits (B, classes)."""
@@ -521,7 +526,7 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
     chunk_rows = chunk_rows or default_chunk_rows(manifest)
     if chunk_rows < 1:
         raise BuildError(f"--chunk-rows must be >= 1, got {chunk_rows}")
-    loaded = load_teachers(pairs, manifest.num_classes, dev)
+    loaded = load_teachers(pairs, manifest.num_classes, dev, view_size=spec.image_size)
     runner = TeacherRunner(loaded, dev, precision, topk, temperatures)
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
                           num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,

@@ -275,7 +275,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         pairs.append((t.name, path))
     dev = resolve_device(device)
     try:
-        loaded = load_teachers(pairs, attrs.num_classes, dev)
+        loaded = load_teachers(pairs, attrs.num_classes, dev, view_size=spec.image_size)
     except BuildError as exc:
         report.problem("recompute", str(exc))
         return

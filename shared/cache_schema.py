@@ -63,6 +63,8 @@ class TeacherRecord:
     std: list[float]
     test_accuracy: float | None = None   # measured by the builder on the test set (None: not measured)
     extra: dict = field(default_factory=dict)   # informational: checkpoint path, test set fingerprint, ...
+    input_size: int | None = None      # views are resized to this side for the teacher, on the device (None: as is)
+    interpolation: str | None = None   # the resize's interpolation (the teacher's own, from its checkpoint)
 
 
 @dataclass

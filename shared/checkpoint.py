@@ -27,7 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 __all__ = ["ModelMeta", "TeacherMeta", "CheckpointError", "CheckpointNotFoundError", "save_checkpoint",
-           "load_checkpoint", "read_meta", "sidecar_path", "file_sha256", "KINDS"]
+           "load_checkpoint", "read_meta", "write_meta", "sidecar_path", "file_sha256", "KINDS"]
 
 FORMAT = "cit-checkpoint"
 VERSION = 1
@@ -50,7 +50,8 @@ class ModelMeta:
     num_classes: int
     in_chans: int
     kind: str = "other"
-    img_size: int | None = None
+    img_size: int | None = None     # the input side the model expects; other view sizes are resized to it
+    interpolation: str | None = None    # how views are resized to img_size (None: bilinear)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model options besides the above
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -81,6 +82,14 @@ class ModelMeta:
         if key in self.__dataclass_fields__:
             return getattr(self, key)
         return self.extra[key]
+
+    def resize_for(self, view_size: int | None) -> tuple[int | None, str | None]:
+        """(input side, interpolation) to resize ``view_size`` views to for this model, or (None, None) when the
+        views already have its size (or it records none). Interpolation: its own, else its training view's."""
+        if self.img_size is None or view_size is None or int(self.img_size) == int(view_size):
+            return None, None
+        trained = (self.extra.get("augment") or {}).get("interpolation")
+        return int(self.img_size), self.interpolation or trained or "bilinear"
 
     def build_kwargs(self) -> dict[str, Any]:
         """Everything `create_model(self.arch, **kwargs)` needs."""
@@ -204,6 +213,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike,
     info.sha256 = file_sha256(path)
     _atomic_write(side, lambda tmp: _write_text(tmp, info.to_json() + "\n"))
     return info
+
+
+def write_meta(path: str | os.PathLike, meta: ModelMeta) -> None:
+    """Replace the sidecar of weights file ``path`` (e.g. to add a measured accuracy); the weights must be the
+    ones the sidecar's sha256 names."""
+    path = os.fspath(path)
+    if meta.sha256 != file_sha256(path):
+        raise CheckpointError(f"{path}: the weights are not the ones this metadata describes (sha256 differs)")
+    _atomic_write(sidecar_path(path), lambda tmp: _write_text(tmp, meta.to_json() + "\n"))
 
 
 def _check_safetensors(path: str) -> None:

@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "trainer.cli:evaluate",
     "report": "trainer.cli:report",
     "teacher": "trainer.cli:teacher",
-    "models": "shared.models.cli:models",
+    "models": "shared.models_cli:models",
     "demo": "trainer.demo:demo",
 }
 

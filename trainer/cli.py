@@ -133,6 +133,10 @@ def teacher_train(arch, kind, data, test_data, out, config, epochs, resume, opti
         _fail(exc)
 
 
+from trainer.teacher_import import teacher_import  # noqa: E402  (click only; torch loads when the command runs)
+teacher.add_command(teacher_import)
+
+
 if __name__ == "__main__":   # torchrun -m trainer.cli train ...
     group = click.Group(commands={"train": train, "teacher": teacher, "eval": evaluate, "report": report})
     sys.exit(group())

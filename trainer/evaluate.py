@@ -31,7 +31,7 @@ def eval_spec(meta) -> ViewSpec:
     if augment:
         return ViewSpec.from_dict(augment)
     size = (_get(meta, "model_kwargs") or {}).get("img_size") or 28
-    return ViewSpec(image_size=int(size))
+    return ViewSpec(image_size=int(size), interpolation=_get(meta, "interpolation") or "bilinear")
 
 
 def expand_sets(data: list[str], corrupt_dir: str | None = None) -> dict[str, str]:
@@ -97,6 +97,7 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
     ``kl[head][teacher]`` = mean KL(σ(teacher) ‖ σ(head)) at τ = 1: how closely each token follows each teacher.
     Teachers run once per batch for all students.  Single process."""
     from shared import checkpoint
+    from shared.models.normalize import teacher_input
     runtime = setup_runtime(device)
     models, metas = {}, {}
     for label, path in students.items():
@@ -123,7 +124,8 @@ def evaluate_agreement(students: dict[str, str], teachers: dict[str, str], data:
         total = 0
         for batch in loader:
             batch = batch.to(runtime.device)
-            logits = {n: models[n](to_model_input(batch.views, *norm[n])) for n in teachers}
+            logits = {n: models[n](teacher_input(batch.views, *norm[n], *metas[n].resize_for(spec.image_size)))
+                      for n in teachers}
             for n, z in logits.items():
                 hits[None, n] += (z.argmax(1) == batch.labels).sum()
             for label in students:

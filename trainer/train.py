@@ -172,7 +172,8 @@ def file_sha256(path: str) -> str:
 
 
 class OnlineTeachers(nn.Module):
-    """The reference for parity and speed: teachers run live (eval, no grad, their own normalisation)."""
+    """The reference for parity and speed: teachers run live (eval, no grad, their own input size and
+    normalisation). ``norms[name]`` = (mean, std[, input_size, interpolation]), as ``teacher_input`` takes them."""
 
     def __init__(self, teachers: dict[str, nn.Module], norms: dict[str, tuple]):
         super().__init__()
@@ -181,7 +182,8 @@ class OnlineTeachers(nn.Module):
 
     @torch.no_grad()
     def forward(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: model_outputs(t(to_model_input(views, *self.norms[name])))["cls"].float()
+        from shared.models.normalize import teacher_input
+        return {name: model_outputs(t(teacher_input(views, *self.norms[name])))["cls"].float()
                 for name, t in self.teachers.items()}
 
 
@@ -204,7 +206,7 @@ def load_online_teachers(cfg: RunConfig, records: dict[str, TeacherRecord | None
         teachers[name] = model.eval().requires_grad_(False)
         mean = meta.get("mean") or (record.mean if record else None)
         std = meta.get("std") or (record.std if record else None)
-        norms[name] = (tuple(mean), tuple(std))
+        norms[name] = (tuple(mean), tuple(std), *meta.resize_for(cfg.augment.image_size))
     return OnlineTeachers(teachers, norms).to(device)
 
 

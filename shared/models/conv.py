@@ -63,6 +63,10 @@ def create_conv_teacher(
 ) -> nn.Module:
     """Build timm model ``name`` from scratch (never downloads weights).
 
+    Published weights come in through ``shared.models.importers`` (``cit teacher import``), which reads the input
+    size, interpolation and normalisation from the model's ``pretrained_cfg`` (part of timm's model definition,
+    also without a download) and refuses stock weights in a ``small_input`` stem unless told otherwise.
+
     ``img_size`` is accepted for a uniform builder signature and ignored: CNNs are size-agnostic.
     Extra ``kwargs`` (e.g. ``drop_rate``, ``drop_path_rate``) go to ``timm.create_model``.
     """

@@ -10,8 +10,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["Normalized", "IMAGENET_MEAN", "IMAGENET_STD", "imagenet_normalization", "unwrap"]
+__all__ = ["Normalized", "IMAGENET_MEAN", "IMAGENET_STD", "imagenet_normalization", "unwrap", "resize_views",
+           "teacher_input"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,3 +64,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, Normalized):
         model = model.model
     return model
+
+
+# PIL's filters as F.interpolate modes: PIL's NEAREST samples floor((i + 0.5) * scale), which is "nearest-exact"
+_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
+
+
+def resize_views(views: torch.Tensor, size: int, interpolation: str | None = None) -> torch.Tensor:
+    """(B, C, H, W) views -> float (B, C, size, size) in the same 0..255 units, on their device.
+
+    Anti-aliased like PIL when shrinking; clamped to 0..255 because bicubic overshoots (PIL saturates too)."""
+    mode = _MODES.get(interpolation or "bilinear")
+    if mode is None:
+        raise ValueError(f"interpolation must be one of {sorted(_MODES)}, got {interpolation!r}")
+    smooth = {"align_corners": False, "antialias": True} if mode in ("bilinear", "bicubic") else {}
+    out = F.interpolate(views.float(), size=(size, size), mode=mode, **smooth)
+    return out.clamp_(0.0, 255.0)
+
+
+def teacher_input(views: torch.Tensor, mean, std, input_size: int | None = None,
+                  interpolation: str | None = None) -> torch.Tensor:
+    """uint8 views -> a teacher's input: resized on the device to ``input_size`` (when given and different from
+    the views' size), then normalised with the teacher's own mean/std. Without a resize this is exactly
+    ``shared.augment.to_model_input``."""
+    from shared.augment import to_model_input
+    if input_size is not None and tuple(views.shape[-2:]) != (input_size, input_size):
+        views = resize_views(views, input_size, interpolation)
+    return to_model_input(views, mean, std)
