@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared.augment import ViewSpec, apply_view, sample_view, to_model_input
+from shared.errors import CitUserError
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays, index_dtype,
                                  normalize_url, open_root, read_attrs)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 MAX_DEFAULT_CHUNK_ROWS = 4096
 
 
-class BuildError(ValueError):
+class BuildError(CitUserError):
     """Bad input for a cache build (or a teacher misbehaving); the message names the culprit."""
 
 

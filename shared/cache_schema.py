@@ -34,12 +34,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
+from shared.errors import CitUserError
+
 CACHE_FORMAT = 1
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
 RESERVED_NAMES = ("params", "done")
 
 
-class CacheError(ValueError):
+class CacheError(CitUserError):
     """The cache is missing, incomplete, or does not match what the caller expects; the message says what."""
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from shared.errors import CitUserError
+
 __all__ = ["ModelMeta", "TeacherMeta", "CheckpointError", "CheckpointNotFoundError", "save_checkpoint",
            "load_checkpoint", "read_meta", "sidecar_path", "file_sha256", "KINDS"]
 
@@ -34,7 +36,7 @@ VERSION = 1
 KINDS = ("conv", "inv", "student", "other")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CitUserError):
     """A checkpoint is missing, corrupt, or not the model the caller expects; the message names the file."""
 
 

@@ -12,8 +12,10 @@ import tomllib
 import typing
 from pathlib import Path
 
+from shared.errors import CitUserError
 
-class ConfigError(ValueError):
+
+class ConfigError(CitUserError):
     """A config file or override is malformed or names an unknown option; the message names it."""
 
 

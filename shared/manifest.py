@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from shared.errors import CitUserError
+
 MANIFEST_FORMAT = "cit-manifest/1"
 
 
-class ManifestError(ValueError):
+class ManifestError(CitUserError):
     """The manifest or the shards it lists are inconsistent; the message names the file."""
 
 

@@ -16,10 +16,12 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from shared.errors import CitUserError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
-class ShardError(ValueError):
+class ShardError(CitUserError):
     """A shard or a sample in it is malformed; the message names the shard and key."""
 
 

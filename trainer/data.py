@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from shared.augment import ViewSpec
+from shared.errors import CitUserError
 from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
 from shared.manifest import Manifest
 from shared.reader import Piece, ShardStream, seed_worker
@@ -39,7 +40,7 @@ class DataConfig:
     verify_views: bool = True         # check each replayed view's params against the cache's record
 
 
-class DataError(ValueError):
+class DataError(CitUserError):
     """The data, the cache and the training options do not fit together; the message says how."""
 
 

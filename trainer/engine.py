@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from shared.errors import CitUserError
 from shared.io import atomic_write_bytes, atomic_write_text
 
 LossFn = Callable[[nn.Module, "object"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -64,7 +65,7 @@ class TrainConfig:
             raise ValueError(f"train.epochs and train.batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CitUserError):
     """A training-state checkpoint is missing, corrupt or from a different run; the message names the file."""
 
 
