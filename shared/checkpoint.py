@@ -143,6 +143,9 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; a team's shared folder needs the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

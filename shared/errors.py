@@ -61,12 +61,11 @@ def resume_hint() -> str:
 
 
 def command_line(ctx: click.Context | None = None) -> list[str]:
-    """The command as the user typed it (``cit train ...`` or ``python -m trainer.cli train ...``)."""
-    root = ctx.find_root().info_name if ctx is not None else None
-    prog = root or os.path.basename(sys.argv[0]) or "cit"
-    if prog.endswith(".py") or prog == "__main__.py":
-        prog = "cit"
-    return [*shlex.split(prog), *sys.argv[1:]]
+    """The command as the user typed it, as ``cit ...`` (also when started as ``python -m trainer.cli ...``)."""
+    ctx = ctx or click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    args = root.meta.get("cit.argv") if root is not None else None
+    return ["cit", *(sys.argv[1:] if args is None else args)]
 
 
 def with_resume_flag(ctx: click.Context | None = None) -> str:
@@ -193,6 +192,11 @@ def translate(exc: BaseException, ctx: click.Context | None = None) -> click.Cli
 
 class CitGroup(click.Group):
     """A click group whose commands' user errors leave as one line (see the module doc)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            ctx.meta["cit.argv"] = list(args)   # the command as typed, for "continue with: cit ... --resume"
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
