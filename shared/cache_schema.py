@@ -235,6 +235,11 @@ class LogitCache:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise CacheError(f"no cit cache at {url}: {exc}") from None
         attrs = read_attrs(root, url)
+        if attrs.status != STATUS_COMPLETE and (attrs.status == STATUS_CREATING or not allow_incomplete):
+            from shared.store_lock import active_lease
+            lease = active_lease(url, storage_options)
+            if lease is not None:
+                raise CacheError(f"cache {url} is being built by {lease.holder()}; wait for that build to finish")
         if attrs.status == STATUS_CREATING:
             raise CacheError(f"cache {url} was interrupted while being created; rerun `cit cache build` with the "
                              "same options to finish it")
@@ -244,8 +249,8 @@ class LogitCache:
             except KeyError:
                 done = 0
             raise CacheError(f"cache {url} is incomplete ({done} of {attrs.num_units} chunks "
-                             "written); finish it by rerunning `cit cache build` with the same options, "
-                             "or pass allow_incomplete")
+                             "written); finish it by rerunning `cit cache build` with the same options "
+                             "(in Python, LogitCache.open(url, allow_incomplete=True) reads the finished part)")
         return cls(root, attrs, url)
 
     @property
