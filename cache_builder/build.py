@@ -383,13 +383,16 @@ def check_out_reachable(url: str, storage_options: dict | None) -> None:
     if is_local(url):
         return
     fs, path = fsspec.core.url_to_fs(normalize_url(url), **(storage_options or {}))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "adl"}:    # no buckets (memory://, ...)
+        return
     bucket = path.split("/", 1)[0]
     try:
-        found = fs.exists(bucket)
+        fs.info(bucket)     # not fs.exists: it answers False for an endpoint that cannot be reached
     except PermissionError as exc:
         raise BuildError(f"--out {url}: access to bucket {bucket!r} denied ({exc}); check the credentials "
                          "(AWS_* variables or --storage-option key=... secret=...)") from None
-    if not found:
+    except FileNotFoundError:
         raise BuildError(f"--out {url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
                          "create it or fix --out / --storage-option endpoint_url=...")
 

@@ -147,9 +147,11 @@ def _atomic_write(path: str, write) -> None:
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; a team's shared folder needs the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file did not fit
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 

@@ -128,6 +128,8 @@ def _machine_message(exc: OSError) -> str:
         line += "; free some space (or choose another --out)"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         line += "; choose a folder you can write to (--out) or fix its permissions"
+    elif exc.errno == errno.EISDIR:
+        line += f"; give files (for shards e.g. {os.path.join(str(target), '*.tar')})"
     hint = resume_hint()
     if hint and exc.errno in (*_FREE_SPACE, errno.EACCES, errno.EPERM, errno.EROFS):
         line += f"; then {hint}"
@@ -185,7 +187,7 @@ def translate(exc: BaseException, ctx: click.Context | None = None) -> click.Cli
         return None
     if isinstance(exc, KeyboardInterrupt):
         hint = resume_hint()
-        return CitInterrupted(hint[0].upper() + hint[1:] if hint else "nothing was finished")
+        return CitInterrupted(hint or "stopped before it finished")
     message = user_message(exc)
     return None if message is None else CitError(message)
 
