@@ -1,4 +1,4 @@
-"""Make datasets: raw sources -> WebDataset shards + manifest (DESIGN §3).
+"""Make datasets: raw sources -> WebDataset shards + manifest.
 
 Three sources, one output contract (``<out>/<split>.json`` beside ``<out>/<split>/shard-%06d.tar``):
 

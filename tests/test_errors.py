@@ -411,3 +411,24 @@ def test_unreachable_endpoint_is_one_line_that_says_the_build_is_resumable(shard
         "--storage-option", 'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}'))
     line = one_line_error(result)
     assert "storage endpoint" in line and "rerun the same command to resume" in line
+
+
+@pytest.mark.parametrize("failure, words, code", [
+    (KeyboardInterrupt(), "Interrupted: finished units in {out} are kept: rerun the same command", 130),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "{out}/conv/values/c/0/0/0"),
+     "Error: cannot write {out}/conv/values/c/0/0/0: the disk is full; free some space (or choose another --out); "
+     "then finished units in {out} are kept: rerun the same command to resume the build", 2),
+])
+def test_an_interrupted_or_full_build_says_rerun_the_same_command(shards, teachers, tmp_path, monkeypatch,
+                                                                  failure, words, code):
+    import cache_builder.build
+    out = str(tmp_path / "c.zarr")
+    if isinstance(failure, OSError):
+        failure.filename = failure.filename.format(out=out)
+
+    def fails(*_, **__):
+        raise failure
+    monkeypatch.setattr(cache_builder.build, "build_cache", fails)
+    result = CliRunner().invoke(cit, build_args(shards, teachers, out))
+    assert result.exit_code == code and "Traceback" not in result.output and "Aborted" not in result.output
+    assert words.format(out=out) in result.output
