@@ -1,4 +1,4 @@
-"""Cache-build benchmarks (DESIGN §9), one run, side by side on this machine; writes JSON.
+"""Cache-build benchmarks, one run, side by side on this machine; writes JSON.
 
 1. throughput: ``build_cache`` views/s  ÷  the teachers' own inference views/s on the *same* views already in
    memory (same batch size, device, normalisation; uint8 -> device -> normalise -> forward).  Goal >= 0.9.

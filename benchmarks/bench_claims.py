@@ -1,4 +1,4 @@
-"""The paper's claims, reproduced at small scale on low-data Fashion-MNIST (issue 7).
+"""The paper's claims, reproduced at small scale on low-data Fashion-MNIST.
 
 One cache of three trained teachers — ``regnet`` (conv, RegNetY-200MF), ``rednet`` (involution, RedNet-small) and
 ``regnetx`` (a second conv teacher, RegNetX-200MF) — over E views, and the cit_nano student trained from it under

@@ -1,4 +1,4 @@
-"""ImageNet-shaped synthetic run (issue 7): what the cache costs at ImageNet-1k scale, from measured parts.
+"""ImageNet-shaped synthetic run: what the cache costs at ImageNet-1k scale, from measured parts.
 
 1. data: a few thousand synthetic RGB photos at ImageNet-like sizes (long side mostly 500 px, common aspect ratios,
    a 1/f^a colour spectrum like natural images, JPEG quality 90: ~110 KB each, as ImageNet's train set), one class

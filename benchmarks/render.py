@@ -164,7 +164,7 @@ def claims_section(c: dict) -> list[str]:
                      f"{pct(v['acc_mean_heads_mean'], v['acc_mean_heads_std'])} |")
     lines += ["", "How to read the rows: every student has the same conv + involution stems (the `align` patch embedding) "
               "except `random tokens`, whose patch embedding is the plain linear projection with learned conv/inv "
-              "tokens (the official code's two modes), so that row measures the stems and the tokens together. "
+              "tokens (an ablation of this project: the official code has only the aligned stems), so that row measures the stems and the tokens together. "
               "No KD and one-token students have only the class token. `online` runs the same teachers live on "
               "the same views; it differs from the cached run only by the fp16 rounding of the cached logits."]
     rob = c.get("robustness")
@@ -370,9 +370,9 @@ def render(results: dict) -> str:
              "### Speed and size", ""]
     lines += speed_section(results)
     if results.get("claims"):
-        lines += ["", "### The paper's claims at small scale (issue 7)", ""] + claims_section(results["claims"])
+        lines += ["", "### The paper's claims at small scale", ""] + claims_section(results["claims"])
     if results.get("mixing"):
-        lines += ["", "### Mixup / CutMix with cached teachers (issue 6)", ""] + mixing_section(results["mixing"])
+        lines += ["", "### Mixup / CutMix with cached teachers", ""] + mixing_section(results["mixing"])
     lines += ["", RESULTS_END]
     return "\n".join(lines)
 

@@ -34,23 +34,26 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shared import provenance
 from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
-from shared import provenance
+from shared.errors import CitUserError
+from shared.io import is_local, local_path
 from shared.manifest import Manifest, ManifestError, check_shards
 from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
 from shared.shards import ShardError
+from shared.store_lock import StoreLock
 from shared.targets import encode_logits
-from shared.views import VIEW_CODE, LoadedRows, PlainRenderer, decode, make_renderer, render_eval
+from shared.views import VIEW_CODE, LoadedRows, PlainRenderer, make_renderer, render_eval
 
 log = logging.getLogger(__name__)
 
 MAX_DEFAULT_CHUNK_ROWS = 4096
 
 
-class BuildError(ValueError):
+class BuildError(CitUserError):
     """Bad input for a cache build (or a teacher misbehaving); the message names the culprit."""
 
 
@@ -137,7 +140,7 @@ def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.
         record = TeacherRecord(name=name, kind=kind, arch=str(_meta(meta, "arch", default="?")),
                                checkpoint_sha256=str(_meta(meta, "sha256", "checkpoint_sha256", default="")),
                                num_classes=classes, mean=[float(x) for x in mean], std=[float(x) for x in std],
-                               extra={"checkpoint": str(path)})
+                               extra={"checkpoint": os.path.abspath(local_path(path)) if is_local(path) else str(path)})
         record.input_size, record.interpolation = meta.resize_for(view_size)
         acc = _meta(meta, "test_accuracy", "accuracy")
         if acc is not None:
@@ -392,6 +395,26 @@ def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs
         return "foreign", None
 
 
+def check_out_reachable(url: str, storage_options: dict | None) -> None:
+    """An object-store ``--out``: its bucket exists and these credentials can list it — before anything is written
+    (writing is then proven by the store's lock, the first object the build puts)."""
+    if is_local(url):
+        return
+    fs, path = fsspec.core.url_to_fs(normalize_url(url), **(storage_options or {}))
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "adl"}:    # no buckets (memory://, ...)
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)     # not fs.exists: it answers False for an endpoint that cannot be reached
+    except PermissionError as exc:
+        raise BuildError(f"--out {url}: access to bucket {bucket!r} denied ({exc}); check the credentials "
+                         "(AWS_* variables or --storage-option key=... secret=...)") from None
+    except FileNotFoundError:
+        raise BuildError(f"--out {url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                         "create it or fix --out / --storage-option endpoint_url=...")
+
+
 def remove_store(url: str, storage_options: dict | None) -> None:
     url = normalize_url(url)
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -539,11 +562,14 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
 
     comm = _Dist()
     caller_threads = torch.get_num_threads()     # the build pins its own count; give the caller theirs back
+    lock = None
     try:
         # ---- rank 0: every check that can fail, then create or reopen the store; the others wait for its verdict
         error, attrs_json = None, None
         if comm.rank == 0:
             try:
+                check_out_reachable(out, storage_options)
+                lock = StoreLock(normalize_url(out), storage_options).acquire()   # one writer per store
                 attrs = _prepare(manifest, loaded, runner, intended, spec, seed, out, test_data, min_teacher_acc,
                                  force, verify_shards, storage_options, batch_size, workers, progress)
                 attrs_json = attrs.to_json_dict()
@@ -593,6 +619,8 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
             raise BuildError(f"another rank failed; cache {out} is left incomplete (rerun to resume)")
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(caller_threads)
         comm.close()
 

@@ -8,6 +8,7 @@ import click
 
 from shared.cache_schema import CacheError
 from shared.config import ConfigError
+from shared.errors import CitGroup, set_resume_hint
 from shared.manifest import ManifestError
 
 
@@ -33,7 +34,7 @@ def _fail(exc: Exception) -> click.ClickException:
     return CacheCommandError(str(exc))
 
 
-@click.group()
+@click.group(cls=CitGroup)
 def cache():
     """Stage 1: build, inspect and verify the offline teacher-logit cache (Zarr v3)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -79,6 +80,7 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
     from shared.augment import ViewSpec
     from shared.config import load_config, section
     from shared.reader import distributed_context
+    set_resume_hint(f"finished units in {out} are kept: rerun the same command to resume the build")
     try:
         foreign = [o for o in overrides if not o.strip().startswith("augment.")]
         if foreign:

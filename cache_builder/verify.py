@@ -75,6 +75,11 @@ def verify_cache(url: str, data: str | None = None, recompute: int = 0, teachers
     except Exception as exc:  # noqa: BLE001
         report.problem("structure", f"cannot open as a cit cache: {exc}")
         return report
+    from shared.store_lock import active_lease
+    lease = active_lease(url, storage_options) if attrs.status != STATUS_COMPLETE else None
+    if lease is not None:
+        report.problem("complete", f"the cache is being built by {lease.holder()} (not finished yet)")
+        return report
     if attrs.status == STATUS_CREATING:
         report.problem("complete", "the cache was interrupted while being created (no data yet)")
         return report

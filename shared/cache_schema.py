@@ -42,13 +42,15 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec
 
+from shared.errors import CitUserError
+
 CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
 RESERVED_NAMES = ("params", "digest", "done")
 TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
 
 
-class CacheError(ValueError):
+class CacheError(CitUserError):
     """The cache is missing, incomplete, or does not match what the caller expects; the message says what."""
 
 
@@ -282,6 +284,11 @@ class LogitCache:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise CacheError(f"no cit cache at {url}: {exc}") from None
         attrs = read_attrs(root, url)
+        if attrs.status != STATUS_COMPLETE and (attrs.status == STATUS_CREATING or not allow_incomplete):
+            from shared.store_lock import active_lease
+            lease = active_lease(url, storage_options)
+            if lease is not None:
+                raise CacheError(f"cache {url} is being built by {lease.holder()}; wait for that build to finish")
         if attrs.status == STATUS_CREATING:
             raise CacheError(f"cache {url} was interrupted while being created; rerun `cit cache build` with the "
                              "same options to finish it")
@@ -291,8 +298,8 @@ class LogitCache:
             except KeyError:
                 done = 0
             raise CacheError(f"cache {url} is incomplete ({done} of {attrs.num_units} chunks "
-                             "written); finish it by rerunning `cit cache build` with the same options, "
-                             "or pass allow_incomplete")
+                             "written); finish it by rerunning `cit cache build` with the same options "
+                             "(in Python, LogitCache.open(url, allow_incomplete=True) reads the finished part)")
         return cls(root, attrs, url)
 
     @property

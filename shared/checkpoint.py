@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from shared.errors import CitUserError
+
 __all__ = ["ModelMeta", "TeacherMeta", "CheckpointError", "CheckpointNotFoundError", "save_checkpoint",
            "load_checkpoint", "read_meta", "write_meta", "sidecar_path", "file_sha256", "KINDS"]
 
@@ -34,7 +36,7 @@ VERSION = 1
 KINDS = ("conv", "inv", "student", "other")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CitUserError):
     """A checkpoint is missing, corrupt, or not the model the caller expects; the message names the file."""
 
 
@@ -150,10 +152,15 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; a team's shared folder needs the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file did not fit
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
 
 

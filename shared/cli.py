@@ -4,17 +4,19 @@ Command groups live next to their code and are registered here by one line each 
 (``"name": "module:attribute"``).  They are imported lazily: ``cit data ...`` never imports torch-heavy trainer
 code, and a group whose module is missing or broken is left out of ``cit --help`` instead of breaking it.
 
-Library errors — ``ValueError`` subclasses defined in this project (ShardError, ManifestError, PrepareError, ...)
-— print as ``Error: <message>`` and exit with code 2, without a traceback (set ``CIT_DEBUG=1`` to get one).
+User errors (``shared.errors.CitUserError``: ShardError, ManifestError, PrepareError, ...), a full disk, a folder
+that cannot be written and the like print as ``Error: <one line>`` and exit with code 2, without a traceback (set
+``CIT_DEBUG=1`` to get one); Ctrl-C says how to resume and exits with 130 (see ``shared.errors``).
 """
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 
 import click
+
+from shared.errors import CitGroup
 
 SUBCOMMANDS: dict[str, str] = {
     "data": "shared.cli:data",
@@ -27,21 +29,8 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "trainer.demo:demo",
 }
 
-PROJECT_PACKAGES = ("shared", "cache_builder", "trainer")
 
-
-class CitError(click.ClickException):
-    """A library error shown to the user as ``Error: <message>``, exit code 2 (like a usage error)."""
-    exit_code = 2
-
-
-def is_library_error(exc: BaseException) -> bool:
-    """A ValueError subclass defined in this project: a message meant for the user, not a bug."""
-    return (isinstance(exc, ValueError) and type(exc) is not ValueError
-            and type(exc).__module__.split(".")[0] in PROJECT_PACKAGES)
-
-
-class LazyGroup(click.Group):
+class LazyGroup(CitGroup):
     """A click group whose subcommands are ``"module:attribute"`` strings imported on first use."""
 
     def __init__(self, *args, lazy_subcommands: dict[str, str] | None = None, **kwargs):
@@ -76,14 +65,6 @@ class LazyGroup(click.Group):
                 raise click.UsageError(f"command {name!r} is unavailable: {type(exc).__name__}: {exc}") from exc
         return super().get_command(ctx, name)
 
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except Exception as exc:
-            if is_library_error(exc) and not os.environ.get("CIT_DEBUG"):
-                raise CitError(str(exc)) from exc
-            raise
-
 
 @click.group(cls=LazyGroup, lazy_subcommands=SUBCOMMANDS)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
@@ -95,7 +76,7 @@ def main(quiet: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # cit data
 
-@click.group()
+@click.group(cls=CitGroup)
 def data() -> None:
     """Datasets: shards + manifest (prepare, info)."""
 

@@ -12,8 +12,10 @@ import tomllib
 import typing
 from pathlib import Path
 
+from shared.errors import CitUserError
 
-class ConfigError(ValueError):
+
+class ConfigError(CitUserError):
     """A config file or override is malformed or names an unknown option; the message names it."""
 
 
@@ -60,11 +62,62 @@ def section(cfg: dict, name: str, cls: type[T]) -> T:
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                           f"known in [{name}]: {', '.join(sorted(known))}")
-    hints = typing.get_type_hints(cls)
-    for key, value in data.items():
-        if isinstance(value, list) and "tuple" in str(hints.get(key, "")):
-            data[key] = tuple(value)
+    data = check_fields(data, name, cls)
     try:
         return cls(**data)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[{name}]: {exc}") from None
+
+
+def check_fields(data: dict, name: str, cls: type) -> dict:
+    """``data`` (section ``name``) with every value of a known field checked against its type (see check_type)."""
+    hints = typing.get_type_hints(cls)
+    return {key: check_type(f"{name}.{key}", value, hints[key]) if key in hints else value
+            for key, value in data.items()}
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a table"}
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_type(option: str, value, hint):
+    """``value`` converted to the field type ``hint`` (int -> float, list -> tuple), or a ConfigError naming the
+    option and the type it wants: ``--set train.epochs=two`` is refused here, not deep inside the training."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for alternative in args:
+            if alternative is type(None) and value is None:
+                return None
+            try:
+                return check_type(option, value, alternative)
+            except ConfigError:
+                continue
+        raise _type_error(option, value, " or ".join(_type_name(a) for a in args if a is not type(None)))
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(option, value, f"a list ({_type_name(hint)})")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise _type_error(option, value, f"a list of {len(args)} values ({_type_name(hint)})")
+        kinds = args[:1] * len(value) if origin is list or (args and args[-1] is Ellipsis) else args
+        items = [check_type(f"{option}[{i}]", v, k) for i, (v, k) in enumerate(zip(value, kinds))] if kinds \
+            else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _type_error(option, value, "a table ({...})")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if hint in _TYPE_WORDS:
+        raise _type_error(option, value, f"{_TYPE_WORDS[hint]} ({hint.__name__})")
+    return value    # a type this check does not know: the dataclass itself validates it
+
+
+def _type_error(option: str, value, wanted: str) -> ConfigError:
+    shown = value if not isinstance(value, str) else repr(value)
+    return ConfigError(f"option {option} must be {wanted}, got {shown} (in the config file or --set {option}=...)")

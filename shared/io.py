@@ -35,9 +35,11 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; shared storage needs the usual mode
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file did not fit
+                raise OSError(exc.errno, exc.strerror, path) from exc
             raise
     else:  # object stores: a single PUT is atomic
         with fsspec.open(url, "wb") as f:

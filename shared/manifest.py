@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 import fsspec
 
+from shared.errors import CitUserError
+
 MANIFEST_FORMAT = "cit-manifest/2"
 OLD_FORMATS = ("cit-manifest/1",)     # read (channels from source.channels); fingerprinted as format 2
 
 log = logging.getLogger(__name__)
 
 
-class ManifestError(ValueError):
+class ManifestError(CitUserError):
     """The manifest or the shards it lists are inconsistent; the message names the file."""
 
 

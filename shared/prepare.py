@@ -1,4 +1,4 @@
-"""Make datasets: raw sources -> WebDataset shards + manifest (DESIGN §3).
+"""Make datasets: raw sources -> WebDataset shards + manifest.
 
 Three sources, one output contract (``<out>/<split>.json`` beside ``<out>/<split>/shard-%06d.tar``):
 
@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shared.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from shared.errors import CitUserError
 from shared.io import is_local, local_path
 from shared.manifest import Manifest, ManifestError, ShardInfo, file_sha256, stream_digest, verify_shards
 from shared.shards import IMAGE_EXTS, ShardError, ShardWriter, check_key, decode_image, encode_png, is_pipe, \
@@ -58,7 +59,7 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-u
 DEFAULT_FASHION_MNIST = os.environ.get("CIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 
 
-class PrepareError(ValueError):
+class PrepareError(CitUserError):
     """Bad input or output location for a prepare step; the message names the culprit file, folder or option."""
 
 

@@ -28,11 +28,13 @@ from PIL import Image
 from webdataset.gopen import gopen as wds_gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from shared.errors import CitUserError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 META_NAME = re.compile(r"__[^/]*__($|/)")      # webdataset's tar_file_iterator skip_meta
 
 
-class ShardError(ValueError):
+class ShardError(CitUserError):
     """A shard or a sample in it is malformed; the message names the shard and key."""
 
 

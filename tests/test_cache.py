@@ -112,7 +112,7 @@ def test_info_and_verify_on_a_good_cache(world):
     assert "complete" in out.output and "B per view per teacher" in out.output and "conv" in out.output
     out = runner.invoke(cache_cli, ["verify", world["ref"], "--data", world["data"], "--recompute", "4"])
     assert out.exit_code == 0, out.output
-    # plain zarr, no cit code: the layout documented in docs/cache.md
+    # plain zarr, no cit code: the layout documented in the README
     g = zarr.open_group(world["ref"], mode="r")
     assert g.attrs["status"] == "complete" and g["conv/logp"].shape == (E, N, K) and g.attrs["format"] == 2
     assert g["conv/logp"].dtype == np.float16 and g["inv/tail"].shape == (E, N, 1)

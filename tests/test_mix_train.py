@@ -1,4 +1,4 @@
-"""Mixup/CutMix with cached teachers (issue 6): the trainer's mixed view is the one the cache builder fed the
+"""Mixup/CutMix with cached teachers: the trainer's mixed view is the one the cache builder fed the
 teachers, bit for bit, whatever the worker or rank count; approx targets are the linear mix; exact cached KD and
 online KD agree with mixing on."""
 import json

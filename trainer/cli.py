@@ -1,10 +1,15 @@
-"""Thin click commands: parse options into config overrides, call one library function."""
+"""Thin click commands: parse options into config overrides, call one library function.
+
+User errors propagate to the ``cit`` group (``shared.errors.CitGroup``), which prints them as one line with exit
+code 2; each command first says how its work is resumed, for Ctrl-C and a full disk."""
 from __future__ import annotations
 
 import json
 import sys
 
 import click
+
+from shared.errors import CitError, CitGroup, set_resume_hint, with_resume_flag
 
 
 def _overrides(pairs: dict[str, object], sets: tuple[str, ...]) -> list[str]:
@@ -14,7 +19,7 @@ def _overrides(pairs: dict[str, object], sets: tuple[str, ...]) -> list[str]:
 
 
 def _fail(exc: Exception) -> None:
-    raise click.ClickException(f"{type(exc).__name__}: {exc}")
+    raise CitError(str(exc)) from None
 
 
 @click.command()
@@ -31,26 +36,21 @@ def _fail(exc: Exception) -> None:
 @click.option("--allow-repeat-views", is_flag=True, default=None, help="Allow more epochs than cached views.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/state.safetensors.")
+@click.option("--force", is_flag=True, help="Replace a run already in --out (finished or not).")
 @click.option("--no-verify-shards", "no_verify_shards", is_flag=True, default=None,
               help="At start, check shards' existence and size only, not their sha256 (data.verify_shards).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Config override (repeatable).")
 def train(config, data, test_data, cache, kd, conv_teacher, inv_teacher, student, epochs, batch_size,
-          allow_repeat_views, out, resume, sets, no_verify_shards=None):
+          allow_repeat_views, out, resume, force, sets, no_verify_shards=None):
     """Train a student (CiT) from a config; `torchrun --nproc-per-node N -m trainer.cli train ...` for DDP."""
-    from shared.cache_schema import CacheError
-    from shared.config import ConfigError
-    from trainer.data import DataError
-    from trainer.engine import CheckpointError
     from trainer.train import load_run_config, train as run
+    set_resume_hint(f"the last finished epoch in {out} is kept; continue with: {with_resume_flag()}")
     pairs = {"data.train": data, "data.test": test_data, "data.cache": cache, "kd.mode": kd,
              "kd.conv_teacher": conv_teacher, "kd.inv_teacher": inv_teacher, "student.arch": student,
              "train.epochs": epochs, "train.batch_size": batch_size, "data.allow_repeat_views": allow_repeat_views,
              "data.verify_shards": False if no_verify_shards else None}
-    try:
-        cfg = load_run_config(config, _overrides(pairs, sets))
-        run(cfg, out, resume=resume)
-    except (ConfigError, CacheError, DataError, CheckpointError) as exc:
-        _fail(exc)
+    cfg = load_run_config(config, _overrides(pairs, sets))
+    run(cfg, out, resume=resume, force=force)
 
 
 @click.command("eval")
@@ -96,7 +96,7 @@ def report(runs, out, markdown_out):
     click.echo(markdown(rows))
 
 
-@click.group()
+@click.group(cls=CitGroup)
 def teacher():
     """Teacher models."""
 
@@ -109,28 +109,27 @@ def teacher():
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint path.")
 @click.option("--config", type=click.Path(dir_okay=False), help="TOML config ([train] [augment] [data] [loss]).")
 @click.option("--epochs", type=int)
-@click.option("--resume", is_flag=True)
+@click.option("--resume", is_flag=True, help="Continue from <out>.run/state.safetensors.")
+@click.option("--force", is_flag=True, help="Replace a checkpoint (or unfinished training) already at --out.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Extra create_model keyword.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE")
-def teacher_train(arch, kind, data, test_data, out, config, epochs, resume, options, sets):
+def teacher_train(arch, kind, data, test_data, out, config, epochs, resume, force, options, sets):
     """Train a teacher on the replayable augmentation; saves the checkpoint with its test accuracy."""
     import tomllib
-    from shared.config import ConfigError
-    from trainer.engine import CheckpointError
     from trainer.teacher import TeacherSpec, train_teacher
     from trainer.train import load_run_config
-    try:
-        extra = {}
-        for item in options:
-            key, _, raw = item.partition("=")
-            try:
-                extra[key] = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                extra[key] = raw
-        cfg = load_run_config(config, _overrides({"train.epochs": epochs}, sets))
-        train_teacher(TeacherSpec(arch, kind, data, test_data, out, extra), cfg, resume=resume)
-    except (ConfigError, CheckpointError) as exc:
-        _fail(exc)
+    set_resume_hint(f"the last finished epoch in {out}.run is kept; continue with: {with_resume_flag()}")
+    extra = {}
+    for item in options:
+        key, _, raw = item.partition("=")
+        if not _ or not key:
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE", param_hint="--option")
+        try:
+            extra[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            extra[key] = raw
+    cfg = load_run_config(config, _overrides({"train.epochs": epochs}, sets))
+    train_teacher(TeacherSpec(arch, kind, data, test_data, out, extra), cfg, resume=resume, force=force)
 
 
 from trainer.teacher_import import teacher_import  # noqa: E402  (click only; torch loads when the command runs)
@@ -138,5 +137,5 @@ teacher.add_command(teacher_import)
 
 
 if __name__ == "__main__":   # torchrun -m trainer.cli train ...
-    group = click.Group(commands={"train": train, "teacher": teacher, "eval": evaluate, "report": report})
+    group = CitGroup(commands={"train": train, "teacher": teacher, "eval": evaluate, "report": report})
     sys.exit(group())

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from shared.augment import ViewSpec
+from shared.errors import CitUserError
 from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
 from shared.manifest import Manifest
 from shared.reader import Piece, ShardStream, read_piece, seed_worker
@@ -41,7 +42,7 @@ class DataConfig:
     verify_shards: bool = True        # at start, check each shard's sha256 (existence and size always)
 
 
-class DataError(ValueError):
+class DataError(CitUserError):
     """The data, the cache and the training options do not fit together; the message says how."""
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from shared.errors import CitUserError
 from shared.io import atomic_write_bytes, atomic_write_text
 
 LossFn = Callable[[nn.Module, "object"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -64,7 +65,7 @@ class TrainConfig:
             raise ValueError(f"train.epochs and train.batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CitUserError):
     """A training-state checkpoint is missing, corrupt or from a different run; the message names the file."""
 
 
@@ -327,6 +328,51 @@ def evaluate(outputs_fn: Callable[[torch.Tensor], dict[str, torch.Tensor]], load
 class FitResult:
     history: list[dict]
     model: nn.Module          # the unwrapped model, trained
+
+
+def _with_sidecars(outputs: list[str]) -> list[str]:
+    from shared.checkpoint import sidecar_path
+    return [*outputs, *(sidecar_path(p) for p in outputs if not p.endswith(".json"))]
+
+
+def claim_out(out_dir: str, outputs: list[str], *, resume: bool, force: bool, main: bool = True) -> None:
+    """Never overwrite finished work silently: a run folder whose ``outputs`` (a finished run's files) or training
+    state exist needs ``--resume`` (continue it) or ``--force`` (start over: the old files go first, so nothing
+    that looks finished is left beside the new run).  Temporary files of a killed write are removed either way."""
+    state = os.path.join(out_dir, "state.safetensors")
+    finished = [p for p in outputs if os.path.exists(p)]
+    if not resume and not force:
+        if finished:
+            raise CheckpointError(f"{finished[0]} is finished work; pass --force to overwrite it, or choose another "
+                                  "--out (--resume continues a run, and only rewrites its outputs if it is finished)")
+        if os.path.exists(state):
+            raise CheckpointError(f"{out_dir} holds an unfinished run ({state}); pass --resume to continue it or "
+                                  "--force to start over")
+    if not main:
+        return
+    if force and not resume:
+        for path in [*_with_sidecars(outputs), state, os.path.join(out_dir, "metrics.jsonl")]:
+            if os.path.isfile(path):
+                os.remove(path)
+    remove_temporaries(out_dir, outputs)
+
+
+def remove_temporaries(out_dir: str, outputs: list[str]) -> None:
+    """Leftovers of a write killed before its rename: ``.tmp-*`` in the run folder (training state, metrics,
+    run.json), ``.<name>.*.tmp`` / ``.tmp-<name>*`` beside each output.  Never read; they only waste disk."""
+    names = {os.path.basename(p) for p in _with_sidecars(outputs)}
+    folders = {os.path.abspath(out_dir): None, **{os.path.dirname(os.path.abspath(p)): None for p in outputs}}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.listdir(folder):
+            mine = (folder == os.path.abspath(out_dir) and entry.startswith(".tmp-")) or any(
+                entry.startswith(f".tmp-{n}") or (entry.startswith(f".{n}.") and entry.endswith(".tmp")) for n in names)
+            if mine:
+                try:
+                    os.remove(os.path.join(folder, entry))
+                except OSError:
+                    pass
 
 
 def fit(model: nn.Module, loss_fn: LossFn, train_set, cfg: TrainConfig, runtime: Runtime, out_dir: str, *,

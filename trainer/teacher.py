@@ -19,7 +19,7 @@ from shared.augment import to_model_input
 from shared.config import ConfigError
 from shared.manifest import Manifest
 from trainer.data import EvalViews, TrainViews, check_views
-from trainer.engine import FitResult, evaluate, fit, setup_runtime
+from trainer.engine import FitResult, claim_out, evaluate, fit, setup_runtime
 from trainer.data import make_loader
 from trainer.train import RunConfig, _channels, model_outputs
 
@@ -54,8 +54,10 @@ def build_teacher(spec: TeacherSpec, num_classes: int, in_chans: int, img_size: 
     return models.create_model(spec.arch, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **options)
 
 
-def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False) -> FitResult:
-    """Train, evaluate each epoch, save ``spec.out`` (+ sidecar) with the final test accuracy."""
+def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False, force: bool = False) -> FitResult:
+    """Train, evaluate each epoch, save ``spec.out`` (+ sidecar) with the final test accuracy.  An existing
+    checkpoint or training state at ``spec.out`` needs ``resume`` or ``force`` (never overwritten silently)."""
+    claim_out(spec.out + ".run", [spec.out], resume=resume, force=force, main=int(os.environ.get("RANK", 0)) == 0)
     runtime = setup_runtime(cfg.train.device)
     manifest = Manifest.load(spec.data)
     test = Manifest.load(spec.test_data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,15 +30,16 @@ import torch.nn as nn
 
 from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
-from shared.config import ConfigError, load_config, section, set_dotted
+from shared.config import ConfigError, check_fields, load_config, section, set_dotted
 from shared.manifest import Manifest, check_shards
 from trainer.data import (DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader,
                           warn_provenance)
-from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, evaluate, fit, setup_runtime,
-                            write_json)
+from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, claim_out, evaluate, fit,
+                            setup_runtime, write_json)
 from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo
 
 KD_MODES = ("cached", "online", "none")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,7 +118,9 @@ def load_run_config(path: str | None = None, overrides: list[str] | tuple[str, .
     if unknown:
         raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(SECTIONS) + ['augment']}")
     try:
-        augment = ViewSpec.from_dict(cfg.get("augment", {}))
+        augment = ViewSpec.from_dict(check_fields(cfg.get("augment", {}), "augment", ViewSpec))
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[augment]: {exc}") from None
     return RunConfig(augment=augment, **{name: section(cfg, name, cls) for name, cls in SECTIONS.items()})
@@ -254,6 +258,7 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
                     cfg.data.cache)
         warn_provenance(cache.attrs, cfg.data.cache, cfg.data.verify_views)
         records = {name: cache.attrs.teacher(name) for name in teacher_names}
+        warn_kind_mismatch(cfg.kd, records)
         if cfg.loss.topk > cache.attrs.topk:
             raise ConfigError(f"loss.topk={cfg.loss.topk} but the cache {cfg.data.cache} holds only "
                               f"K={cache.attrs.topk} classes per view")
@@ -312,6 +317,16 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     return Prepared(cfg, runtime, manifest, train_set, student, loss_fn, teachers, eval_fn, views, run_meta)
 
 
+def warn_kind_mismatch(kd: KDConfig, records: dict[str, TeacherRecord | None]) -> None:
+    """An involution teacher on the conv token (or the reverse) is allowed — the same-kind ablations need it — but
+    is more often a swapped command line than a plan: say so, once, before training."""
+    for slot, name in kd.slots():
+        kind = getattr(records.get(name), "kind", None)
+        if kind in ("conv", "inv") and kind != slot:
+            log.warning("warning: teacher %r is a %s teacher but feeds the %s token (kd.%s_teacher, --%s-teacher); "
+                        "swap --conv-teacher and --inv-teacher if that is not intended", name, kind, slot, slot, slot)
+
+
 def _channels(manifest: Manifest, cfg: RunConfig) -> int:
     """Image channels: the manifest's (every image is decoded to them), a contract checked before anything runs."""
     return manifest.require_channels()
@@ -353,8 +368,11 @@ def check_same_run(current: dict, stored: dict) -> None:
         raise CheckpointError("cannot resume: the run's config differs from the checkpoint's: " + "; ".join(differ))
 
 
-def train(cfg: RunConfig, out_dir: str, resume: bool = False) -> FitResult:
-    """Train a student as configured; writes ``out_dir/{state.safetensors,metrics.jsonl,student.*}``."""
+def train(cfg: RunConfig, out_dir: str, resume: bool = False, force: bool = False) -> FitResult:
+    """Train a student as configured; writes ``out_dir/{state.safetensors,metrics.jsonl,student.*}``.  A folder
+    holding a run is continued with ``resume`` or replaced with ``force``, never silently overwritten."""
+    claim_out(out_dir, [os.path.join(out_dir, "run.json"), os.path.join(out_dir, "student.safetensors")],
+              resume=resume, force=force, main=int(os.environ.get("RANK", 0)) == 0)
     p = prepare(cfg)
     result = fit(p.student, p.loss_fn, p.train_set, cfg.train, p.runtime, out_dir,
                  num_workers=cfg.data.num_workers, eval_fn=p.eval_fn, resume=resume, run_meta=p.run_meta,

@@ -1,0 +1,140 @@
+"""The README's commands run as printed, and every command has a working ``--help``: a renamed option or command
+breaks the suite, not the user.
+
+The only thing the test adds to a README command is options that make the data small (a fake Fashion-MNIST
+source, few images per class, one epoch, one view); the README's own options come first and are all kept.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shlex
+import shutil
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from shared.cli import SUBCOMMANDS, main as cit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Appended to the README's command (click: the last value of an option wins) to make it small and fast
+SMALL = {
+    ("data", "prepare", "fashion-mnist"): ["--per-class", "2", "--severities", "1"],   # + --source <fake IDX>
+    ("teacher", "train"): ["--epochs", "1"],
+    ("cache", "build"): ["--views", "1"],
+    ("cache", "verify"): ["--recompute", "4"],
+    ("train",): ["--epochs", "1"],
+}
+# Lines of the README's code blocks that are not `cit` commands, and where they are tested instead
+ELSEWHERE = {
+    "bash .ci/setup": "sets up a machine (the test environment is already set up); `cit demo` is run by its own test",
+    "python benchmarks/": "tests/test_benchmarks.py runs every benchmark in --quick mode (cross-checked below)",
+}
+
+
+def readme_blocks() -> list[list[str]]:
+    """The README's indented code blocks, each as its logical lines (``\\`` continuations joined)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    blocks, current, previous_blank = [], [], True
+    for line in text.splitlines():
+        if line.startswith("    ") and (current or previous_blank):
+            current.append(line[4:])
+        elif current and not line.strip():
+            current.append("")
+        else:
+            if current:
+                blocks.append(current)
+            current = []
+        previous_blank = not line.strip()
+    if current:
+        blocks.append(current)
+    out = []
+    for block in blocks:
+        logical = re.sub(r"\\\n\s*", " ", "\n".join(block).strip()).splitlines()
+        out.append([line for line in logical if line.strip()])
+    return out
+
+
+def readme_commands() -> list[list[str]]:
+    return [shlex.split(line, comments=True) for block in readme_blocks() for line in block if line.startswith("cit ")]
+
+
+def small_options(args: list[str], fake_source: str) -> list[str]:
+    for prefix, extra in SMALL.items():
+        if tuple(args[:len(prefix)]) == prefix:
+            return extra + (["--source", fake_source] if prefix[-1] == "fashion-mnist" else [])
+    return []
+
+
+def test_readme_code_blocks_are_all_accounted_for():
+    lines = [line for block in readme_blocks() for line in block]
+    kinds = [line for line in lines if not line.startswith("cit ")]
+    for line in kinds:
+        if line.startswith(tuple(ELSEWHERE)) or line.startswith(("<root>", "import ", "g = ", "assert ", "v, lo",
+                                                                 "values, ", "probs = ")):
+            continue
+        pytest.fail(f"README code line neither run here nor tested elsewhere: {line!r}")
+    assert len(readme_commands()) >= 10
+
+
+def test_readme_benchmark_commands_are_the_ones_the_benchmark_tests_run():
+    from tests.test_benchmarks import QUICK
+    quick = {script: extra for script, _, extra in QUICK}
+    for line in (line for block in readme_blocks() for line in block if line.startswith("python benchmarks/")):
+        args = shlex.split(line, comments=True)
+        script = os.path.basename(args[1])
+        assert os.path.exists(os.path.join(REPO, "benchmarks", script)), line
+        if script == "render.py":
+            continue      # tests/test_benchmarks.py: the README section is what render.py makes (--check)
+        if script == "bench_imagenet.py":
+            assert os.path.exists(os.path.join(REPO, "tests", "test_bench_imagenet.py"))
+            continue
+        assert script in quick, f"{line!r} is not run by tests/test_benchmarks.py"
+        options = [a for a in args[2:] if a.startswith("--") and a != "--out"]
+        assert set(options) <= set(quick[script]), f"{line!r}: {options} not exercised by the benchmark test"
+
+
+def test_every_readme_command_runs_as_printed(fake_fashion_mnist, tmp_path, monkeypatch):
+    """The README's commands, in order, in one working directory, each followed only by options that shrink the
+    data; then the README's Python snippet on the cache they made."""
+    shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ran = []
+    for args in readme_commands():
+        args = args[1:]
+        expanded = [m for a in args for m in (sorted(glob.glob(a)) if "*" in a else [a])]
+        result = CliRunner().invoke(cit, expanded + small_options(args, fake_fashion_mnist.folder))
+        assert result.exit_code == 0, f"cit {shlex.join(args)}\n{result.output}"
+        ran.append(args[0])
+    assert {"data", "teacher", "cache", "train", "eval", "report"} <= set(ran)
+    snippet = next(block for block in readme_blocks() if block[0].startswith("import "))
+    exec("\n".join(snippet), {})                             # noqa: S102 — the README's own example
+
+
+def walk(command: click.Command, path: tuple[str, ...] = ()):
+    yield path, command
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from walk(command.get_command(ctx, name), path + (name,))
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_registered_command_loads(name):
+    """A command whose module is missing or broken would silently vanish from `cit --help`."""
+    assert name in cit.list_commands(click.Context(cit))
+    assert isinstance(cit.get_command(click.Context(cit), name), click.Command)
+
+
+def test_help_of_every_command_and_subcommand():
+    paths = list(walk(cit))
+    assert len(paths) > 12
+    for path, command in paths:
+        result = CliRunner().invoke(cit, [*path, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, f"cit {' '.join(path)} --help\n{result.output}"
+        assert (command.help or command.short_help), f"cit {' '.join(path)} has no help text"
