@@ -116,11 +116,11 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
             ) -> dict[str, dict[float, np.ndarray]]:
     """KL(softmax(z/τ) ‖ cached target at τ) per row, for each teacher given a checkpoint, at each cached τ.
     The views are re-rendered with the builder's ``render_rows`` and run with its ``TeacherRunner``."""
-    from cache_builder.build import (BuildError, TeacherRunner, chunk_read_range, load_teachers, render_rows,
-                                     resolve_device)
+    from cache_builder.build import BuildError, TeacherRunner, load_teachers, render_rows, resolve_device
     from cache_builder.verify import _read_rows
     from shared.manifest import Manifest, ManifestError
     from shared.targets import target_log_probs
+    from shared.views import LoadedRows, make_renderer
     attrs = cache.attrs
     try:
         manifest = Manifest.load(options.data)
@@ -133,7 +133,7 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
     device = resolve_device(options.device)
     pairs = list(options.teachers.items())
     try:
-        loaded = load_teachers(pairs, attrs.num_classes, device)
+        loaded = load_teachers(pairs, attrs.num_classes, device, view_size=spec.image_size)
     except BuildError as exc:
         raise CacheError(str(exc)) from None
     for t in loaded:
@@ -142,8 +142,10 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
             raise CacheError(f"--teacher {t.name}={t.checkpoint} is not the checkpoint the cache was built with "
                              f"(sha256 {t.record.checkpoint_sha256[:12]}… != {expected[:12]}…)")
     precision = attrs.build.get("precision", "fp32")
-    runner = TeacherRunner(loaded, device, "fp32" if device.type != "cuda" else precision, attrs.topk)
-    ranges = {row: chunk_read_range(manifest, spec, row, row + 1) for _, row in picks}
+    runner = TeacherRunner(loaded, device, "fp32" if device.type != "cuda" else precision, attrs.topk,
+                           tuple(attrs.temperatures))
+    renderer = make_renderer(spec, attrs.seed, manifest)
+    ranges = {row: renderer.rows_to_load(row, row + 1) for _, row in picks}
     raws = _read_rows(manifest, sorted({r for lo, hi in ranges.values() for r in range(lo, hi)}))
     taus = [float(t) for t in attrs.temperatures]
     out = {t.name: {tau: [] for tau in taus} for t in loaded}
@@ -152,8 +154,7 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
         views = []
         for v, row in batch:
             lo, hi = ranges[row]
-            views.append(render_rows(manifest, spec, attrs.seed, v, [raws[r] for r in range(lo, hi)], lo, row,
-                                     row + 1)[0][0])
+            views.append(render_rows(renderer, v, LoadedRows([raws[r] for r in range(lo, hi)]), row, row + 1)[0][0])
         views = torch.stack(views).to(device)
         with torch.inference_mode():
             for t in loaded:

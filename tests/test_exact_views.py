@@ -130,8 +130,8 @@ def built(tmp_path_factory):
     return {"root": root, "data": str(root / "data/ex.json"), "cache": cache}
 
 
-def _train(built, out: str, capability: str) -> subprocess.CompletedProcess:
-    args = ["--data", built["data"], "--cache", built["cache"], "--conv-teacher", "conv", "--epochs", "1",
+def _train(built, out: str, capability: str, *extra: str) -> subprocess.CompletedProcess:
+    args = [*extra, "--data", built["data"], "--cache", built["cache"], "--conv-teacher", "conv", "--epochs", "1",
             "--batch-size", "8", "--out", out, "--set", "data.view_seed=4", "--set", "data.num_workers=0",
             "--set", "train.progress=false", *AUG]
     for k, v in {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}.items():
@@ -179,7 +179,9 @@ def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):
                 member.size = len(payload)
             tar.addfile(member, io.BytesIO(payload))
     edited = dict(built, data=str(data / "ex.json"))
-    result = _train(edited, str(tmp_path / "run"), "default")
+    result = _train(edited, str(tmp_path / "run0"), "default")      # the manifest's sha256 sees it first
+    assert result.returncode == 2 and "ex-0001.tar does not match manifest" in result.stderr, result.stderr[-2000:]
+    result = _train(edited, str(tmp_path / "run"), "default", "--no-verify-shards")   # ... else the pixel digest
     assert result.returncode != 0, result.stderr[-2000:]      # (exit codes of errors raised mid-run: cli)
     assert f"sample {victim!r}" in result.stderr and "pixels check failed" in result.stderr
     assert "ex-0001.tar" in result.stderr and "Traceback" not in result.stderr

@@ -162,10 +162,11 @@ def test_the_writer_refuses_an_unsorted_block(built, tmp_path):
     cache = LogitCache.open(url, "r+")
     good = cache.read_topk("t", 0, 0, 20)
     params = cache.read_params(0, 0, 20)
+    digests = cache.read_digests(0, 0, 20)
     bad = TopK(good.logp[:, ::-1].copy(), good.indices[:, ::-1].copy(), good.tail)
     cache.root["done"][0, 0] = 0
     with pytest.raises(CacheError, match=r"teacher t, view 0, chunk 0: top-k log-probabilities are not sorted"):
-        cache.write_unit(0, 0, params, {"t": bad})
+        cache.write_unit(0, 0, params, {"t": bad}, digests=digests)
     assert cache.done_map()[0, 0] == 0
     np.testing.assert_array_equal(cache.read_topk("t", 0, 0, 20).logp, good.logp)
 
