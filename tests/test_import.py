@@ -318,15 +318,18 @@ def test_test_data_accuracy_is_measured_and_recorded(tiny_timm, tmp_path):
 # ---- cit models, --help --------------------------------------------------------------------------------------
 
 def test_cit_models_lists_every_builder():
-    result = cit("models", "--img-size", "32", "--json")
+    from shared.models_cli import format_rows
+    result = cit("models", "--img-size", "32", "--timm", "resnet10t", "--json")
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)}
-    assert set(rows) == set(list_models())
-    assert rows["rednet26"]["params"] == sum(p.numel() for p in create_model("rednet26").parameters())
+    assert set(rows) == set(list_models()) | {"resnet10t"}
+    assert rows["rednet26"]["params"] == 9_233_166     # the published 9.23M
+    assert rows["resnet10t"]["params"] == sum(p.numel() for p in timm.create_model("resnet10t").parameters())
     assert all(r["params"] > 0 and r["flops"] > 0 for r in rows.values())
-    table = cit("models", "--img-size", "32", "--timm", "resnet10t")
-    assert table.exit_code == 0 and "9,233,166" in table.output and "resnet10t" in table.output
+    table = format_rows(list(rows.values()))
+    assert "9,233,166" in table and "resnet10t" in table and "small-input stem" in table
     assert "models" in cit("--help").output
+    assert cit("models", "--timm", "no_such_net").exit_code == 2
 
 
 def test_teacher_import_help():
