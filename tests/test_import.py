@@ -69,8 +69,8 @@ def test_wrapped_and_prefixed_checkpoints_import(tiny_timm, tmp_path):
     from safetensors.torch import save_file
     source, _ = tiny_timm
     wrapped = str(tmp_path / "ddp.pth")
-    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
-               wrapped)
+    prefixed = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": prefixed}, wrapped)
     st = str(tmp_path / "w.safetensors")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, st)
     for path in (wrapped, st):
@@ -149,7 +149,10 @@ def test_coadvise_rednet_naming_imports(rednet26, tmp_path):
     coadvise = {}
     for k, v in rednet26.state_dict().items():
         name = to_mmcls(k)
-        name = "classifier." + name[len("head.fc."):] if name.startswith("head.fc.") else "model." + name[len("backbone."):]
+        if name.startswith("head.fc."):
+            name = "classifier." + name[len("head.fc."):]
+        else:
+            name = "model." + name[len("backbone."):]
         coadvise[name] = v
     path = str(tmp_path / "coadvise.pth")
     torch.save({"model": coadvise}, path)
