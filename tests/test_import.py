@@ -69,8 +69,8 @@ def test_wrapped_and_prefixed_checkpoints_import(tiny_timm, tmp_path):
     from safetensors.torch import save_file
     source, _ = tiny_timm
     wrapped = str(tmp_path / "ddp.pth")
-    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
-               wrapped)
+    prefixed = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"epoch": 3, "arch": "resnet10t", "state_dict": prefixed}, wrapped)
     st = str(tmp_path / "w.safetensors")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, st)
     for path in (wrapped, st):
@@ -149,7 +149,10 @@ def test_coadvise_rednet_naming_imports(rednet26, tmp_path):
     coadvise = {}
     for k, v in rednet26.state_dict().items():
         name = to_mmcls(k)
-        name = "classifier." + name[len("head.fc."):] if name.startswith("head.fc.") else "model." + name[len("backbone."):]
+        if name.startswith("head.fc."):
+            name = "classifier." + name[len("head.fc."):]
+        else:
+            name = "model." + name[len("backbone."):]
         coadvise[name] = v
     path = str(tmp_path / "coadvise.pth")
     torch.save({"model": coadvise}, path)
@@ -319,15 +322,18 @@ def test_test_data_accuracy_is_measured_and_recorded(tiny_timm, tmp_path):
 # ---- cit models, --help --------------------------------------------------------------------------------------
 
 def test_cit_models_lists_every_builder():
-    result = cit("models", "--img-size", "32", "--json")
+    from shared.models_cli import format_rows
+    result = cit("models", "--img-size", "32", "--timm", "resnet10t", "--json")
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)}
-    assert set(rows) == set(list_models())
-    assert rows["rednet26"]["params"] == sum(p.numel() for p in create_model("rednet26").parameters())
+    assert set(rows) == set(list_models()) | {"resnet10t"}
+    assert rows["rednet26"]["params"] == 9_233_166     # the published 9.23M
+    assert rows["resnet10t"]["params"] == sum(p.numel() for p in timm.create_model("resnet10t").parameters())
     assert all(r["params"] > 0 and r["flops"] > 0 for r in rows.values())
-    table = cit("models", "--img-size", "32", "--timm", "resnet10t")
-    assert table.exit_code == 0 and "9,233,166" in table.output and "resnet10t" in table.output
+    table = format_rows(list(rows.values()))
+    assert "9,233,166" in table and "resnet10t" in table and "small-input stem" in table
     assert "models" in cit("--help").output
+    assert cit("models", "--timm", "no_such_net").exit_code == 2
 
 
 def test_teacher_import_help():

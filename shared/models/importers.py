@@ -117,7 +117,7 @@ class ImportSpec:
             raise WeightsImportError(f"--from must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.interpolation is not None and self.interpolation not in INTERPOLATIONS:
             raise WeightsImportError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
-                               f"{self.interpolation!r}")
+                                     f"{self.interpolation!r}")
         if (self.mean is None) != (self.std is None):
             raise WeightsImportError("give both --mean and --std, or neither")
 
@@ -143,8 +143,8 @@ def read_state_dict(path: str) -> Any:
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsImportError(f"{path}: refused to load: it pickles objects other than tensors ({first[:160]}); "
-                           f"loading it would run code from the file. Save its state_dict (tensors only) or "
-                           f"convert it to safetensors where you trust it") from None
+                                 f"loading it would run code from the file. Save its state_dict (tensors only) or "
+                                 f"convert it to safetensors where you trust it") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         kind = "a zip/pickle checkpoint" if head[:2] == b"PK" or head[:1] == b"\x80" else "a torch file"
         raise WeightsImportError(f"{path}: cannot read it as {kind}: {str(exc).splitlines()[0][:200]}") from None
@@ -176,7 +176,7 @@ def unwrap_state_dict(obj: Any, path: str, key: str | None = None) -> tuple[dict
     if bad:
         entries = ", ".join(repr(k) for k in list(obj)[:8])
         raise WeightsImportError(f"{path}: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor (entries: "
-                           f"{entries}); name the entry holding the weights with --key")
+                                 f"{entries}); name the entry holding the weights with --key")
     tensors = {str(k): v for k, v in obj.items()}
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in tensors):
@@ -220,14 +220,14 @@ def _timm_arch(spec: ImportSpec, source: str) -> str:
         base, _, tag = arch.partition(".")
         if base not in TORCHVISION_RESNETS:
             raise WeightsImportError(f"--from torchvision supports the ResNets {', '.join(TORCHVISION_RESNETS)}; got "
-                               f"{base!r} (other torchvision models use other names: import them from timm)")
+                                     f"{base!r} (other torchvision models use other names: import them from timm)")
         if not tag:
             tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.tv*")]
             tag = "tv_in1k" if "tv_in1k" in tags else (tags[0] if tags else "")
         arch = f"{base}.{tag}" if tag else base
     if not timm.is_model(arch):
         raise WeightsImportError(f"{spec.arch!r} is neither rednet26/38/50/101 nor a timm model name (see "
-                           f"timm.list_models(); a pretrained tag such as regnety_032.ra_in1k is allowed)")
+                                 f"timm.list_models(); a pretrained tag such as regnety_032.ra_in1k is allowed)")
     return arch
 
 
@@ -265,7 +265,7 @@ def resolve_input(spec: ImportSpec, cfg: Mapping[str, Any], arch: str, in_chans:
         raise WeightsImportError(f"{arch}: no pretrained config gives {', '.join(missing)}; pass them")
     if interpolation not in INTERPOLATIONS:
         raise WeightsImportError(f"{arch}: pretrained interpolation {interpolation!r} is not one of "
-                           f"{', '.join(INTERPOLATIONS)}; pass --interpolation")
+                                 f"{', '.join(INTERPOLATIONS)}; pass --interpolation")
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if len(mean) != in_chans and len(mean) == 3 and in_chans == 1:   # grey weights: the channel average
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
@@ -277,7 +277,8 @@ def resolve_input(spec: ImportSpec, cfg: Mapping[str, Any], arch: str, in_chans:
     return InputConfig(int(size), str(interpolation), mean, std, origin)
 
 
-def _infer(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], spec: ImportSpec) -> tuple[int | None, int | None]:
+def _infer(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
+           spec: ImportSpec) -> tuple[int | None, int | None]:
     """(num_classes, in_chans) from the classifier and first-conv tensors the pretrained config names."""
     classes = spec.num_classes
     fc = tensors.get(f"{cfg.get('classifier')}.weight") if cfg.get("classifier") else None
@@ -328,7 +329,8 @@ class FitReport:
                          f"{', …' if len(self.missing) > limit else ''})")
         if self.unexpected:
             shown = ", ".join(src if src == dst else f"{src} (as {dst})" for src, dst in self.unexpected[:limit])
-            parts.append(f"{len(self.unexpected)} unexpected ({shown}{', …' if len(self.unexpected) > limit else ''})")
+            more = ", …" if len(self.unexpected) > limit else ""
+            parts.append(f"{len(self.unexpected)} unexpected ({shown}{more})")
         if self.shapes:
             shown = ", ".join(f"{dst} {tuple(a)} vs model {tuple(b)}" for _, dst, a, b in self.shapes[:limit])
             parts.append(f"{len(self.shapes)} of another shape ({shown}{', …' if len(self.shapes) > limit else ''})")
@@ -350,32 +352,65 @@ def _in_modules(name: str, modules) -> bool:
 
 # --- the import ---------------------------------------------------------------------------------------------
 
+def _renamed(tensors: Mapping[str, torch.Tensor], source: str, path: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """Model name -> (source name, tensor); two source names mapping to one model name is an error."""
+    renamed: dict[str, tuple[str, torch.Tensor]] = {}
+    for src, dst in rename(list(tensors), source).items():
+        if dst in renamed:
+            raise WeightsImportError(f"{path}: {renamed[dst][0]!r} and {src!r} both map to {dst!r} ({source} names)")
+        renamed[dst] = (src, tensors[src])
+    return renamed
+
+
+def _stem_guard(spec: ImportSpec, arch: str, kwargs: dict, model: nn.Module, path: str) -> dict[str, str]:
+    """The stem changes of a small-input model (vs the stock one); refused unless ``allow_stem_change``."""
+    from shared.models import create_model
+    if not spec.small_input:
+        return {}
+    changes = stem_changes(create_model(arch, **{**kwargs, "small_input": False}), model)
+    if changes and not spec.allow_stem_change:
+        described = "; ".join(f"{k}: {v}" for k, v in changes.items())
+        raise WeightsImportError(f"{path}: --small-input changes the stem of {arch} ({described}) that these "
+                                 f"weights were trained with; pass --allow-stem-change to import them anyway")
+    return changes
+
+
+def _load_exactly(model: nn.Module, renamed: dict[str, tuple[str, torch.Tensor]], changes: Mapping[str, str],
+                  what: str) -> list[str]:
+    """Load every tensor or raise naming the misfits; returns the changed-stem tensors left at initialisation."""
+    target = model.state_dict()
+    report = fit_report(renamed, target)
+    stem_left = [dst for _, dst, _, _ in report.shapes if _in_modules(dst, changes)]
+    report.shapes = [s for s in report.shapes if s[1] not in stem_left]
+    if not report.ok:
+        raise WeightsImportError(f"{what}: {report.line()}")
+    state = {dst: t.to(target[dst].dtype) for dst, (_, t) in renamed.items() if dst not in stem_left}
+    for name in target:
+        if name not in state:   # optional buffers and, with allow_stem_change, re-shaped stem tensors
+            state[name] = target[name]
+    model.load_state_dict(state, strict=True)
+    return stem_left
+
+
 def import_weights(spec: ImportSpec) -> tuple[nn.Module, ModelMeta]:
     """Build ``spec.arch``, load ``spec.weights`` into it exactly, and describe it (input config, source sha256).
 
-    Raises `WeightsImportError` (a `CheckpointError`) naming the file and the first offending tensors on any mismatch."""
+    Raises `WeightsImportError` (a `CheckpointError`) naming the file and the first offending tensors."""
     from shared.models import create_model, model_kind
 
     path = os.fspath(spec.weights)
     tensors, where = unwrap_state_dict(read_state_dict(path), path, spec.key)
-    source = spec.source
-    if source == "auto":
-        source = detect_source(list(tensors))
+    source = detect_source(list(tensors)) if spec.source == "auto" else spec.source
     if source in ("mmcls", "coadvise") and not _is_rednet(spec.arch):
-        raise WeightsImportError(f"{path}: {source} names are RedNet names; --arch must be rednet26/38/50/101, got "
-                           f"{spec.arch!r}")
+        raise WeightsImportError(f"{path}: {source} names are RedNet names; --arch must be rednet26/38/50/101, "
+                                 f"got {spec.arch!r}")
     arch = spec.arch if _is_rednet(spec.arch) else _timm_arch(spec, source)
-    names = rename(list(tensors), source)
-    renamed: dict[str, tuple[str, torch.Tensor]] = {}
-    for src, dst in names.items():
-        if dst in renamed:
-            raise WeightsImportError(f"{path}: {renamed[dst][0]!r} and {src!r} both map to {dst!r} ({source} names)")
-        renamed[dst] = (src, tensors[src])
+    renamed = _renamed(tensors, source, path)
     cfg = pretrained_input(arch)
     classes, chans = _infer({k: t for k, (_, t) in renamed.items()}, cfg, spec)
     if classes is None:
-        raise WeightsImportError(f"{path}: cannot tell the number of classes (no {cfg.get('classifier')}.weight after "
-                           f"renaming): pass --num-classes")
+        raise WeightsImportError(f"{path}: cannot tell the number of classes (no {cfg.get('classifier')}.weight "
+                                 f"after renaming): pass --num-classes")
     chans = chans or 3
     inp = resolve_input(spec, cfg, arch, chans)
     kwargs: dict[str, Any] = {**spec.options, "num_classes": classes, "in_chans": chans, "img_size": inp.input_size}
@@ -385,41 +420,18 @@ def import_weights(spec: ImportSpec) -> tuple[nn.Module, ModelMeta]:
         model = create_model(arch, **kwargs)
     except (TypeError, ValueError) as exc:
         raise WeightsImportError(f"cannot build {arch!r} with {kwargs}: {exc}") from None
-
-    changes: dict[str, str] = {}
-    if spec.small_input:
-        stock = create_model(arch, **{**kwargs, "small_input": False})
-        changes = stem_changes(stock, model)
-        described = "; ".join(f"{k}: {v}" for k, v in changes.items())
-        if not spec.allow_stem_change:
-            raise WeightsImportError(f"{path}: --small-input changes the stem of {arch} ({described}) that these weights "
-                               f"were trained with; pass --allow-stem-change to import them into the changed stem")
-    target = model.state_dict()
-    report = fit_report(renamed, target)
-    stem_left = [dst for _, dst, _, _ in report.shapes if _in_modules(dst, changes)]
-    if stem_left:     # allowed only with allow_stem_change (checked above): these keep their fresh initialisation
-        report.shapes = [s for s in report.shapes if s[1] not in stem_left]
-        for dst in stem_left:
-            del renamed[dst]
-    if not report.ok:
-        detected = f" ({source} names{', found under ' + where if where else ''})"
-        raise WeightsImportError(f"{path}: weights do not fit {arch}{detected}: {report.line()}")
-    state = {dst: t.to(target[dst].dtype) for dst, (_, t) in renamed.items()}
-    for name in target:
-        if name not in state:   # optional buffers and, with allow_stem_change, the re-shaped stem tensors
-            state[name] = target[name]
-    model.load_state_dict(state, strict=True)
-    model.eval()
+    changes = _stem_guard(spec, arch, kwargs, model, path)
+    found = f" ({source} names{', found under ' + where if where else ''})"
+    stem_left = _load_exactly(model, renamed, changes, f"{path}: weights do not fit {arch}{found}")
     if changes:
-        log.warning("%s: stem changed by --small-input (%s)%s", arch, "; ".join(f"{k}: {v}" for k, v in changes.items()),
-                    f"; not loaded (shape differs, left at initialisation): {', '.join(stem_left)}" if stem_left else "")
-    kind = spec.kind or model_kind(arch)
+        left = f"; not loaded (shape differs, left at initialisation): {', '.join(stem_left)}" if stem_left else ""
+        log.warning("%s: stem changed by --small-input (%s)%s", arch,
+                    "; ".join(f"{k}: {v}" for k, v in changes.items()), left)
     model_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "in_chans")}
-    meta = ModelMeta(arch=arch, num_classes=classes, in_chans=chans, kind=kind, img_size=inp.input_size,
-                     model_kwargs=model_kwargs, mean=list(inp.mean), std=list(inp.std),
-                     interpolation=inp.interpolation,
-                     extra={"imported_from": {"path": os.path.abspath(path), "sha256": file_sha256(path),
-                                              "names": source, "entry": where or None,
-                                              "tensors": len(tensors), "input_config": inp.origin},
-                            **({"stem_changed": changes, "stem_not_loaded": stem_left} if changes else {})})
-    return model, meta
+    origin = {"path": os.path.abspath(path), "sha256": file_sha256(path), "names": source, "entry": where or None,
+              "tensors": len(tensors), "input_config": inp.origin}
+    stem = {"stem_changed": changes, "stem_not_loaded": stem_left} if changes else {}
+    meta = ModelMeta(arch=arch, num_classes=classes, in_chans=chans, kind=spec.kind or model_kind(arch),
+                     img_size=inp.input_size, interpolation=inp.interpolation, model_kwargs=model_kwargs,
+                     mean=list(inp.mean), std=list(inp.std), extra={"imported_from": origin, **stem})
+    return model.eval(), meta
