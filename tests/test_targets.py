@@ -213,3 +213,12 @@ def test_fidelity_report_and_live_kl(built, tmp_path):
     assert text.exit_code == 0 and "top-k coverage τ=2" in text.output and "tail mass τ=4" in text.output
     refused = CliRunner().invoke(cache_cli, ["info", built["url"], "--fidelity", "--teacher", "t=x.pt"])
     assert refused.exit_code == 2 and "needs --data" in refused.output
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "-2", ""])
+def test_bad_temperatures_are_refused_with_exit_code_2(bad, tmp_path):
+    args = ["build", "--data", str(tmp_path / "none.json"), "--teacher", "t=x.pt", "--views", "1",
+            "--temperatures", bad, "--out", str(tmp_path / "c.zarr")]
+    result = CliRunner().invoke(cache_cli, args)
+    assert result.exit_code == 2 and "--temperatures" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.zarr").exists()
