@@ -12,12 +12,13 @@ The teacher's distribution at a cached τ_s is then exact on the top-k and in it
 
 One number per extra temperature suffices: the offset c_τ = lse(z)/τ − lse(z/τ) of the tempered top-k
 log-probabilities is implied by the tail mass.  The tail log-mass is never 1 − Σ p from rounded values (with
-C = 1000 and confident teachers that is 0 in half the rows); in fp16 its absolute error is at most e⁻¹·2⁻¹¹ ≈ 2e-4.
+C = 1000 and confident teachers that is exactly 0 in a fifth of the rows or more); stored in fp16 its absolute
+error is at most e⁻¹·2⁻¹¹ ≈ 2e-4.
 
 ``target_log_probs`` builds the dense (B, C) log-probabilities at one τ from these numbers; online teachers go
 through ``encode_logits`` + ``target_log_probs`` too, so cached and live targets are one model (``topk = C`` or
 an empty tail gives the teacher's full tempered distribution).  At a τ that was not cached
-``untempered_estimate`` takes the nearest cached τ0's target with a flat tail and tempers it by τ0/τ: exact on
+``uncached_estimate`` takes the nearest cached τ0's target with a flat tail and tempers it by τ0/τ: exact on
 the top-k's relative weights, the tail mass approximate (a flat tail overstates it for τ > τ0).
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def nearest_temperature(tau: float, temperatures) -> int:
     return min(range(len(temperatures)), key=lambda s: abs(math.log(tau) - math.log(temperatures[s])))
 
 
-def untempered_estimate(logp: torch.Tensor, indices: torch.Tensor, tails: torch.Tensor, temperatures, tau: float,
+def uncached_estimate(logp: torch.Tensor, indices: torch.Tensor, tails: torch.Tensor, temperatures, tau: float,
                         num_classes: int, topk: int = 0) -> torch.Tensor:
     """The approximation for a τ that was not cached: the nearest cached τ0's target (flat tail) tempered by
     τ0/τ.  Top-k relative weights stay exact; the tail mass is off (a flat tail overstates it for τ > τ0)."""

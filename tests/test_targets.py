@@ -214,3 +214,37 @@ def test_fidelity_report_and_live_kl(built, tmp_path):
     assert text.exit_code == 0 and "top-k coverage τ=2" in text.output and "tail mass τ=4" in text.output
     refused = CliRunner().invoke(cache_cli, ["info", built["url"], "--fidelity", "--teacher", "t=x.pt"])
     assert refused.exit_code == 2 and "needs --data" in refused.output
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "-2", ""])
+def test_bad_temperatures_are_refused_with_exit_code_2(bad, tmp_path):
+    args = ["build", "--data", str(tmp_path / "none.json"), "--teacher", "t=x.pt", "--views", "1",
+            "--temperatures", bad, "--out", str(tmp_path / "c.zarr")]
+    result = CliRunner().invoke(cache_cli, args)
+    assert result.exit_code == 2 and "--temperatures" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_verify_checks_every_cached_temperature(built, tmp_path):
+    import shutil
+    import zarr
+    from cache_builder import verify_cache
+    report = verify_cache(built["url"], data=built["data"], recompute=8)
+    assert report.ok, report.text()
+    # a tail mass at τ = 4 below the one at τ = 2: impossible for a top-k, seen without a recompute
+    bad = str(tmp_path / "bad.zarr")
+    shutil.copytree(built["url"], bad)
+    g = zarr.open_group(bad, mode="r+")
+    tail = g["t/tail"][0, 0:20]
+    tail[:, 2] = tail[:, 1] - 0.5
+    g["t/tail"][0, 0:20] = tail
+    assert any(p.startswith("mass") and "shrinks" in p for p in verify_cache(bad).problems)
+    # a changed tail at τ = 2 that stays consistent: only the recompute sees it
+    shutil.rmtree(bad)
+    shutil.copytree(built["url"], bad)
+    g = zarr.open_group(bad, mode="r+")
+    tail = g["t/tail"][0, 0:20].astype(np.float32)
+    tail[:, 1] = np.minimum(tail[:, 1] + 0.05, tail[:, 2])
+    g["t/tail"][0, 0:20] = tail.astype(np.float16)
+    report = verify_cache(bad, data=built["data"], recompute=N)
+    assert any("tail mass at τ=2" in p for p in report.problems), report.text()

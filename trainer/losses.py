@@ -142,7 +142,7 @@ class CiTLoss(torch.nn.Module):
         s = self._cached_slot(tau)
         if s is not None or mode == "renormalize":   # renormalising ignores the tail: exact at every τ
             return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, k, mode)
-        return target_model.untempered_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
+        return target_model.uncached_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
                 mix: "MixInfo | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
