@@ -28,8 +28,7 @@ from shared.augment import ViewSpec, apply_view, sample_view
 from shared.io import atomic_write_text
 from shared.manifest import Manifest
 from shared.prepare import DEFAULT_FASHION_MNIST, prepare_fashion_mnist
-from shared.reader import ShardStream, seed_worker
-from shared.shards import decode_image, image_field
+from shared.reader import ShardStream, decode_raw, seed_worker
 
 
 def cpu_seconds() -> float:
@@ -46,7 +45,7 @@ class ReplayViews(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         for raw in self.stream:
-            image = decode_image(raw.data[image_field(raw.data)], raw.shard_url, raw.key)
+            image = decode_raw(raw)
             yield apply_view(self.spec, image, sample_view(self.spec, self.seed, raw.key, self.view)), raw.label
 
 
@@ -63,7 +62,7 @@ def breakdown(manifest: Manifest, spec: ViewSpec, limit: int | None = None) -> d
         if raw is None:
             break
         marks.append((time.process_time(), time.perf_counter()))
-        image = decode_image(raw.data[image_field(raw.data)], raw.shard_url, raw.key)
+        image = decode_raw(raw)
         marks.append((time.process_time(), time.perf_counter()))
         params = sample_view(spec, 0, raw.key, 0)
         marks.append((time.process_time(), time.perf_counter()))

@@ -271,16 +271,26 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
     try:
         yield from group_members(tar_members(raw, url), url)
         raw.close()                # webdataset's Pipe raises here on a non-zero exit status of the command
-    except (tarfile.TarError, EOFError) as exc:
-        raise ShardError(f"unreadable shard {url}: {exc}") from None
-    except OSError as exc:         # a failing pipe: command, a lost connection
-        status = getattr(raw, "status", None)
-        if is_pipe(url) and status:
+    except (tarfile.TarError, EOFError, OSError) as exc:    # OSError: a failing pipe: command, a lost connection
+        status = _pipe_status(raw)
+        if status:                 # the command's failure explains the broken tar stream
             raise ShardError(f"the command of shard {url} failed with exit status {status} (its own message, if "
                              "any, is printed above)") from None
-        raise ShardError(f"cannot read shard {url}: {exc}") from None
+        what = "unreadable shard" if isinstance(exc, (tarfile.TarError, EOFError)) else "cannot read shard"
+        raise ShardError(f"{what} {url}: {exc}") from None
     finally:
         _close_quietly(raw)        # stopped early or failed: the error that matters is already on its way
+
+
+def _pipe_status(raw) -> int | None:
+    """Exit status of a ``pipe:`` command (webdataset's Pipe), waiting for it briefly; None for other streams."""
+    proc = getattr(raw, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=10)
+    except Exception:              # still running (or already reaped): no status to report
+        return getattr(raw, "status", None)
 
 
 def _close_quietly(raw) -> None:

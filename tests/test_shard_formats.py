@@ -215,8 +215,13 @@ def test_pipe_and_brace_urls_scan_and_read(tmp_path):
     by_file = scan_shards(f"file://{tmp_path}/p-{{0..1}}.tar", str(tmp_path / "file.json"))
     by_fsspec = scan_shards("memory://wds/p-{0..1}.tar", str(tmp_path / "memory.json"))
     assert by_file.fingerprint == by_fsspec.fingerprint == by_path.fingerprint
+    grey = CliRunner().invoke(main, ["data", "prepare", "scan", brace, "--out", str(tmp_path / "grey.json"),
+                                     "--channels", "1"])
+    assert grey.exit_code == 0, grey.output
+    assert Manifest.load(str(tmp_path / "grey.json")).channels == 1          # chosen: RGB images decode to luma
+    assert Manifest.load(str(tmp_path / "grey.json")).fingerprint != by_path.fingerprint
     check_shards(Manifest.load(by_fsspec.path), sha256=True, count=True)
-    with pytest.raises(ShardError, match=r"the command of shard pipe:cat .*missing.tar.* failed with exit status 1"):
+    with pytest.raises(ShardError, match=r"the command of shard pipe:cat .*missing.tar 2>/dev/null failed with exit status 1"):
         list(iter_shard(f"pipe:cat {tmp_path}/missing.tar 2>/dev/null"))
     from shared.reader import ShardStream
     rows = sorted((s.row, s.key) for s in ShardStream(Manifest.load(by_pipe.path), shuffle=False, rank=0, world=1))
