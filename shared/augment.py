@@ -336,6 +336,11 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.Tensor:
     """The view as a uint8 tensor (C, image_size, image_size).  Pure: same inputs, same bytes."""
+    return torch.from_numpy(apply_view_array(spec, image, params))
+
+
+def apply_view_array(spec: ViewSpec, image: Image.Image, params: ViewParams) -> np.ndarray:
+    """``apply_view`` as a numpy array (C-contiguous uint8): what the renderer digests."""
     width, height = image.size
     top, left, h, w = box_pixels(params.crop, height, width)
     size = (spec.image_size, spec.image_size)
@@ -349,7 +354,7 @@ def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.
     view = to_uint8_array(image)
     if params.erase is not None:
         erase_noise(spec, view, params)
-    return torch.from_numpy(view)
+    return view
 
 
 _NOISE_DOMAIN = 0x4E4F495345 << 32      # keeps the noise streams apart from every other Philox key of a view
