@@ -96,7 +96,8 @@ def breakdown(manifest: Manifest, spec: ViewSpec, limit: int | None = None) -> d
         n += 1
     cpu["total"], wall["total"] = sum(cpu.values()), sum(wall.values())
     return {"images": n, "check_fraction_of_loader_cpu": round(cpu["check"] / cpu["total"], 5),
-            "digest_bytes_per_view": digest_bytes(np.asarray(digests, np.uint32)), "cpu_us_per_image": {s: round(t / n * 1e6, 1) for s, t in cpu.items()},
+            "digest_bytes_per_view": digest_bytes(np.asarray(digests, np.uint32)),
+            "cpu_us_per_image": {s: round(t / n * 1e6, 1) for s, t in cpu.items()},
             "wall_us_per_image": {s: round(t / n * 1e6, 1) for s, t in wall.items()},
             "images_per_cpu_second": round(n / cpu["total"], 2), "images_per_wall_second": round(n / wall["total"], 2)}
 
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
               "check_fraction_28px": parts["check_fraction_of_loader_cpu"],
               "check_224px": check_at_224(60 if args.quick else 400),
               "candidates_cpu_us_per_view": digest_candidates(200 if args.quick else 1000)}
+    # the build computes the digest (no compare) once per rendered view; its teachers are not counted here
+    crc = digest["candidates_cpu_us_per_view"]
+    render_28 = sum(parts["cpu_us_per_image"][s] for s in ("read", "decode", "sample_view", "apply_view"))
+    render_224 = digest["check_224px"]["loader_cpu_us_per_view"] - digest["check_224px"]["check_cpu_us_per_view"]
+    digest["build_fraction_of_render_cpu"] = {"28px": round(crc["28px_grey"]["crc32"] / render_28, 5),
+                                              "224px": round(crc["224px_rgb"]["crc32"] / render_224, 5)}
     runs = [loader_throughput(manifest, spec, int(w), args.batch_size) for w in args.workers.split(",")]
     result = {
         "benchmark": "loader", "quick": args.quick,
@@ -256,7 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     d224 = digest["check_224px"]
     print(f"replay check (params + crc32 pixel digest): {digest['check_fraction_28px']:.2%} of loader CPU at 28 px, "
           f"{d224['check_fraction_of_loader_cpu']:.2%} at 224 px ({d224['check_cpu_us_per_view']:.1f} of "
-          f"{d224['loader_cpu_us_per_view']:.0f} us); stored digest {digest['bytes_per_view']:.2f} B per view")
+          f"{d224['loader_cpu_us_per_view']:.0f} us); stored digest {digest['bytes_per_view']:.2f} B per view; in the "
+          f"build the digest is {digest['build_fraction_of_render_cpu']['28px']:.2%} / "
+          f"{digest['build_fraction_of_render_cpu']['224px']:.2%} of the rendering CPU at 28 / 224 px")
     print(f"{'workers':>7} {'images':>7} {'seconds':>8} {'img/s':>9} {'steady img/s':>13} {'per worker':>11} "
           f"{'startup s':>10} {'img/CPU-s':>10}")
     for r in runs:
