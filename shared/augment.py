@@ -3,8 +3,13 @@
 A view is fully determined by (spec, seed, sample key, view index v).  ``sample_view`` draws every random choice
 from one counter-based generator (Philox) keyed by a stable hash of (seed, key, v) — never from global RNG state,
 worker id, batch position or process count — and returns them as a ``ViewParams`` record.  ``apply_view`` is a
-pure function of (spec, image, params).  Stage 1 and stage 2 call the same two functions, so the student trains
-on exactly the pixels the teacher saw.
+pure function of (spec, image, params).  Stage 1 and stage 2 call the same two functions (through
+``shared.views``), so the student trains on exactly the pixels the teacher saw.
+
+The same pixels on every machine: nothing in a view comes from torch (whose kernels change with the CPU vector
+path) or from the C library's transcendental functions (whose last bit glibc picks per CPU).  Draws are Philox
+bits; arithmetic on them is IEEE basic operations (``shared.exact_math``); pixels come from Pillow and numpy
+integer/element-wise operations.  The erasing noise is a Philox stream quantised by an integer table.
 
 Views are uint8 tensors (C, H, W): 4x less to move between processes and to the GPU than float, and bit-exact
 comparison is trivial.  Normalisation happens on the device, per model (``to_model_input``).
