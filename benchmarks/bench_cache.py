@@ -470,7 +470,8 @@ def bench_bytes(tmp: str, args) -> dict:
             for v in range(e):
                 for c in range(attrs.num_chunks):
                     lo, hi = attrs.chunk_rows_range(c)
-                    cache.write_unit(v, c, params[:hi - lo], {"t": synthetic_topk(classes, k, hi - lo, rng)})
+                    cache.write_unit(v, c, params[:hi - lo], {"t": synthetic_topk(classes, k, hi - lo, rng)},
+                                     digests=rng.integers(0, 2 ** 32, hi - lo, dtype=np.uint32))
             results.append(_measure(out, e, n, chunk_rows, {"classes": classes, "topk": k,
                                                             "teacher": "synthetic trained-like logits",
                                                             "source": "LogitCache.write_unit"}))

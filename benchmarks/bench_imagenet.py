@@ -223,7 +223,8 @@ def write_cache(out: str, rows: int, views: int, k: int, chunk_rows: int, params
             lo, hi = attrs.chunk_rows_range(c)
             units = {name: to_topk(outputs[name][v][lo:hi], k) if outputs else synthetic_topk(CLASSES, k, hi - lo, rng)
                      for name in TEACHERS}
-            cache.write_unit(v, c, params[v, lo:hi], units)
+            digests = np.random.default_rng([v, c]).integers(0, 2 ** 32, hi - lo, dtype=np.uint32)  # crc32-like
+            cache.write_unit(v, c, params[v, lo:hi], units, digests=digests)
 
 
 def teacher_bytes(out: str, views: int, rows: int) -> dict[str, dict[str, float]]:

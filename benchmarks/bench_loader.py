@@ -2,7 +2,10 @@
 
 Two measurements, side by side in one run:
 
-* breakdown per image in one process: tar read, PNG decode, ``sample_view``, ``apply_view``;
+* breakdown per image in one process: tar read, PNG decode, ``sample_view``, ``apply_view``, and the trainer's
+  replay check (params record compare + crc32 pixel digest, ``shared.views.view_mismatch``);
+* the replay check at 224 px (synthetic JPEGs, the DeiT recipe), the digest candidates' cost at 28 and 224 px,
+  and the stored digest's bytes per view (the cache's codec on the real digests);
 * DataLoader throughput with 0, 1 and 2 workers (one intra-op thread each), whole epoch, batch 256:
   images/s including worker start-up, steady-state images/s after the first batch, and images/s per worker.
 
@@ -24,7 +27,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+import hashlib
+import io
+import zlib
+
+import numpy as np
+from PIL import Image
+
 from shared.augment import ViewSpec, apply_view, sample_view
+from shared.views import RenderedView, view_mismatch
 from shared.io import atomic_write_text
 from shared.manifest import Manifest
 from shared.prepare import DEFAULT_FASHION_MNIST, prepare_fashion_mnist
@@ -53,9 +64,10 @@ def breakdown(manifest: Manifest, spec: ViewSpec, limit: int | None = None) -> d
     """CPU and wall microseconds per image of each stage, timed separately in this process.  CPU time is the number
     to trust when other jobs share the cores; wall time is what an idle core would see."""
     stream = iter(ShardStream(manifest, seed=0, shuffle=False, rank=0, world=1))
-    stages = ("read", "decode", "sample_view", "apply_view")
+    stages = ("read", "decode", "sample_view", "apply_view", "check")
     cpu, wall = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
     n = 0
+    digests = []
     while limit is None or n < limit:
         marks = [(time.process_time(), time.perf_counter())]
         raw = next(stream, None)
@@ -66,16 +78,104 @@ def breakdown(manifest: Manifest, spec: ViewSpec, limit: int | None = None) -> d
         marks.append((time.process_time(), time.perf_counter()))
         params = sample_view(spec, 0, raw.key, 0)
         marks.append((time.process_time(), time.perf_counter()))
-        apply_view(spec, image, params)
+        pixels = apply_view(spec, image, params)
         marks.append((time.process_time(), time.perf_counter()))
-        for stage, (c0, w0), (c1, w1) in zip(stages, marks, marks[1:]):
+        record = params.encode(spec)          # the rendered record and what the cache holds: not timed
+        rendered, stored, stored_pixels = RenderedView(pixels.numpy(), record), record.copy(), stored_digest(pixels)
+        marks.append((time.process_time(), time.perf_counter()))
+        if view_mismatch(0, raw, rendered, stored, stored_pixels) is not None:
+            raise RuntimeError("the replay check failed on its own view")
+        marks.append((time.process_time(), time.perf_counter()))
+        digests.append(stored_pixels)
+        intervals = list(zip(marks, marks[1:]))
+        del intervals[4]                      # the untimed preparation
+        for stage, ((c0, w0), (c1, w1)) in zip(stages, intervals):
             cpu[stage] += c1 - c0
             wall[stage] += w1 - w0
         n += 1
     cpu["total"], wall["total"] = sum(cpu.values()), sum(wall.values())
-    return {"images": n, "cpu_us_per_image": {s: round(t / n * 1e6, 1) for s, t in cpu.items()},
+    return {"images": n, "check_fraction_of_loader_cpu": round(cpu["check"] / cpu["total"], 5),
+            "digest_bytes_per_view": digest_bytes(np.asarray(digests, np.uint32)),
+            "cpu_us_per_image": {s: round(t / n * 1e6, 1) for s, t in cpu.items()},
             "wall_us_per_image": {s: round(t / n * 1e6, 1) for s, t in wall.items()},
             "images_per_cpu_second": round(n / cpu["total"], 2), "images_per_wall_second": round(n / wall["total"], 2)}
+
+
+def stored_digest(pixels) -> int:
+    """What the cache would hold for this view (computed outside the timed check: a read, not a computation)."""
+    return zlib.crc32(pixels.numpy())
+
+
+def digest_bytes(digests: np.ndarray) -> float:
+    """Bytes per view of ``digests`` stored as the cache stores them (the schema's codec, 4096-row chunks)."""
+    import zarr
+    from shared.cache_schema import _codecs
+    store = zarr.storage.MemoryStore()
+    array = zarr.create_array(store, shape=(1, len(digests)), chunks=(1, 4096), dtype=np.uint32, fill_value=0,
+                              **_codecs(np.dtype(np.uint32)))
+    array[0] = digests
+    size = sum(len(v.to_bytes()) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
+    return round(size / len(digests), 3)
+
+
+DIGEST_CANDIDATES = {
+    "crc32": lambda b: zlib.crc32(b), "adler32": lambda b: zlib.adler32(b),
+    "blake2b-8": lambda b: hashlib.blake2b(b, digest_size=8).digest(), "sha1": lambda b: hashlib.sha1(b).digest(),
+    "sha256": lambda b: hashlib.sha256(b).digest(), "md5": lambda b: hashlib.md5(b).digest(),
+}
+
+
+def digest_candidates(repeats: int) -> dict:
+    """CPU microseconds per view of each candidate digest on 28 px grey and 224 px RGB uint8 views."""
+    out = {}
+    for name, shape in (("28px_grey", (1, 28, 28)), ("224px_rgb", (3, 224, 224))):
+        view = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        buf = memoryview(view.reshape(-1))
+        out[name] = {}
+        for cand, fn in DIGEST_CANDIDATES.items():
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                for _ in range(repeats):
+                    fn(buf)
+                best = min(best, (time.process_time() - t0) / repeats)
+            out[name][cand] = round(best * 1e6, 2)
+    return out
+
+
+def check_at_224(images: int) -> dict:
+    """The replay check against the loader's CPU per view at 224 px (DeiT recipe, bicubic) on synthetic JPEGs
+    sized like ImageNet's (about 500 x 375): decode + sample_view + apply_view vs the check."""
+    spec = ViewSpec(image_size=224, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for i in range(min(images, 16)):
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        picture = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        buf = io.BytesIO()
+        picture.save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    loader = check = 0.0
+
+    class Raw:
+        key, row, shard_url = "k", 0, "synthetic"
+    for i in range(images):
+        t0 = time.process_time()
+        image = Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB")
+        params = sample_view(spec, 0, f"img{i}", 0)
+        pixels = apply_view(spec, image, params)
+        t1 = time.process_time()
+        record = params.encode(spec)
+        rendered, stored_record, stored = RenderedView(pixels.numpy(), record), record.copy(), stored_digest(pixels)
+        t2 = time.process_time()
+        if view_mismatch(0, Raw(), rendered, stored_record, stored) is not None:
+            raise RuntimeError("the replay check failed on its own view")
+        t3 = time.process_time()
+        loader += t1 - t0 + t3 - t2
+        check += t3 - t2
+    return {"images": images, "loader_cpu_us_per_view": round(loader / images * 1e6, 1),
+            "check_cpu_us_per_view": round(check / images * 1e6, 1),
+            "check_fraction_of_loader_cpu": round(check / loader, 5)}
 
 
 def loader_throughput(manifest: Manifest, spec: ViewSpec, workers: int, batch_size: int) -> dict:
@@ -128,6 +228,16 @@ def main(argv: list[str] | None = None) -> dict:
     spec = ViewSpec()
     load_before = os.getloadavg()
     parts = breakdown(manifest, spec, limit=2000 if args.quick else 10000)
+    digest = {"function": "zlib.crc32 of the uint8 (C, H, W) view", "bytes_per_view": parts["digest_bytes_per_view"],
+              "check_fraction_28px": parts["check_fraction_of_loader_cpu"],
+              "check_224px": check_at_224(60 if args.quick else 400),
+              "candidates_cpu_us_per_view": digest_candidates(200 if args.quick else 1000)}
+    # the build computes the digest (no compare) once per rendered view; its teachers are not counted here
+    crc = digest["candidates_cpu_us_per_view"]
+    render_28 = sum(parts["cpu_us_per_image"][s] for s in ("read", "decode", "sample_view", "apply_view"))
+    render_224 = digest["check_224px"]["loader_cpu_us_per_view"] - digest["check_224px"]["check_cpu_us_per_view"]
+    digest["build_fraction_of_render_cpu"] = {"28px": round(crc["28px_grey"]["crc32"] / render_28, 5),
+                                              "224px": round(crc["224px_rgb"]["crc32"] / render_224, 5)}
     runs = [loader_throughput(manifest, spec, int(w), args.batch_size) for w in args.workers.split(",")]
     result = {
         "benchmark": "loader", "quick": args.quick,
@@ -137,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-        "breakdown": parts, "dataloader": runs,
+        "breakdown": parts, "digest": digest, "dataloader": runs,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=1))
@@ -147,7 +257,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['machine']['loadavg_after'][0]:.2f} on {os.cpu_count()} cpus")
     print(f"CPU per image (1 process, {parts['images']} images): read {us['read']:.1f} us  decode {us['decode']:.1f} us"
           f"  sample_view {us['sample_view']:.1f} us  apply_view {us['apply_view']:.1f} us  "
-          f"= {us['total']:.1f} us ({parts['images_per_cpu_second']:.0f} images per CPU-second)")
+          f"  check {us['check']:.1f} us = {us['total']:.1f} us ({parts['images_per_cpu_second']:.0f} images per "
+          "CPU-second)")
+    d224 = digest["check_224px"]
+    print(f"replay check (params + crc32 pixel digest): {digest['check_fraction_28px']:.2%} of loader CPU at 28 px, "
+          f"{d224['check_fraction_of_loader_cpu']:.2%} at 224 px ({d224['check_cpu_us_per_view']:.1f} of "
+          f"{d224['loader_cpu_us_per_view']:.0f} us); stored digest {digest['bytes_per_view']:.2f} B per view; in the "
+          f"build the digest is {digest['build_fraction_of_render_cpu']['28px']:.2%} / "
+          f"{digest['build_fraction_of_render_cpu']['224px']:.2%} of the rendering CPU at 28 / 224 px")
     print(f"{'workers':>7} {'images':>7} {'seconds':>8} {'img/s':>9} {'steady img/s':>13} {'per worker':>11} "
           f"{'startup s':>10} {'img/CPU-s':>10}")
     for r in runs:

@@ -39,7 +39,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from shared.augment import ViewSpec, sample_view               # noqa: E402
+from shared.augment import ViewSpec                            # noqa: E402
 from shared.io import atomic_write_text                        # noqa: E402
 
 CONV_TEACHER = ("regnety_002", {"small_input": True})   # default conv teacher: timm name + small-input stem
@@ -208,15 +208,18 @@ def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int)
 # Memory: one process per dataset size
 
 def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) -> None:
-    """A complete cache with random top-k but the real view params (so the trainer's replay check passes)."""
+    """A complete cache with random top-k but the real view params and pixel digests (so the trainer's replay
+    check passes)."""
     from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK, create_arrays, \
         open_root
     from shared.manifest import Manifest
     from shared.reader import pieces_for_rows, read_piece
     from shared.targets import encode_logits
+    from shared.views import VIEW_CODE, pixel_digest, render_view
     manifest = Manifest.load(manifest_path)
     records = [TeacherRecord(n, n, "random", "", 10, list(SPEC.mean), list(SPEC.std)) for n in ("conv", "inv")]
-    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, 10, views, 10, seed, SPEC.to_dict(), 1024, records)
+    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, 10, views, 10, seed, SPEC.to_dict(), 1024, records,
+                       view_code=dict(VIEW_CODE))
     root = open_root(url, "w")
     create_arrays(root, attrs, SPEC.num_params)
     root.attrs.update(attrs.to_json_dict())
@@ -224,12 +227,14 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
     rng = np.random.default_rng(0)
     for chunk in range(attrs.num_chunks):
         lo, hi = attrs.chunk_rows_range(chunk)
-        keys = [s.key for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
+        raws = [s for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
         for v in range(views):
-            params = np.stack([sample_view(SPEC, seed, k, v).encode(SPEC) for k in keys])
+            rendered = [render_view(SPEC, seed, v, raw) for raw in raws]
+            params = np.stack([r[1] for r in rendered])
+            digests = np.asarray([pixel_digest(r[0]) for r in rendered], dtype=np.uint32)
             logits = torch.from_numpy(rng.normal(size=(hi - lo, 10)).astype(np.float32))
             top = TopK.from_float(*encode_logits(logits, 10, attrs.temperatures), 10)
-            cache.write_unit(v, chunk, params, {"conv": top, "inv": top})
+            cache.write_unit(v, chunk, params, {"conv": top, "inv": top}, digests=digests)
     root.attrs["status"] = STATUS_COMPLETE
 
 

@@ -50,7 +50,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "views": e, "topk": attrs.topk, "temperatures": attrs.temperatures, "seed": attrs.seed,
         "chunk_rows": attrs.chunk_rows,
         "num_params": ViewSpec.from_dict(attrs.augment).num_params, "augment": attrs.augment, "build": attrs.build,
-        "view_code": attrs.view_code, "provenance": attrs.provenance, "digest_bytes_per_view": _du(fs, f"{path}/digest") / (e * n),
+        "view_code": attrs.view_code, "provenance": attrs.provenance,
+        "digest_bytes_per_view": _du(fs, f"{path}/digest") / (e * n),
         "teachers": teachers, "size_bytes": total, "params_bytes": params_bytes,
         "bytes_per_view_per_teacher": (sum(t["bytes"] for t in teachers) / (e * n * len(teachers))
                                        if teachers else 0.0),

@@ -3,8 +3,13 @@
 A view is fully determined by (spec, seed, sample key, view index v).  ``sample_view`` draws every random choice
 from one counter-based generator (Philox) keyed by a stable hash of (seed, key, v) — never from global RNG state,
 worker id, batch position or process count — and returns them as a ``ViewParams`` record.  ``apply_view`` is a
-pure function of (spec, image, params).  Stage 1 and stage 2 call the same two functions, so the student trains
-on exactly the pixels the teacher saw.
+pure function of (spec, image, params).  Stage 1 and stage 2 call the same two functions (through
+``shared.views``), so the student trains on exactly the pixels the teacher saw.
+
+The same pixels on every machine: nothing in a view comes from torch (whose kernels change with the CPU vector
+path) or from the C library's transcendental functions (whose last bit glibc picks per CPU).  Draws are Philox
+bits; arithmetic on them is IEEE basic operations (``shared.exact_math``); pixels come from Pillow and numpy
+integer/element-wise operations.  The erasing noise is a Philox stream quantised by an integer table.
 
 Views are uint8 tensors (C, H, W): 4x less to move between processes and to the GPU than float, and bit-exact
 comparison is trivial.  Normalisation happens on the device, per model (``to_model_input``).
@@ -336,6 +341,11 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.Tensor:
     """The view as a uint8 tensor (C, image_size, image_size).  Pure: same inputs, same bytes."""
+    return torch.from_numpy(apply_view_array(spec, image, params))
+
+
+def apply_view_array(spec: ViewSpec, image: Image.Image, params: ViewParams) -> np.ndarray:
+    """``apply_view`` as a numpy array (C-contiguous uint8): what the renderer digests."""
     width, height = image.size
     top, left, h, w = box_pixels(params.crop, height, width)
     size = (spec.image_size, spec.image_size)
@@ -349,7 +359,7 @@ def apply_view(spec: ViewSpec, image: Image.Image, params: ViewParams) -> torch.
     view = to_uint8_array(image)
     if params.erase is not None:
         erase_noise(spec, view, params)
-    return torch.from_numpy(view)
+    return view
 
 
 _NOISE_DOMAIN = 0x4E4F495345 << 32      # keeps the noise streams apart from every other Philox key of a view

@@ -99,7 +99,7 @@ def beta(rng: np.random.Generator, a: float, b: float) -> float:
 # Quantised Gaussian noise: pixel = clamp(round(255 · (mean + std · z))), z ~ N(0, 1), from 32-bit uniforms
 
 def _phi(z: Decimal) -> Decimal:
-    """Standard normal CDF in 50-digit decimal arithmetic (erf series; |z/√2| clamped at 6, where 1 − erf < 2e-17)."""
+    """Standard normal CDF in 50-digit decimal arithmetic (erf series; |z/√2| clamped at 6: 1 − erf < 2e-17)."""
     x = z / Decimal(2).sqrt()
     if x > 6:
         return Decimal(1)

@@ -107,14 +107,20 @@ def mix_views(own: torch.Tensor, partner: torch.Tensor, mix: MixParams) -> torch
     """The mixed uint8 view.  Pure: same inputs, same bytes, on every machine — mixup is two float64 products of
     a uint8 and a float32 (exact), one rounded sum and ``rint`` (IEEE, element by element: no vector path, thread
     count or device can change it)."""
+    if not mix.kind:
+        return own
+    return torch.from_numpy(mix_arrays(own.numpy(), partner.numpy(), mix))
+
+
+def mix_arrays(own: np.ndarray, partner: np.ndarray, mix: MixParams) -> np.ndarray:
+    """``mix_views`` on uint8 numpy arrays (C, H, W); returns a new array (``own`` when not mixed)."""
     if mix.kind == MIX_MIXUP:
-        a, b = own.numpy().astype(np.float64), partner.numpy().astype(np.float64)
         lam = float(np.float32(mix.lam))
-        mixed = np.rint(a * lam + b * (1.0 - lam))
-        return torch.from_numpy(np.clip(mixed, 0, 255).astype(np.uint8))
+        mixed = np.rint(own.astype(np.float64) * lam + partner.astype(np.float64) * (1.0 - lam))
+        return np.clip(mixed, 0, 255).astype(np.uint8)
     if mix.kind == MIX_CUTMIX:
         top, left, h, w = mix.box
-        out = own.clone()
+        out = own.copy()
         out[:, top:top + h, left:left + w] = partner[:, top:top + h, left:left + w]
         return out
     return own

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.augment import PARAMS_LAYOUT_VERSION, ViewSpec, apply_view, eval_view, sample_view
+from shared.augment import PARAMS_LAYOUT_VERSION, ViewSpec, apply_view_array, eval_view, sample_view
 from shared.reader import RawSample, decode_raw
 
 # Bump when any change to the view code (sampling, ops, erasing, mixing, exact_math) changes a view's pixels.
@@ -28,19 +28,26 @@ def decode(raw: RawSample):
 def pixel_digest(pixels: torch.Tensor | np.ndarray) -> int:
     """The stored per-view digest: crc32 of the uint8 pixels (chosen by measurement: benchmarks/bench_loader.py)."""
     array = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
-    return zlib.crc32(np.ascontiguousarray(array, dtype=np.uint8)) & 0xFFFFFFFF
+    if array.dtype != np.uint8 or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=np.uint8)
+    return zlib.crc32(array)
 
 
 @dataclass
 class RenderedView:
-    pixels: torch.Tensor          # uint8 (C, H, W): what the teacher sees and the student trains on
+    array: np.ndarray             # uint8 (C, H, W), C-contiguous: what the teacher sees and the student trains on
     params: np.ndarray            # float32 (P,): the params record
     partner_label: int = -1       # exact mixing: the partner's label (-1: not mixed)
     lam: float = 1.0              # exact mixing: weight of the sample's own view
 
     @property
+    def pixels(self) -> torch.Tensor:
+        """The same bytes as a tensor (no copy)."""
+        return torch.from_numpy(self.array)
+
+    @property
     def digest(self) -> int:
-        return pixel_digest(self.pixels)
+        return pixel_digest(self.array)
 
 
 class LoadedRows:
@@ -51,7 +58,7 @@ class LoadedRows:
     def __init__(self, samples: list[RawSample], keep_images: bool = False):
         self.by_row = {s.row: s for s in samples}
         self._images: dict | None = {} if keep_images else None
-        self.own: dict[tuple[int, int], tuple[torch.Tensor, np.ndarray]] = {}
+        self.own: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def raw(self, row: int) -> RawSample:
         if row not in self.by_row:
@@ -76,16 +83,14 @@ class PlainRenderer:
         """The rows a caller must load to render rows [lo, hi)."""
         return lo, hi
 
-    def own_view(self, view: int, rows: LoadedRows, row: int) -> tuple[torch.Tensor, np.ndarray]:
+    def own_view(self, view: int, rows: LoadedRows, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row's unmixed view (uint8 array) and its params record."""
         raw = rows.raw(row)
         params = sample_view(self.spec, self.seed, raw.key, view)
-        return apply_view(self.spec, rows.image(row), params), params.encode(self.spec)
+        return apply_view_array(self.spec, rows.image(row), params), params.encode(self.spec)
 
     def render(self, view: int, rows: LoadedRows, row: int) -> RenderedView:
         return RenderedView(*self.own_view(view, rows, row))
-
-    def render_many(self, view: int, rows: LoadedRows, wanted) -> list[RenderedView]:
-        return [self.render(view, rows, row) for row in wanted]
 
 
 class MixedRenderer(PlainRenderer):
@@ -101,36 +106,39 @@ class MixedRenderer(PlainRenderer):
         from shared.mixing import rows_with_partners
         return rows_with_partners(self.manifest, lo, hi, self.spec.mix_window)
 
-    def _own(self, view: int, rows: LoadedRows, row: int) -> tuple[torch.Tensor, np.ndarray]:
+    def _own(self, view: int, rows: LoadedRows, row: int) -> tuple[np.ndarray, np.ndarray]:
         if (view, row) not in rows.own:
             rows.own[(view, row)] = self.own_view(view, rows, row)
         return rows.own[(view, row)]
 
     def render(self, view: int, rows: LoadedRows, row: int) -> RenderedView:
-        from shared.mixing import mix_views, partner_of, sample_mix
+        from shared.mixing import mix_arrays, partner_of, sample_mix
         raw = rows.raw(row)
         partner = partner_of(self.manifest, row, self.spec.mix_window, self.seed, view)
         mix = sample_mix(self.spec, self.seed, raw.key, view, row, partner)
         pixels, record = self._own(view, rows, row)
         if mix.kind:
-            pixels = mix_views(pixels, self._own(view, rows, partner)[0], mix)
+            pixels = mix_arrays(pixels, self._own(view, rows, partner)[0], mix)
         full = np.concatenate([record, mix.encode()])
         partner_label = rows.raw(mix.partner).label if mix.kind else raw.label
         return RenderedView(pixels, full, partner_label, mix.lam)
 
 
 def view_mismatch(view: int, raw, rendered: RenderedView, params: np.ndarray, digest: int) -> str | None:
-    """The one-line reason a replayed view is not the one the cache's teachers saw, or None when it is."""
-    where = f"view {view} of sample {raw.key!r} (row {raw.row}, shard {raw.shard_url})"
-    if not np.array_equal(rendered.params.view(np.uint32), np.asarray(params, np.float32).view(np.uint32)):
-        return (f"{where} differs from the view the cache's teachers saw: params check failed (replayed "
-                f"{rendered.params.tolist()} vs cached {np.asarray(params).tolist()}); the augmentation code or "
-                "its inputs changed since the cache was built")
-    got = pixel_digest(rendered.pixels)
+    """The one-line reason a replayed view is not the one the cache's teachers saw, or None when it is.
+    On the loader's hot path: two byte comparisons and one crc32 when the view matches."""
+    def where() -> str:
+        return (f"view {view} of sample {raw.key!r} (row {raw.row}, shard {raw.shard_url}) differs from the view "
+                "the cache's teachers saw")
+    if rendered.params.tobytes() != np.asarray(params, np.float32).tobytes():     # bit for bit
+        return (f"{where()}: params check failed (replayed {rendered.params.tolist()} vs cached "
+                f"{np.asarray(params).tolist()}); the augmentation code or its inputs changed since the cache was "
+                "built")
+    got = pixel_digest(rendered.array)
     if got != int(digest):
-        return (f"{where} differs from the view the cache's teachers saw: pixels check failed (crc32 {got:08x} vs "
-                f"cached {int(digest):08x}); likely the shard changed after the build, or another Pillow/numpy "
-                "renders differently (`cit cache info` shows the build's versions)")
+        return (f"{where()}: pixels check failed (crc32 {got:08x} vs cached {int(digest):08x}); likely the shard "
+                "changed after the build, or another Pillow/numpy renders differently (`cit cache info` shows the "
+                "build's versions)")
     return None
 
 
@@ -141,7 +149,8 @@ def make_renderer(spec: ViewSpec, seed: int, manifest=None) -> PlainRenderer:
 
 def render_view(spec: ViewSpec, seed: int, view: int, raw: RawSample) -> tuple[torch.Tensor, np.ndarray]:
     """The unmixed uint8 view tensor and its params record for view ``view`` of ``raw``."""
-    return PlainRenderer(spec, seed).own_view(view, LoadedRows([raw]), raw.row)
+    array, record = PlainRenderer(spec, seed).own_view(view, LoadedRows([raw]), raw.row)
+    return torch.from_numpy(array), record
 
 
 def render_eval(spec: ViewSpec, raw: RawSample) -> torch.Tensor:

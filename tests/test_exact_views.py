@@ -192,3 +192,17 @@ def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):
     assert len(lines) == 2 and all(victim in line for line in lines)        # both views of the one edited sample
     clean = run_cli("verify", built["cache"], "--data", built["data"], "--pixels", "--sample", "10", env=env)
     assert clean.returncode == 0 and "pixels: 10 random views re-rendered" in clean.stdout, clean.stdout
+
+
+def test_cache_of_other_view_code_is_refused(built):
+    from shared.cache_schema import CacheError, LogitCache
+    from shared.manifest import Manifest
+    from trainer.data import check_cache
+    attrs = LogitCache.open(built["cache"]).attrs
+    spec, manifest = ViewSpec.from_dict(attrs.augment), Manifest.load(built["data"])
+    check_cache(attrs, manifest, spec, attrs.seed, ["conv"], 10, built["cache"])          # as built: accepted
+    older = LogitCache.open(built["cache"]).attrs
+    older.view_code = {**older.view_code, "params_layout": 1}
+    assert older.identity_diff(attrs) and not any("provenance" in d for d in older.identity_diff(attrs))
+    with pytest.raises(CacheError, match="rendered by view code .*params_layout': 1.*rebuild the cache"):
+        check_cache(older, manifest, spec, older.seed, ["conv"], 10, built["cache"])

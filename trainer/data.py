@@ -89,6 +89,8 @@ def check_cache(attrs: CacheAttrs, manifest: Manifest, spec: ViewSpec, view_seed
 def warn_provenance(attrs: CacheAttrs, url: str, verify: bool) -> None:
     """Say once what differs between the cache's build environment and this one; the digests decide the rest."""
     from shared import provenance
+    if not attrs.provenance:      # written by a tool that records none (tests, synthetic benchmarks)
+        return
     diff = provenance.differences(attrs.provenance, provenance.collect())
     if not diff:
         return
