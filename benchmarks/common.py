@@ -128,7 +128,8 @@ def train_teachers(work: str, teachers: list[Teacher], train_json: str, test_jso
         if not reused:
             cfg = load_run_config(config, base_sets(train_json, test_json) + [
                 f"train.epochs={epochs}", f"train.eval_every={max(epochs, 1)}", *CNN_TEACHER_RECIPE])
-            train_teacher(TeacherSpec(t.arch, t.kind, train_json, test_json, path, dict(t.options)), cfg)
+            train_teacher(TeacherSpec(t.arch, t.kind, train_json, test_json, path, dict(t.options)), cfg,
+                          resume=os.path.exists(path + ".run/state.safetensors"))   # continue a killed run
         out[t.name] = {"arch": t.arch, "kind": t.kind, "options": dict(t.options), "path": path, "epochs": epochs,
                        "test_acc": teacher_accuracy(path), "reused": reused,
                        "seconds": round(time.perf_counter() - started, 1)}

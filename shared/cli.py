@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from shared.errors import CitGroup
+from shared.errors import CitGroup, set_resume_hint
 
 SUBCOMMANDS: dict[str, str] = {
     "data": "shared.cli:data",
@@ -115,6 +115,7 @@ def _severities(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 def prepare_fashion_mnist_cmd(source, out, shard_size, per_class, seed, corruptions, severities, workers, force):
     """Fashion-MNIST IDX files -> train/test shards (+ corrupted test sets)."""
     from shared.prepare import DEFAULT_FASHION_MNIST, prepare_fashion_mnist
+    set_resume_hint(f"splits finished in {out} are kept: rerun the same command to prepare the rest")
     _report(prepare_fashion_mnist(source or DEFAULT_FASHION_MNIST, out, shard_size, per_class, seed, corruptions,
                                   severities, force=force, workers=workers))
 
@@ -131,6 +132,7 @@ def prepare_fashion_mnist_cmd(source, out, shard_size, per_class, seed, corrupti
 def prepare_folder_cmd(root, out, split_name, shard_size, per_class, seed, workers, force):
     """ImageFolder tree (ROOT/<class>/<image>) -> one split of shards."""
     from shared.prepare import prepare_image_folder
+    set_resume_hint(f"rerun the same command to prepare split {split_name} again")
     _report({split_name: prepare_image_folder(root, out, split_name, shard_size, per_class, seed, force=force,
                                               workers=workers)})
 

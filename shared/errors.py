@@ -4,8 +4,9 @@ a user's mistake, and an exit code a script can test.
 - ``CitUserError`` (a ``ValueError``, so ``except ValueError`` keeps working) is the base of every error about the
   user's input: ``ConfigError``, ``ManifestError``, ``ShardError``, ``CacheError``, ``BuildError``, ``DataError``,
   ``CheckpointError``, ``PrepareError``.  Their message is the whole story.  Exit code 2, like a usage error.
-- The machine says no (disk full, permission denied, a read-only folder, a path that is a directory, an object
-  store that cannot be reached): one line too, exit code 2, with how to resume where that applies.
+- The machine says no (any ``OSError``: disk full, permission denied, a read-only folder, a path that is a
+  directory; an object store that cannot be reached): one line too, exit code 2, with how to resume where that
+  applies.
 - Ctrl-C: the work is resumable; the line says how.  Exit code 130 (128 + SIGINT), as shells report it.
 - Anything else is a bug: the traceback is shown.  ``CIT_DEBUG=1`` shows it for every error.
 
@@ -121,7 +122,7 @@ def _unwrap_worker(exc: BaseException) -> tuple[str, str] | None:
 
 
 def _machine_message(exc: OSError) -> str:
-    what = _MACHINE_ERRNOS.get(exc.errno or -1, exc.strerror or str(exc))
+    what = _MACHINE_ERRNOS.get(exc.errno or -1, exc.strerror or " ".join(str(exc).split()))
     target = exc.filename if exc.filename is not None else ""
     line = f"cannot write {target}: {what}" if exc.errno in _FREE_SPACE else f"{target}: {what}" if target else what
     if exc.errno in _FREE_SPACE:
@@ -131,7 +132,7 @@ def _machine_message(exc: OSError) -> str:
     elif exc.errno == errno.EISDIR:
         line += f"; give files (for shards e.g. {os.path.join(str(target), '*.tar')})"
     hint = resume_hint()
-    if hint and exc.errno in (*_FREE_SPACE, errno.EACCES, errno.EPERM, errno.EROFS):
+    if hint and exc.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
         line += f"; then {hint}"
     return line
 
@@ -175,8 +176,8 @@ def user_message(exc: BaseException) -> str | None:
     remote = _remote_message(exc)
     if remote is not None:
         return remote
-    for link in _chain(exc):
-        if isinstance(link, OSError) and link.errno in _MACHINE_ERRNOS:
+    for link in _chain(exc):   # the machine or a store said no (OSError is never a bug in this code's logic)
+        if isinstance(link, OSError):
             return _machine_message(link)
     return None
 

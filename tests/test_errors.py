@@ -432,3 +432,18 @@ def test_an_interrupted_or_full_build_says_rerun_the_same_command(shards, teache
     result = CliRunner().invoke(cit, build_args(shards, teachers, out))
     assert result.exit_code == code and "Traceback" not in result.output and "Aborted" not in result.output
     assert words.format(out=out) in result.output
+
+
+def test_a_bug_keeps_its_traceback(shards, tmp_path, monkeypatch):
+    """Not a user's mistake: the exception leaves the CLI as it is (click then prints its traceback)."""
+    from trainer import train as train_mod
+
+    def bug(*_, **__):
+        raise KeyError("a bug")
+    monkeypatch.setattr(train_mod, "train", bug)
+    result = CliRunner().invoke(cit, train_args(shards, tmp_path / "run"))
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+    env = dict(os.environ, PYTHONPATH=REPO, CIT_DEBUG="1")   # CIT_DEBUG: a traceback for user errors too
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "data", "info", str(tmp_path / "missing.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ManifestError" in proc.stderr

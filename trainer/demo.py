@@ -46,7 +46,8 @@ def run_demo(folder: str, config: str, per_class: int = 100, teacher_epochs: int
         if not os.path.exists(checkpoints[name]):
             click.echo(f"training the {kind} teacher {arch} ...", err=True)
             options = {"small_input": True} if kind == "conv" else {}
-            train_teacher(TeacherSpec(arch, kind, train_json, test_json, checkpoints[name], options), teacher_cfg)
+            train_teacher(TeacherSpec(arch, kind, train_json, test_json, checkpoints[name], options), teacher_cfg,
+                          resume=os.path.exists(checkpoints[name] + ".run/state.safetensors"))   # a killed demo
     student_cfg = load_run_config(config, sets + ([f"train.epochs={epochs}"] if epochs else []))
     if not os.path.exists(os.path.join(paths["data.cache"], "zarr.json")):
         _cit("cache", "build", "--data", train_json, "--config", config, "--views", str(student_cfg.train.epochs),
@@ -59,7 +60,7 @@ def run_demo(folder: str, config: str, per_class: int = 100, teacher_epochs: int
         if not os.path.exists(os.path.join(out, "run.json")):
             click.echo(f"training the student ({variant}) ...", err=True)
             cfg = load_run_config(config, sets + extra + ([f"train.epochs={epochs}"] if epochs else []))
-            train(cfg, out)
+            train(cfg, out, resume=os.path.exists(os.path.join(out, "state.safetensors")))   # a killed demo
     return summarize(runs)
 
 
