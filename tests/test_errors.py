@@ -447,3 +447,32 @@ def test_a_bug_keeps_its_traceback(shards, tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "shared.cli", "data", "info", str(tmp_path / "missing.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ManifestError" in proc.stderr
+
+
+def test_endpoint_lost_mid_build_is_one_line_that_says_rerun(shards, teachers, monkeypatch):
+    """The S3 server goes away after the first unit was written: one line, and the build is resumable."""
+    pytest.importorskip("s3fs")
+    import cache_builder.build as build_mod
+    server, port = _moto(monkeypatch)
+    stopped = []
+    original = build_mod._write
+
+    def write_then_lose_the_endpoint(*args, **kwargs):
+        if not stopped:
+            original(*args, **kwargs)
+            server.stop()
+            stopped.append(True)
+            return None
+        return original(*args, **kwargs)
+
+    try:
+        import s3fs
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
+        monkeypatch.setattr(build_mod, "_write", write_then_lose_the_endpoint)
+        args = build_args(shards, teachers, "s3://bucket/c.zarr", "--chunk-rows", "10", "--storage-option",
+                          'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}')
+        line = one_line_error(CliRunner().invoke(cit, args))
+        assert stopped and "storage endpoint" in line and "rerun the same command to resume the build" in line
+    finally:
+        if not stopped:
+            server.stop()

@@ -30,7 +30,8 @@ SMALL = {
 }
 # Lines of the README's code blocks that are not `cit` commands, and where they are tested instead
 ELSEWHERE = {
-    "bash .ci/setup": "sets up a machine (the test environment is already set up); `cit demo` is run by its own test",
+    "bash .ci/setup": "sets up a machine (this environment is set up already); `cit demo` runs the pipeline below at "
+                      "full size, too slow here: its --help is checked with every other command's",
     "python benchmarks/": "tests/test_benchmarks.py runs every benchmark in --quick mode (cross-checked below)",
 }
 
