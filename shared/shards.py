@@ -266,6 +266,9 @@ def iter_shard(url: str, storage_options: dict | None = None) -> Iterator[dict]:
         raw = open_shard(url, storage_options)
     except FileNotFoundError:
         raise ShardError(f"shard not found: {url}") from None
+    except IsADirectoryError:
+        raise ShardError(f"shard {url} is a directory; give the shard files (e.g. {url.rstrip('/')}/*.tar or a "
+                         "brace pattern)") from None
     except (OSError, ValueError) as exc:
         raise ShardError(f"cannot open shard {url}: {exc}") from None
     try:
