@@ -5,8 +5,8 @@
    folder per label (1000 classes), turned into WebDataset shards + manifest by ``prepare_image_folder``, the path
    ``cit data prepare folder`` takes for the real ImageNet tree;
 2. loader: the DeiT recipe at 224 px (``ViewSpec``: RRC, flip, RandAugment m9, random erasing, ImageNet mean/std,
-   bicubic) on those shards: per-image CPU time of read / JPEG decode / ``sample_view`` / ``apply_view`` in one
-   process, then DataLoader epochs with 0, 1 and 2 workers; images per CPU-second (process + workers), which other
+   bicubic) on those shards: per-image CPU time of read / JPEG decode / ``sample_view`` / ``apply_view`` / replay
+   check in one process, then DataLoader epochs with 0, 1 and 2 workers; images per CPU-second (process + workers), which other
    jobs on the machine distort far less than wall time (both are recorded, with the load average);
 3. bytes per view per teacher at C = 1000, K = 1, 5, 10, 20, written through ``LogitCache.write_unit`` for two
    teachers with trained-like logits (peaked softmax, long tail, confusions among semantically close classes), with
