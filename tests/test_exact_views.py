@@ -182,7 +182,7 @@ def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):
     result = _train(edited, str(tmp_path / "run0"), "default")      # the manifest's sha256 sees it first
     assert result.returncode == 2 and "ex-0001.tar does not match manifest" in result.stderr, result.stderr[-2000:]
     result = _train(edited, str(tmp_path / "run"), "default", "--no-verify-shards")   # ... else the pixel digest
-    assert result.returncode != 0, result.stderr[-2000:]      # (exit codes of errors raised mid-run: cli)
+    assert result.returncode == 2, result.stderr[-2000:]       # a user error, raised mid-run: exit 2, one line
     assert f"sample {victim!r}" in result.stderr and "pixels check failed" in result.stderr
     assert "ex-0001.tar" in result.stderr and "Traceback" not in result.stderr
     env = dict(os.environ, PYTHONPATH=REPO)
