@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     if not 0 <= args.part_index < args.parts:
         ap.error(f"--part {args.part}: I must be in 0 .. N-1")
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (30, 1), "teacher_epochs": (40, 1),
-                         "test_samples": (0, 500), "workers": (1, 0)})
+                         "test_samples": (0, 100), "workers": (1, 0)})
     return args
 
 
@@ -124,7 +124,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start, t0 = os.getloadavg(), time.perf_counter()
     work = os.path.join(args.workdir, f"pc{args.per_class}" + ("-quick" if args.quick else ""))
-    train_json, test_json = prepare_fmnist(work, args.per_class, args.test_samples, corruptions=not args.quick)
+    train_json, test_json = prepare_fmnist(work, args.per_class, args.test_samples, corruptions=not args.quick,
+                                           source=args.source, shard_size=100 if args.quick else 500)
     teachers = train_teachers(work, TEACHERS, train_json, test_json, args.teacher_epochs)
 
     from trainer.train import load_run_config

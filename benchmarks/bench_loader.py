@@ -206,32 +206,34 @@ def loader_throughput(manifest: Manifest, spec: ViewSpec, workers: int, batch_si
 def dataset(args: argparse.Namespace) -> Manifest:
     if args.manifest:
         return Manifest.load(args.manifest)
-    per_class = 300 if args.quick else None
+    per_class = 20 if args.quick else None
     out = os.path.join(args.data_dir, "quick" if args.quick else "full")
-    return prepare_fashion_mnist(args.source, out, shard_size=5000 if not args.quick else 1000,
+    return prepare_fashion_mnist(args.source, out, shard_size=5000 if not args.quick else 50,
                                  per_class=per_class)["train"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/loader.json")
-    parser.add_argument("--quick", action="store_true", help="3000-image subset (< 1 min)")
+    parser.add_argument("--quick", action="store_true", help="200-image subset, batch 32 (seconds)")
     parser.add_argument("--manifest", default=None, help="existing manifest to read (default: Fashion-MNIST train)")
     parser.add_argument("--source", default=DEFAULT_FASHION_MNIST, help="Fashion-MNIST IDX folder")
     parser.add_argument("--data-dir", default="/tmp/cit-bench-fmnist", help="where to prepare Fashion-MNIST")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="[256; quick 32]")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.quick else 256
     manifest = dataset(args)
     spec = ViewSpec()
     load_before = os.getloadavg()
-    parts = breakdown(manifest, spec, limit=2000 if args.quick else 10000)
+    parts = breakdown(manifest, spec, limit=200 if args.quick else 10000)
     digest = {"function": "zlib.crc32 of the uint8 (C, H, W) view", "bytes_per_view": parts["digest_bytes_per_view"],
               "check_fraction_28px": parts["check_fraction_of_loader_cpu"],
-              "check_224px": check_at_224(60 if args.quick else 400),
-              "candidates_cpu_us_per_view": digest_candidates(200 if args.quick else 1000)}
+              "check_224px": check_at_224(20 if args.quick else 400),
+              "candidates_cpu_us_per_view": digest_candidates(50 if args.quick else 1000)}
     # the build computes the digest (no compare) once per rendered view; its teachers are not counted here
     crc = digest["candidates_cpu_us_per_view"]
     render_28 = sum(parts["cpu_us_per_image"][s] for s in ("read", "decode", "sample_view", "apply_view"))

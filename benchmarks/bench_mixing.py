@@ -38,13 +38,14 @@ def main() -> None:
     args = ap.parse_args()
     q = args.quick
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (20, 1), "teacher_epochs": (40, 1),
-                         "test_samples": (0, 500)})
+                         "test_samples": (0, 100)})
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     load_start, t0 = os.getloadavg(), time.perf_counter()
     work = os.path.join(args.workdir, f"pc{args.per_class}" + ("-quick" if q else ""))
-    train_json, test_json = prepare_fmnist(work, args.per_class, args.test_samples, corruptions=not q)
+    train_json, test_json = prepare_fmnist(work, args.per_class, args.test_samples, corruptions=not q,
+                                           source=args.source, shard_size=100 if q else 500)
     teachers = train_teachers(work, TEACHERS, train_json, test_json, args.teacher_epochs)
 
     from trainer.train import load_run_config

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     repeats = args.repeats or (1 if args.quick else 3)
     min_time, max_iters = (0.0, 1) if args.quick else (1.0, 5)
-    batch = args.batch if not args.quick else min(args.batch, 64)
+    batch = args.batch if not args.quick else min(args.batch, 16)
     torch.manual_seed(0)
     cases = [c for c in CASES if c.quick or not args.quick]
     started = time.time()

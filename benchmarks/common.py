@@ -20,7 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from shared.io import atomic_write_text  # noqa: E402  (shared first: it sets the OpenMP wait policy)
-from shared.manifest import Manifest, ShardInfo  # noqa: E402
+from shared.manifest import Manifest  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -54,12 +54,14 @@ def write_result(path: str, result: dict) -> None:
 def accuracy_arguments(ap, name: str, epochs: int) -> None:
     """The options the accuracy benchmarks share (defaults in brackets: full run; quick run)."""
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", f"{name}.json"))
-    ap.add_argument("--quick", action="store_true", help="smoke run: 5 images per class, 1 epoch, 1 seed (< 1 min)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 5 images per class, 1 epoch, 1 seed, 100 test "
+                    "images, tiny students (< 1 min)")
     ap.add_argument("--seeds", type=int, help="student seeds per variant [3; quick 1]")
     ap.add_argument("--per-class", type=int, help="training images per class [100; quick 5]")
     ap.add_argument("--epochs", type=int, help=f"student epochs = cached views E [{epochs}; quick 1]")
     ap.add_argument("--teacher-epochs", type=int, help="[40; quick 1]")
-    ap.add_argument("--test-samples", type=int, help="test images, 0 = all 10k [0; quick 500]")
+    ap.add_argument("--test-samples", type=int, help="test images, 0 = all 10k [0; quick 100]")
+    ap.add_argument("--source", default=None, help="Fashion-MNIST IDX folder [cit data prepare's default]")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--workdir", default="/tmp/cit-claims", help="data, teachers, caches and runs (reused)")
 
@@ -80,33 +82,20 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _test_subset(test_json: str, samples: int) -> str:
-    """The first whole shards of the test split holding at least ``samples`` images (cheaper evaluation)."""
-    sub_json = test_json.replace(".json", f"-{samples}.json")
-    if not os.path.exists(sub_json):
-        full = Manifest.load(test_json)
-        shards, n = [], 0
-        for s in full.shards:
-            if n >= samples:
-                break
-            shards.append(ShardInfo(url=s.url, samples=s.samples, sha256=s.sha256, size=s.size))
-            n += s.samples
-        sub = Manifest(shards=shards, num_classes=full.num_classes, class_names=full.class_names,
-                       name=full.name + f"[:{n}]", source=full.source, channels=full.channels)
-        atomic_write_text(sub_json, sub.to_json())
-    return sub_json
-
-
-def prepare_fmnist(work: str, per_class: int, test_samples: int = 0, corruptions: bool = False) -> tuple[str, str]:
+def prepare_fmnist(work: str, per_class: int, test_samples: int = 0, corruptions: bool = False,
+                   source: str | None = None, shard_size: int = 500) -> tuple[str, str]:
     """(train manifest, test manifest) of Fashion-MNIST with ``per_class`` training images per class; the test set
-    is the full 10k, or its first ``test_samples``; corrupted test sets (severity 3) under ``<work>/data/corrupt``."""
+    is the full 10k, or its first ``test_samples`` (whole shards); corrupted test sets (severity 3) under
+    ``<work>/data/corrupt``."""
+    from trainer.demo import subset_manifest
     data = os.path.join(work, "data")
     train_json, test_json = os.path.join(data, "train.json"), os.path.join(data, "test.json")
     if not os.path.exists(train_json):
         cmd = [sys.executable, "-m", "shared.cli", "data", "prepare", "fashion-mnist", "--out", data,
-               "--per-class", str(per_class), "--shard-size", "500", "--workers", "1"]
+               "--per-class", str(per_class), "--shard-size", str(shard_size), "--workers", "1"]
+        cmd += ["--source", source] if source else []
         subprocess.run(cmd + (["--corruptions", "--severities", "3"] if corruptions else []), check=True, cwd=ROOT)
-    return train_json, (_test_subset(test_json, test_samples) if test_samples else test_json)
+    return train_json, (subset_manifest(test_json, test_samples) if test_samples else test_json)
 
 
 def base_sets(train_json: str, test_json: str, workers: int = 1) -> list[str]:

@@ -119,3 +119,14 @@ def small_shards(tmp_path) -> list[str]:
         for i in range(24):
             writer.write(good_sample(f"img_{i:04d}", i % 4, seed=i))
     return [w.path for w in writer.written]
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> dict[str, str]:
+    """Two tiny untrained RedNet teachers saved as real checkpoints, built once per session: ``conv`` (the conv
+    twin, seed 1) and ``inv`` (involutions, seed 2), 10 classes, 1 channel, mean/std 0.5.  Read-only: every test
+    that needs "some conv + inv teacher" can share them."""
+    from tests.cache_fixtures import make_teacher
+    root = tmp_path_factory.mktemp("tiny-teachers")
+    return {"conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
+            "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}

@@ -34,12 +34,11 @@ SETS = [f"--set=augment.{k}={json.dumps(v)}" for k, v in AUG.items()]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("cache")
     data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="tr", seed=1)
     test = make_shards(str(root / "test"), num_samples=40, shard_size=40, prefix="te", seed=2)
-    conv = make_teacher(str(root / "conv.safetensors"), "conv", seed=1)
-    inv = make_teacher(str(root / "inv.safetensors"), "inv", seed=2)
+    conv, inv = tiny_teachers["conv"], tiny_teachers["inv"]
     w = {"root": root, "data": data.path, "test": test.path, "teachers": [f"conv={conv}", f"inv={inv}"],
          "conv": conv, "inv": inv, "ref": str(root / "ref.zarr")}
     summary = build_cache(w["data"], w["teachers"], w["ref"], views=E, topk=K, spec=SPEC, seed=5,

@@ -15,7 +15,6 @@ from shared.manifest import Manifest
 from shared.mixing import MixParams
 from shared.views import render_mixed
 from shared.reader import pieces_for_rows, read_piece
-from tests.cache_fixtures import make_teacher
 from tests.shard_fixtures import make_shards
 from trainer import train as train_mod
 from trainer.data import TrainViews, collate
@@ -27,11 +26,10 @@ SPEC = ViewSpec(image_size=28, mix="exact", mix_window=6, erase_prob=0.5)
 
 
 @pytest.fixture(scope="module")
-def exact(tmp_path_factory):
+def exact(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("mix")
     manifest = make_shards(str(root / "train"), num_samples=N, shard_size=20, prefix="mx")
-    teachers = {"conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
-                "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
+    teachers = dict(tiny_teachers)
     build_cache(manifest.path, [(k, v) for k, v in teachers.items()], str(root / "cache.zarr"), views=VIEWS,
                 topk=10, spec=SPEC, seed=SEED, chunk_rows=16, workers=0, progress=False, device="cpu")
     return {"root": root, "manifest": Manifest.load(manifest.path), "cache": str(root / "cache.zarr"),

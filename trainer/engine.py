@@ -410,13 +410,14 @@ def fit(model: nn.Module, loss_fn: LossFn, train_set, cfg: TrainConfig, runtime:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, runtime.rank))
         train_set.set_epoch(epoch)
         rows = [] if cfg.debug_rows else None
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         metrics, step = train_one_epoch(wrapped, loader, loss_fn, optimizer, cfg, runtime, epoch=epoch, step=step,
                                         steps_per_epoch=steps_per_epoch, scaler=scaler, amp=amp, rows_log=rows,
                                         total_batches=per_rank[runtime.rank])
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         record = {"epoch": epoch, "view": train_set.view, "step": step, "lr": lr_at(step - 1, cfg, steps_per_epoch),
                   **{f"train_{k}": v for k, v in metrics.items()}, "seconds": seconds,
+                  "cpu_seconds": cpu_seconds,       # this process only (not DataLoader workers)
                   "samples_per_s": metrics["samples"] / max(seconds, 1e-9)}
         if rows is not None:
             with open(os.path.join(out_dir, f"rows.rank{runtime.rank}.jsonl"), "a") as f:
