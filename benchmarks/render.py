@@ -26,7 +26,8 @@ FIELDS: dict[str, list[str]] = {
               "throughput.cit_nano.cached_over_online_paired_median", "memory.*.samples", "memory.*.peak_rss_mib",
               "build_memory.*.samples", "build_memory.*.peak_rss_mib"],
     "cache": ["commands.all.command", "throughput.ratio", "throughput.cpu_ratio", "bytes.results.*.classes",
-              "bytes.results.*.topk", "bytes.results.*.teacher", "bytes.results.*.bytes_per_view_per_teacher"],
+              "bytes.results.*.topk", "bytes.results.*.teacher", "bytes.results.*.bytes_per_view_per_teacher",
+              "targets.bytes_one_temperature", "targets.bytes_per_extra_temperature", "targets.worst_tail_abs_error"],
     "models_cpu": ["involution_vs_conv_twin.fwd_time_ratio", "involution_vs_conv_twin.fwd_bwd_step_time_ratio"],
     "loader": ["breakdown.cpu_us_per_image.total", "breakdown.images_per_cpu_second", "dataloader.*.workers", "dataloader.*.steady_images_per_s_per_worker"],
     "imagenet": ["settings.command", "loader.images_per_cpu_second_per_core", "bytes_per_view",
@@ -112,6 +113,11 @@ def speed_section(r: dict) -> list[str]:
             by.setdefault((b["classes"], b["teacher"]), []).append(f"K={b['topk']}: {b['bytes_per_view_per_teacher']:.1f}")
         rows.append(("bytes per view per teacher (C = classes)", "same",
                      "; ".join(f"C={c}, {t}: " + ", ".join(v) for (c, t), v in by.items())))
+        t = c["targets"]
+        rows.append(("exact targets at C = 1000, K = 10: bytes at one τ, per extra τ; worst tail-mass error "
+                     "(goals ≤ 30 B, ≤ 6 B, ≤ 1e-3)", "python benchmarks/bench_cache.py --part targets",
+                     f"{t['bytes_one_temperature']:.1f} B, +{t['bytes_per_extra_temperature']:.1f} B per τ, "
+                     f"{t['worst_tail_abs_error']:.1e}"))
     if r.get("models_cpu"):
         m = r["models_cpu"]["involution_vs_conv_twin"]
         rows.append(("involution net ÷ its 3×3-conv twin, CPU time per image (goal ≤ 2)",
