@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from shared.augment import ViewSpec
 from shared.errors import CitUserError
-from shared.cache_schema import CacheAttrs, CacheError, LogitCache
+from shared.cache_schema import TEACHER_ARRAYS, CacheAttrs, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.reader import Piece, RawSample, ShardStream, read_piece, seed_worker
 from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, pixel_digest, render_eval, \
@@ -221,16 +221,17 @@ class Rendered:
 
 
 def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], verify: bool) -> Block:
-    """One Zarr call per array for the whole piece."""
-    params = cache.read_params(view, piece.lo, piece.hi) if verify else None
-    digests = cache.read_digests(view, piece.lo, piece.hi) if verify else None
+    """The whole piece's rows of every array the join needs, in one concurrent read (one Zarr call per array)."""
+    paths = (["params", "digest"] if verify else []) + [f"{t}/{a}" for t in teachers for a in TEACHER_ARRAYS]
+    arrays = cache.read_rows(paths, view, piece.lo, piece.hi)
+    params, digests = (arrays[0], arrays[1]) if verify else (None, None)
+    tops = arrays[2 if verify else 0:]
     if not teachers:
         return Block(piece, params, digests, None, None, None)
-    tops = [cache.read_topk(name, view, piece.lo, piece.hi) for name in teachers]
-    indices = np.stack([t.indices for t in tops])
+    indices = np.stack(tops[1::3])
     if indices.dtype in (np.uint16, np.uint32):    # torch lacks some unsigned types
         indices = indices.astype(np.int64)
-    return Block(piece, params, digests, np.stack([t.logp for t in tops]), indices, np.stack([t.tail for t in tops]))
+    return Block(piece, params, digests, np.stack(tops[0::3]), indices, np.stack(tops[2::3]))
 
 
 def check_views_match(view: int, items: list[Rendered], params: np.ndarray, digests: np.ndarray) -> None:
