@@ -79,42 +79,48 @@ def make_teachers(folder: str) -> dict[str, str]:
 
 
 def run_config(manifest: str, cache: str, arch: str, mode: str, batch_size: int, workers: int, epochs: int,
-               checkpoints: dict[str, str]):
+               checkpoints: dict[str, str], extra: tuple[str, ...] = ()):
     from trainer.train import load_run_config
     sets = [f"data.train={json.dumps(manifest)}", f"data.cache={json.dumps(cache)}", f"student.arch={arch}",
             'student.heads=["cls", "conv", "inv"]', f"kd.mode={mode}", 'kd.conv_teacher="conv"',
             'kd.inv_teacher="inv"', f"train.batch_size={batch_size}", f"data.num_workers={workers}",
             f"train.epochs={epochs}", "train.progress=false", "data.allow_repeat_views=true",
-            *(f"kd.checkpoints.{k}={json.dumps(v)}" for k, v in checkpoints.items())]
+            *(f"kd.checkpoints.{k}={json.dumps(v)}" for k, v in checkpoints.items()), *extra]
     return load_run_config(None, sets)
 
 
 def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: int, batch_size: int,
                modes: tuple[str, ...]) -> dict:
+    """Samples/s per mode from the median *step* time, modes interleaved step by step (``paired_steps``)."""
+    import warnings
+
+    from trainer.train import prepare
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = {m: prepare(run_config(manifest, cache, arch, m, batch_size, 0, rounds, checkpoints)) for m in modes}
+    return paired_steps(prepared, rounds, batch_size)
+
+
+def paired_steps(prepared: dict, rounds: int, batch_size: int, warmup: int = 2) -> dict:
     """Samples/s per mode from the median *step* time, modes interleaved step by step.
 
     One process, data prepared inline (``num_workers = 0``), so a step's time is: fetch + replay + cache join +
     forward + Eq. 1 + backward + AdamW.  This is the worst case for cached KD (its join is not hidden in a worker)
     and it is robust to load from other jobs: every mode's step k runs within the same second, in rotating order.
     """
-    import warnings
-
     from trainer.data import make_loader
     from trainer.engine import make_optimizer
-    from trainer.train import prepare
-    prepared = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for mode in modes:
-            p = prepare(run_config(manifest, cache, arch, mode, batch_size, 0, rounds, checkpoints))
-            p.student.to(p.runtime.device).train()
-            prepared[mode] = (p, make_optimizer(p.student, p.cfg.train, p.runtime.device),
-                              make_loader(p.train_set, batch_size, 0, pin_memory=p.runtime.device.type == "cuda"))
+    modes = tuple(prepared)
+    state = {}
+    for mode, p in prepared.items():
+        p.student.to(p.runtime.device).train()
+        state[mode] = (p, make_optimizer(p.student, p.cfg.train, p.runtime.device),
+                       make_loader(p.train_set, batch_size, 0, pin_memory=p.runtime.device.type == "cuda"))
     times: dict[str, list[float]] = {m: [] for m in modes}
     paired: dict[tuple[int, int], dict[str, float]] = {}        # (epoch, step) -> mode -> seconds
     for epoch in range(rounds):
         iters = {}
-        for mode, (p, _, loader) in prepared.items():
+        for mode, (p, _, loader) in state.items():
             p.train_set.set_epoch(epoch)
             iters[mode] = iter(loader)
         step = 0
@@ -122,7 +128,7 @@ def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: 
             order = modes[step % len(modes):] + modes[:step % len(modes)]
             done = False
             for mode in order:
-                p, opt, _ = prepared[mode]
+                p, opt, _ = state[mode]
                 started = time.perf_counter()
                 batch = next(iters[mode], None)
                 if batch is None:
@@ -135,7 +141,7 @@ def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: 
                 opt.step()
                 if p.runtime.device.type == "cuda":
                     torch.cuda.synchronize()
-                if step >= 2 and len(batch) == batch_size:          # skip warm-up steps and partial batches
+                if (epoch > 0 or step >= warmup) and len(batch) == batch_size:   # skip warm-up and partial batches
                     times[mode].append(time.perf_counter() - started)
                     paired.setdefault((epoch, step), {})[mode] = times[mode][-1]
             if done:
@@ -143,35 +149,75 @@ def throughput(manifest: str, cache: str, checkpoints: dict, arch: str, rounds: 
             step += 1
     out = {m: {"samples_per_s": batch_size / statistics.median(times[m]), "steps_timed": len(times[m]),
                "step_ms_median": 1e3 * statistics.median(times[m]),
-               "step_ms_iqr": [1e3 * q for q in statistics.quantiles(times[m], n=4)[::2]]} for m in modes}
+               "step_ms_iqr": [1e3 * q for q in statistics.quantiles(times[m], n=4)[::2]] if len(times[m]) > 1
+               else [1e3 * times[m][0]] * 2} for m in modes}
     for other in ("none", "online"):
         if "cached" in out and other in out:
             out[f"cached_over_{other}"] = out["cached"]["samples_per_s"] / out[other]["samples_per_s"]
             # the same ratio from step pairs run back to back: robust to load that drifts during the run
             pairs = [t[other] / t["cached"] for t in paired.values() if other in t and "cached" in t]
             out[f"cached_over_{other}_paired_median"] = statistics.median(pairs) if pairs else None
-    out["params"] = sum(q.numel() for q in prepared[modes[0]][0].student.parameters())
+    if "none" in out and "online" in out:
+        pairs = [t["online"] / t["none"] for t in paired.values() if "online" in t and "none" in t]
+        out["none_over_online_paired_median"] = statistics.median(pairs) if pairs else None
+    out["params"] = sum(q.numel() for q in prepared[modes[0]].student.parameters())
     return out
+
+
+def loader_ratio(manifest: str, spec: ViewSpec, cache: str, teachers: tuple[str, ...], batch_size: int,
+                 passes: int) -> dict:
+    """Images per CPU-second of the training loader (read, decode, replay, batch; + the cache join and its
+    params/digest check for ``cached``), one process, passes interleaved in alternating order; the ratio is the
+    median of the per-pass-pair ratios."""
+    from shared.manifest import Manifest
+    from trainer.data import TrainViews, make_loader
+    man = Manifest.load(manifest)
+    sets = {"none": TrainViews(man, spec, 0, 1, rank=0, world=1),
+            "cached": TrainViews(man, spec, 0, 1, cache_url=cache, teachers=teachers, rank=0, world=1)}
+    loaders = {m: make_loader(ds, batch_size, 0, pin_memory=False) for m, ds in sets.items()}
+    rate: dict[str, list[float]] = {m: [] for m in loaders}
+    wall: dict[str, list[float]] = {m: [] for m in loaders}
+    for r in range(passes + 1):                    # pass 0 warms caches (files, allocator) and is not counted
+        for m in (("none", "cached") if r % 2 else ("cached", "none")):
+            cpu, started = time.process_time(), time.perf_counter()
+            images = sum(len(batch) for batch in loaders[m])
+            if r:
+                rate[m].append(images / (time.process_time() - cpu))
+                wall[m].append(images / (time.perf_counter() - started))
+    pairs = [c / n for c, n in zip(rate["cached"], rate["none"])]
+    return {"images_per_cpu_s": {m: statistics.median(v) for m, v in rate.items()},
+            "images_per_wall_s": {m: statistics.median(v) for m, v in wall.items()},
+            "cached_over_none": statistics.median(pairs), "pairs": pairs, "images": man.num_samples,
+            "image_size": spec.image_size, "batch_size": batch_size}
 
 
 def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int) -> dict:
     """Where a cached-KD step could cost more than a no-KD step, each part timed on its own, interleaved:
 
     * ``step_ms``: forward + Eq. 1 + backward + AdamW on one fixed batch already on the device — with the cached
-      targets (top-k -> dense logits, two KL terms) vs labels only;
-    * ``loader_samples_per_s``: one process iterating the epoch stream (read, decode, replay) with the cache join
-      (one block read per piece and teacher, params check) vs without.
+      targets (top-k -> dense targets of both teachers at once, one fused KL) vs labels only;
+    * ``loader``: one process iterating the epoch's batches (read, decode, replay) with the cache join (one block
+      read per piece and array, one indexed gather per batch, params + digest check) vs without, in images per
+      CPU-second (``loader_ratio``).
     """
     import warnings
 
-    from trainer.data import TrainViews, collate
+    from trainer.data import make_loader
     from trainer.engine import make_optimizer
     from trainer.train import prepare
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ps = {m: prepare(run_config(manifest, cache, arch, m, batch_size, 0, 1, {})) for m in ("none", "cached")}
     p = ps["cached"]
-    batch = collate(list(itertools.islice(iter(p.train_set), batch_size))).to(p.runtime.device)
+    batch = next(iter(make_loader(p.train_set, batch_size, 0, pin_memory=False))).to(p.runtime.device)
+    return {**step_ratio(ps, batch, reps), "loader": loader_ratio(manifest, SPEC, cache, ("conv", "inv"), batch_size,
+                                                                  passes=3)}
+
+
+def step_ratio(ps: dict, batch, reps: int) -> dict:
+    """Median step time (forward + Eq. 1 + backward + AdamW) on one fixed device batch, no-KD vs cached KD,
+    interleaved; the ratio is the median of back-to-back pairs."""
+    from trainer.engine import make_optimizer
     opts = {m: make_optimizer(q.student, q.cfg.train, q.runtime.device) for m, q in ps.items()}
     step = {m: [] for m in ps}
     for r in range(reps + 2):
@@ -187,29 +233,19 @@ def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int)
                 torch.cuda.synchronize()
             if r >= 2:
                 step[m].append(time.perf_counter() - started)
-    from shared.manifest import Manifest
-    man = Manifest.load(manifest)
-    loaders = {"none": TrainViews(man, SPEC, 0, 1, rank=0, world=1),
-               "cached": TrainViews(man, SPEC, 0, 1, cache_url=cache, teachers=("conv", "inv"), rank=0, world=1)}
-    load = {m: [] for m in loaders}
-    for r in range(3):
-        for m in (("none", "cached") if r % 2 else ("cached", "none")):
-            started = time.perf_counter()
-            count = sum(1 for _ in loaders[m])
-            load[m].append(count / (time.perf_counter() - started))
-    out = {"step_ms": {m: 1e3 * statistics.median(v) for m, v in step.items()},
-           "loader_samples_per_s": {m: statistics.median(v) for m, v in load.items()}}
-    out["step_cached_over_none"] = out["step_ms"]["none"] / out["step_ms"]["cached"]
-    out["loader_cached_over_none"] = out["loader_samples_per_s"]["cached"] / out["loader_samples_per_s"]["none"]
-    return out
+    pairs = [n / c for n, c in zip(step["none"], step["cached"])]
+    return {"step_ms": {m: 1e3 * statistics.median(v) for m, v in step.items()},
+            "step_cached_over_none": statistics.median(pairs)}
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Memory: one process per dataset size
 
-def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) -> None:
+def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0, spec: ViewSpec = SPEC,
+                       num_classes: int = 10, topk: int = 10, teachers: tuple[str, ...] = ("conv", "inv"),
+                       chunk_rows: int = 1024) -> None:
     """A complete cache with random top-k but the real view params and pixel digests (so the trainer's replay
-    check passes)."""
+    check passes).  ``cit cache build`` makes chunks as long as the shards; pass the shard size to match it."""
     from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, TeacherRecord, TopK, create_arrays, \
         open_root
     from shared.manifest import Manifest
@@ -217,11 +253,11 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
     from shared.targets import encode_logits
     from shared.views import VIEW_CODE, pixel_digest, render_view
     manifest = Manifest.load(manifest_path)
-    records = [TeacherRecord(n, n, "random", "", 10, list(SPEC.mean), list(SPEC.std)) for n in ("conv", "inv")]
-    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, 10, views, 10, seed, SPEC.to_dict(), 1024, records,
-                       view_code=dict(VIEW_CODE))
+    records = [TeacherRecord(n, n, "random", "", num_classes, list(spec.mean), list(spec.std)) for n in teachers]
+    attrs = CacheAttrs(manifest.fingerprint, manifest.num_samples, num_classes, views, topk, seed, spec.to_dict(),
+                       chunk_rows, records, view_code=dict(VIEW_CODE))
     root = open_root(url, "w")
-    create_arrays(root, attrs, SPEC.num_params)
+    create_arrays(root, attrs, spec.num_params)
     root.attrs.update(attrs.to_json_dict())
     cache = LogitCache(root, attrs)
     rng = np.random.default_rng(0)
@@ -229,13 +265,143 @@ def write_random_cache(url: str, manifest_path: str, views: int, seed: int = 0) 
         lo, hi = attrs.chunk_rows_range(chunk)
         raws = [s for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
         for v in range(views):
-            rendered = [render_view(SPEC, seed, v, raw) for raw in raws]
+            rendered = [render_view(spec, seed, v, raw) for raw in raws]
             params = np.stack([r[1] for r in rendered])
             digests = np.asarray([pixel_digest(r[0]) for r in rendered], dtype=np.uint32)
-            logits = torch.from_numpy(rng.normal(size=(hi - lo, 10)).astype(np.float32))
-            top = TopK.from_float(*encode_logits(logits, 10, attrs.temperatures), 10)
-            cache.write_unit(v, chunk, params, {"conv": top, "inv": top}, digests=digests)
+            outputs = {}
+            for name in teachers:
+                logits = torch.from_numpy(rng.normal(size=(hi - lo, num_classes)).astype(np.float32) * 3)
+                outputs[name] = TopK.from_float(*encode_logits(logits, topk, attrs.temperatures), num_classes)
+            cache.write_unit(v, chunk, params, outputs, digests=digests)
     root.attrs["status"] = STATUS_COMPLETE
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 224 px: synthetic JPEG shards, the DeiT recipe, ImageNet's 1000 classes
+
+SPEC224 = ViewSpec(image_size=224, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PAPER_CONV = "regnety_040"        # RegNetY-4GF (timm)
+PAPER_INV = ("rednet26", "rednet101")
+
+
+def make_jpeg_data(folder: str, num_samples: int, shard_size: int = 64, classes: int = 1000, seed: int = 0) -> str:
+    """Synthetic photos (ImageNet-like sizes, 1/f spectrum, JPEG q90: see bench_imagenet) in shards, C = 1000."""
+    import io
+
+    from PIL import Image
+
+    from benchmarks.bench_imagenet import photo_size, synthetic_photo
+    from shared.manifest import Manifest, ShardInfo, file_sha256
+    from shared.shards import ShardWriter
+    os.makedirs(folder, exist_ok=True)
+    with ShardWriter(os.path.join(folder, "j-%04d.tar"), shard_size) as writer:
+        for i in range(num_samples):
+            rng = np.random.default_rng([seed, i])
+            buffer = io.BytesIO()
+            Image.fromarray(synthetic_photo(rng, *photo_size(rng), 1.0)).save(buffer, format="JPEG", quality=90)
+            writer.write({"__key__": f"j{i:07d}", "jpg": buffer.getvalue(), "cls": str(i % classes)})
+    shards = [ShardInfo(os.path.basename(w.path), w.samples, file_sha256(w.path)) for w in writer.written]
+    manifest = Manifest(shards, classes, [f"c{c}" for c in range(classes)], name="jpeg224", channels=3)
+    path = os.path.join(folder, "train.json")
+    manifest.save(path)
+    return path
+
+
+def spec_sets(spec: ViewSpec) -> list[str]:
+    return [f"augment.{k}={json.dumps(v)}" for k, v in spec.to_dict().items()]
+
+
+def paper_teachers(folder: str, inv: str) -> dict[str, str]:
+    """RegNetY-4GF + RedNet-``inv`` checkpoints at 224 px, C = 1000, RGB (random weights: speed does not depend
+    on them)."""
+    from shared import checkpoint, models
+    paths = {}
+    for name, kind, arch in (("conv", "conv", PAPER_CONV), ("inv", "inv", inv)):
+        torch.manual_seed(0)
+        model = models.create_model(arch, num_classes=1000, in_chans=3)
+        path = os.path.join(folder, f"{name}-{arch}.safetensors")
+        checkpoint.save_checkpoint(model, path, {"arch": arch, "kind": kind, "num_classes": 1000, "in_chans": 3,
+                                                 "mean": list(SPEC224.mean), "std": list(SPEC224.std)})
+        paths[name] = path
+    return paths
+
+
+def flops_projection(arch: str, checkpoints: dict[str, str]) -> dict:
+    """Per-image FLOPs (``shared.models.flops``): a student training step ≈ 3× its forward (forward + backward);
+    online KD adds the teachers' forwards; cached KD adds none.  The projected step ratios follow."""
+    from shared import models
+    from shared.checkpoint import load_checkpoint
+    from shared.models.flops import count_flops
+    student = models.create_model(arch, num_classes=1000, in_chans=3)
+    s = count_flops(student, (3, 224, 224))
+    teachers = {name: count_flops(load_checkpoint(path)[0], (3, 224, 224)) for name, path in checkpoints.items()}
+    online = 3 * s + sum(teachers.values())
+    return {"student_forward_gflops": s / 1e9, "teacher_forward_gflops": {k: v / 1e9 for k, v in teachers.items()},
+            "step_gflops": {"none": 3 * s / 1e9, "cached": 3 * s / 1e9, "online": online / 1e9},
+            "projected_none_over_online": online / (3 * s), "projected_cached_over_online": online / (3 * s)}
+
+
+def paper224(folder: str, quick: bool, inv_teachers: tuple[str, ...]) -> dict:
+    """The paper's setting at 224 px: CiT-Ti-sized student (``cit_tiny``), RegNetY-4GF + RedNet teachers, 1000
+    classes, per-step paired student-only / cached KD / online KD (``paired_steps``), FLOPs projection beside."""
+    import warnings
+
+    from trainer.train import prepare
+    n, batch = (6, 2) if quick else (40, 8)
+    manifest = make_jpeg_data(os.path.join(folder, "jpeg224"), n, shard_size=n)
+    cache = os.path.join(folder, "cache224.zarr")
+    write_random_cache(cache, manifest, views=1, spec=SPEC224, num_classes=1000, chunk_rows=n)
+    out = {"samples": n, "batch_size": batch, "student": "cit_tiny", "conv_teacher": PAPER_CONV, "runs": {}}
+    for inv in inv_teachers:
+        checkpoints = paper_teachers(folder, inv)
+        sets = (*spec_sets(SPEC224), "data.verify_shards=false")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = {m: prepare(run_config(manifest, cache if m == "cached" else "", "cit_tiny", m, batch, 0, 1,
+                                              checkpoints, sets)) for m in ("none", "cached", "online")}
+        print(f"  paper224 with {inv}: {n // batch} paired steps per mode ...", flush=True)
+        r = paired_steps(prepared, 1, batch, warmup=1)
+        r["flops"] = flops_projection("cit_tiny", checkpoints)
+        r["goal"] = {"cached_over_online": r["cached_over_online_paired_median"],
+                     "0.95_x_none_over_online": 0.95 * r["none_over_online_paired_median"]}
+        r["goal"]["met"] = r["goal"]["cached_over_online"] >= r["goal"]["0.95_x_none_over_online"]
+        out["runs"][f"{PAPER_CONV}+{inv}"] = r
+        print(f"  {inv}: none {r['none']['step_ms_median']:.0f} ms, cached {r['cached']['step_ms_median']:.0f} ms, "
+              f"online {r['online']['step_ms_median']:.0f} ms; cached/online {r['cached_over_online_paired_median']:.2f}"
+              f" vs student-only/online {r['none_over_online_paired_median']:.2f} (FLOPs projection "
+              f"{r['flops']['projected_cached_over_online']:.2f})", flush=True)
+        del prepared
+    return out
+
+
+def join_part(folder: str, quick: bool) -> dict:
+    """Loader cached ÷ none (images per CPU-second) at 28 px and 224 px, and step cached ÷ none at cit_nano and
+    cit_tiny (28 px), all paired."""
+    import warnings
+
+    from trainer.data import make_loader
+    from trainer.train import prepare
+    n28, n224, batch, passes = (128, 16, 16, 2) if quick else (2048, 192, 32, 4)
+    shard28, shard224 = (64, 8) if quick else (512, 64)           # several pieces per pass; chunks = shards
+    m28 = make_data(os.path.join(folder, "data28"), n28, shard_size=shard28)
+    c28 = os.path.join(folder, "cache28.zarr")
+    write_random_cache(c28, m28, views=1, chunk_rows=shard28)
+    m224 = make_jpeg_data(os.path.join(folder, "jpeg224"), n224, shard_size=shard224)
+    c224 = os.path.join(folder, "cache224.zarr")
+    write_random_cache(c224, m224, views=1, spec=SPEC224, num_classes=1000, chunk_rows=shard224)
+    out = {"loader": {}, "step": {}}
+    for size, manifest, cache, spec in ((28, m28, c28, SPEC), (224, m224, c224, SPEC224)):
+        out["loader"][str(size)] = loader_ratio(manifest, spec, cache, ("conv", "inv"), batch, passes)
+        print(f"  loader {size} px: {json.dumps(out['loader'][str(size)]['images_per_cpu_s'])} images/CPU-s, cached"
+              f"/none {out['loader'][str(size)]['cached_over_none']:.3f}", flush=True)
+    for arch in ("cit_nano",) if quick else ("cit_nano", "cit_tiny"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ps = {m: prepare(run_config(m28, c28, arch, m, batch, 0, 1, {})) for m in ("none", "cached")}
+        one = next(iter(make_loader(ps["cached"].train_set, batch, 0, pin_memory=False)))
+        out["step"][arch] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=5 if quick else 30)
+        print(f"  step {arch}: cached/none {out['step'][arch]['step_cached_over_none']:.3f}", flush=True)
+    return out
 
 
 MEMORY_STUDENT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}   # the data path is measured
@@ -301,6 +467,11 @@ def main() -> None:
                         help="measure only the memory curves (train, build or both) and update them in an existing "
                              "--out JSON")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("all", "join", "paper224"), default="all",
+                        help="all: throughput, components and memory; join: loader cached/none at 28 and 224 px and "
+                             "step cached/none; paper224: the paper's 224 px setting (RegNetY-4GF + RedNet teachers)")
+    parser.add_argument("--inv", default="rednet26", help="paper224: RedNet teachers, comma-separated "
+                        "(rednet26,rednet101)")
     args = parser.parse_args()
     if args.memory_child:
         stage, manifest, cache, workers = args.memory_child
@@ -316,6 +487,9 @@ def main() -> None:
                 result[key] = memory_curve(folder, sizes, args.workers, stage=stage)
         atomic_write_text(args.out, json.dumps(result, indent=1))
         print(f"updated the memory curves in {args.out}")
+        return
+    if args.part != "all":
+        part_main(args)
         return
     quick = args.quick
     n, rounds, batch = (64, 1, 16) if quick else (512, 2, 32)
@@ -355,6 +529,33 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     atomic_write_text(args.out, json.dumps(result, indent=1))
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+
+
+def part_main(args) -> None:
+    """``--part join`` / ``--part paper224``: one part, written to ``--out`` (default ``results/train_<part>.json``)."""
+    out_path = args.out if args.out != os.path.join(REPO, "benchmarks/results/train.json") else \
+        os.path.join(REPO, f"benchmarks/results/train_{args.part}{'_quick' if args.quick else ''}.json")
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
+              "settings": {"quick": args.quick, "part": args.part, "threads": torch.get_num_threads(),
+                           "command": " ".join([os.path.basename(sys.executable), *sys.argv])}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        if args.part == "join":
+            result["join"] = join_part(folder, args.quick)
+        else:
+            invs = tuple(x for x in args.inv.split(",") if x)
+            unknown = [x for x in invs if x not in PAPER_INV]
+            if unknown:
+                print(f"bench_train.py: --inv {','.join(unknown)} is not one of {', '.join(PAPER_INV)}",
+                      file=sys.stderr)
+                sys.exit(2)
+            result["paper224"] = paper224(folder, args.quick, invs)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["seconds"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    atomic_write_text(out_path, json.dumps(result, indent=1))
+    print(f"wrote {out_path} ({result['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

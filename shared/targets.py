@@ -32,17 +32,18 @@ TAIL_MODES = ("uniform", "renormalize")
 
 def encode_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] | list[float]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full logits (B, C) -> (top-k log-probs (B, K) sorted descending, their classes (B, K), tail log-mass at each
-    temperature (B, S)); fp32, on the logits' device, no host sync.  With K = C the tail log-mass is −inf."""
+    """Full logits (..., C) -> (top-k log-probs (..., K) sorted descending, their classes (..., K), tail log-mass at
+    each temperature (..., S)); fp32, on the logits' device, no host sync.  With K = C the tail log-mass is −inf.
+    Leading dimensions (rows, or teachers × rows) are batched over."""
     z = logits.float()
-    values, indices = torch.topk(z, k, dim=1, largest=True, sorted=True)
-    logp = values - torch.logsumexp(z, dim=1, keepdim=True)
+    values, indices = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+    logp = values - torch.logsumexp(z, dim=-1, keepdim=True)
     tails = []
     for tau in temperatures:
         zt = z / tau
-        rest = zt.scatter(1, indices, -math.inf)               # the non-top-k logits only
-        tails.append(torch.logsumexp(rest, dim=1) - torch.logsumexp(zt, dim=1))
-    tail = torch.stack(tails, dim=1).clamp_max(0.0)            # fp32 rounding may leave +1e-7
+        rest = zt.scatter(-1, indices, -math.inf)              # the non-top-k logits only
+        tails.append(torch.logsumexp(rest, dim=-1) - torch.logsumexp(zt, dim=-1))
+    tail = torch.stack(tails, dim=-1).clamp_max(0.0)           # fp32 rounding may leave +1e-7
     return logp, indices, tail
 
 
@@ -52,32 +53,34 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def target_log_probs(logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, tau: float, num_classes: int,
+def target_log_probs(logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, tau, num_classes: int,
                      topk: int = 0, mode: str = "uniform") -> torch.Tensor:
-    """Dense (B, C) fp32 log-probabilities of the teacher at temperature ``tau``.
+    """Dense (..., C) fp32 log-probabilities of the teacher at temperature ``tau``.
 
-    ``logp``/``indices``: (B, K) top-k log-probabilities (at τ = 1, sorted descending) and classes; ``tail``: (B,)
-    tail log-mass at ``tau`` (exact when cached at ``tau``).  ``topk = k < K`` keeps the first k classes and adds
-    the dropped classes' mass to the tail (exact too).  ``mode = "renormalize"`` drops the tail instead and
-    renormalises the top-k (biased; for comparison)."""
+    ``logp``/``indices``: (..., K) top-k log-probabilities (at τ = 1, sorted descending) and classes; ``tail``:
+    (...,) tail log-mass at ``tau`` (exact when cached at ``tau``).  Leading dimensions are batched over: (B, K)
+    for one teacher, (T, B, K) for all teachers of a step at once, then ``tau`` may be a tensor broadcasting to
+    (T, 1, 1) (one temperature per teacher).  ``topk = k < K`` keeps the first k classes and adds the dropped
+    classes' mass to the tail (exact too).  ``mode = "renormalize"`` drops the tail instead and renormalises the
+    top-k (biased; for comparison)."""
     if mode not in TAIL_MODES:
         raise ValueError(f"tail mode must be one of {TAIL_MODES}, got {mode!r}")
-    b, kk = logp.shape
+    *lead, kk = logp.shape
     k = min(topk or kk, kk)
     scaled = logp.float() / tau
     if mode == "renormalize":
-        scaled = scaled[:, :k]
-        top = scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
-        fill = torch.full((b, 1), -math.inf, device=logp.device)
+        scaled = scaled[..., :k]
+        top = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        fill = torch.full((*lead, 1), -math.inf, device=logp.device)
     else:
-        tail = tail.float().view(b, 1)
-        top = log1mexp(tail) + scaled - torch.logsumexp(scaled, dim=1, keepdim=True)
+        tail = tail.float().unsqueeze(-1)
+        top = log1mexp(tail) + scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
         if k < kk:                                            # the dropped classes join the tail
-            tail = torch.logaddexp(tail, torch.logsumexp(top[:, k:], dim=1, keepdim=True))
-            top = top[:, :k]
+            tail = torch.logaddexp(tail, torch.logsumexp(top[..., k:], dim=-1, keepdim=True))
+            top = top[..., :k]
         fill = tail - math.log(num_classes - k) if k < num_classes else torch.full_like(tail, -math.inf)
-    dense = fill.expand(b, num_classes).clone()
-    return dense.scatter_(1, indices[:, :k].long(), top)
+    dense = fill.expand(*lead, num_classes).clone()
+    return dense.scatter_(-1, indices[..., :k].long(), top)
 
 
 def nearest_temperature(tau: float, temperatures) -> int:
@@ -90,8 +93,8 @@ def uncached_estimate(logp: torch.Tensor, indices: torch.Tensor, tails: torch.Te
     """The approximation for a τ that was not cached: the nearest cached τ0's target (flat tail) tempered by
     τ0/τ.  Top-k relative weights stay exact; the tail mass is off (a flat tail overstates it for τ > τ0)."""
     s = nearest_temperature(tau, temperatures)
-    base = target_log_probs(logp, indices, tails[:, s], temperatures[s], num_classes, topk)
-    return torch.log_softmax(base * (temperatures[s] / tau), dim=1)
+    base = target_log_probs(logp, indices, tails[..., s], temperatures[s], num_classes, topk)
+    return torch.log_softmax(base * (temperatures[s] / tau), dim=-1)
 
 
 def online_log_probs(logits: torch.Tensor, k: int, tau: float, num_classes: int, mode: str = "uniform"
@@ -99,4 +102,4 @@ def online_log_probs(logits: torch.Tensor, k: int, tau: float, num_classes: int,
     """The same target model from live full logits (``k = 0``: every class, i.e. the exact tempered softmax)."""
     k = k if 0 < k < num_classes else num_classes
     logp, indices, tail = encode_logits(logits, k, (tau,))
-    return target_log_probs(logp, indices, tail[:, 0], tau, num_classes, k, mode)
+    return target_log_probs(logp, indices, tail[..., 0], tau, num_classes, k, mode)

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from cache_builder.build import build_cache
 from shared.augment import ViewSpec
@@ -17,7 +16,7 @@ from shared.views import render_mixed
 from shared.reader import pieces_for_rows, read_piece
 from tests.shard_fixtures import make_shards
 from trainer import train as train_mod
-from trainer.data import TrainViews, collate
+from trainer.data import Batch, TrainViews, make_loader
 from shared.targets import encode_logits
 from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo, mix_log_probs
 
@@ -60,18 +59,20 @@ def test_trainer_mixed_views_equal_builder_views(exact, world, workers):
             ds = TrainViews(manifest, SPEC, SEED, VIEWS, seed=7, cache_url=exact["cache"], teachers=("conv",),
                             verify=True, rank=rank, world=world)
             ds.set_epoch(epoch)
-            for s in DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda s: s):
-                assert s.row not in seen
-                seen[s.row] = s
+            for batch in make_loader(ds, 8, workers, pin_memory=False):
+                for j, row in enumerate(batch.rows.tolist()):
+                    assert row not in seen
+                    lam = float(batch.lam[j]) if batch.lam is not None else 1.0
+                    seen[row] = (batch.views[j], lam)
         assert sorted(seen) == list(range(N))
         params = cache.read_params(epoch, 0, N)
         mixed = 0
-        for row, s in seen.items():
-            assert torch.equal(s.view, reference[row][0]), row
+        for row, (view, lam) in seen.items():
+            assert torch.equal(view, reference[row][0]), row
             np.testing.assert_array_equal(params[row], reference[row][1])
             mix = MixParams.decode(params[row][-MixParams.SIZE:])
             mixed += mix.kind != 0
-            assert s.lam == mix.lam and (s.partner_label >= 0) == (mix.kind != 0)
+            assert lam == np.float32(mix.lam) and (mix.kind != 0 or lam == 1.0)
         assert mixed > N // 2
 
 
@@ -82,7 +83,7 @@ def test_cached_logits_are_the_teachers_on_the_mixed_view(exact):
     cache = LogitCache.open(exact["cache"])
     ds = TrainViews(exact["manifest"], SPEC, SEED, VIEWS, cache_url=exact["cache"], teachers=("inv",), rank=0, world=1)
     ds.set_epoch(1)
-    batch = collate(list(ds))
+    batch = Batch.cat(list(ds))
     with torch.inference_mode():
         logits = model.eval()(to_model_input(batch.views, meta.mean, meta.std)).float()
     log_p = torch.log_softmax(logits.double(), 1)
@@ -152,7 +153,7 @@ def test_approx_mode_trains_from_an_unmixed_cache(exact, tmp_path):
             "student.options.stem_width=32"]
     cfg = train_mod.load_run_config(None, sets)
     p = train_mod.prepare(cfg)
-    batch = p.train_set.collate_fn(list(iter(p.train_set))[:16])
+    batch = next(iter(make_loader(p.train_set, 16, 0, pin_memory=False)))
     assert batch.partner_index is not None and batch.lam is not None
     result = train_mod.train(cfg, str(tmp_path / "approx"))
     assert np.isfinite(result.history[-1]["train_loss"])

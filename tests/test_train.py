@@ -153,7 +153,7 @@ from shared.models import create_model                                    # noqa
 from tests.shard_fixtures import make_shards                              # noqa: E402
 from tests.train_fixtures import build_cache                              # noqa: E402
 from trainer import train as train_mod                                    # noqa: E402
-from trainer.data import DataError, collate                               # noqa: E402
+from trainer.data import Batch, DataError, collate, make_loader                               # noqa: E402
 from trainer.engine import CheckpointError                                # noqa: E402
 
 SPEC = ViewSpec(image_size=28, ra_magnitude_std=0.0)   # fixed magnitude: any fixed spec works, it must match
@@ -204,15 +204,15 @@ def test_join_reads_one_block_per_piece_and_matches_the_cache(data):
     for epoch in (0, 4):                      # view 0, then view 4 mod 3 = 1
         ds.set_epoch(epoch)
         ds.reads = 0
-        samples = list(ds)
-        assert sorted(s.row for s in samples) == list(range(N))
+        batch = Batch.cat(list(ds))
+        assert sorted(batch.rows.tolist()) == list(range(N))
         pieces = len(ds.stream.pieces())
-        assert ds.reads == pieces * 4         # params, digests + two teachers, once per piece
-        for s in samples[:10]:
-            top = cache.read_topk("conv_b", epoch % VIEWS, s.row, s.row + 1)
-            np.testing.assert_array_equal(s.topk[1].logp, top.logp[0])
-            np.testing.assert_array_equal(s.topk[1].tail, top.tail[0])
-            np.testing.assert_array_equal(s.topk[1].indices, top.indices[0])
+        assert ds.reads == pieces * 8         # params, digests + two teachers' three arrays, once per piece
+        for j, row in enumerate(batch.rows[:10].tolist()):
+            top = cache.read_topk("conv_b", epoch % VIEWS, row, row + 1)
+            np.testing.assert_array_equal(batch.topk_logp[1, j].numpy(), top.logp[0])
+            np.testing.assert_array_equal(batch.topk_tail[1, j].numpy(), top.tail[0])
+            np.testing.assert_array_equal(batch.topk_indices[1, j].numpy(), top.indices[0])
 
 
 def test_replay_drift_is_detected(data, monkeypatch):
@@ -266,7 +266,7 @@ def test_cached_mode_never_runs_a_teacher(data, tmp_path, monkeypatch):
 def test_ablation_variants_from_one_command_line(data, variant, sets, heads, parts):
     p = train_mod.prepare(config(data, *sets, epochs=1))
     assert set(p.student.heads) == heads, variant
-    batch = next(iter(torch.utils.data.DataLoader(p.train_set, batch_size=8, collate_fn=collate)))
+    batch = next(iter(make_loader(p.train_set, 8, 0, pin_memory=False)))
     p.student.train()
     loss, got = p.loss_fn(p.student, batch)
     assert {k for k in got if k not in ("loss", "acc")} == parts, variant

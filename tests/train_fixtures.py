@@ -10,7 +10,7 @@ from shared.cache_schema import STATUS_COMPLETE, CacheAttrs, LogitCache, Teacher
 from shared.manifest import Manifest
 from shared.reader import pieces_for_rows, read_piece
 from shared.targets import encode_logits
-from shared.views import VIEW_CODE, pixel_digest, render_view
+from shared.views import VIEW_CODE, LoadedRows, make_renderer, pixel_digest
 
 
 def teacher_outputs(model: torch.nn.Module, views: torch.Tensor, mean, std) -> torch.Tensor:
@@ -32,11 +32,13 @@ def build_cache(url: str, manifest: Manifest, spec: ViewSpec, seed: int, views: 
                        spec.to_dict(), chunk_rows, records, temperatures=list(temperatures),
                        view_code=dict(VIEW_CODE))
     cache = LogitCache.create(url, attrs, spec.num_params)
+    renderer = make_renderer(spec, seed, manifest)
     for v in range(views):
         for chunk in range(attrs.num_chunks):
             lo, hi = attrs.chunk_rows_range(chunk)
-            samples = [s for p in pieces_for_rows(manifest, lo, hi) for s in read_piece(manifest, p)]
-            rendered = [render_view(spec, seed, v, s) for s in samples]
+            a, z = renderer.rows_to_load(lo, hi)      # exact mixing: plus the partners' pairing windows
+            rows = LoadedRows([s for p in pieces_for_rows(manifest, a, z) for s in read_piece(manifest, p)])
+            rendered = [(r.pixels, r.params) for r in (renderer.render(v, rows, row) for row in range(lo, hi))]
             images = torch.stack([r[0] for r in rendered])
             params = np.stack([r[1] for r in rendered])
             outputs = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from shared.augment import ViewSpec
 from shared.errors import CitUserError
-from shared.cache_schema import CacheAttrs, CacheError, LogitCache, TopK
+from shared.cache_schema import TEACHER_ARRAYS, CacheAttrs, CacheError, LogitCache
 from shared.manifest import Manifest
-from shared.reader import Piece, ShardStream, read_piece, seed_worker
-from shared.views import VIEW_CODE, LoadedRows, make_renderer, render_eval, view_mismatch
+from shared.reader import Piece, RawSample, ShardStream, read_piece, seed_worker
+from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, pixel_digest, render_eval, \
+    view_mismatch
 
 
 @dataclass
@@ -116,12 +117,10 @@ def check_views(epochs: int, views: int, allow_repeat: bool) -> None:
 
 @dataclass
 class Sample:
+    """One evaluation sample (the training path builds whole batches instead: ``TrainViews``)."""
     view: torch.Tensor                   # uint8 (C, H, W)
     label: int
     row: int
-    topk: list[TopK] = field(default_factory=list)   # one per teacher: logp (K,), indices (K,), tail (S,)
-    partner_label: int = -1              # exact mixup/cutmix: the partner's label (-1: not mixed)
-    lam: float = 1.0                     # exact mixup/cutmix: weight of the sample's own view
 
 
 @dataclass
@@ -156,22 +155,29 @@ class Batch:
             return {}
         return {name: (self.topk_logp[i], self.topk_indices[i], self.topk_tail[i]) for i, name in enumerate(teachers)}
 
+    @classmethod
+    def cat(cls, batches: list["Batch"]) -> "Batch":
+        """Batches joined end to end (tests and tools that want a whole epoch as one batch)."""
+        def join(tensors, dim):
+            return None if tensors[0] is None else torch.cat(tensors, dim=dim)
+        fields = list(zip(*(b._tensors() for b in batches)))
+        dims = (0, 0, 0, 1, 1, 1, 0, 0, 0)
+        if batches[0].partner_index is not None:    # positions are per batch: shift them
+            offsets = np.cumsum([0] + [len(b) for b in batches[:-1]])
+            fields[8] = tuple(b.partner_index + int(o) for b, o in zip(batches, offsets))
+        return cls(*(join(list(f), d) for f, d in zip(fields, dims)))
+
 
 def collate(samples: list[Sample]) -> Batch:
     views = torch.stack([s.view for s in samples])
     labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
     rows = torch.tensor([s.row for s in samples], dtype=torch.int64)
-    batch = Batch(views, labels, rows, *_collate_topk(samples))
-    if any(s.partner_label >= 0 for s in samples):      # exact mode: mixing happened when the view was made
-        batch.partner_labels = torch.tensor([s.partner_label if s.partner_label >= 0 else s.label
-                                             for s in samples], dtype=torch.int64)
-        batch.lam = torch.tensor([s.lam for s in samples], dtype=torch.float32)
-    return batch
+    return Batch(views, labels, rows)
 
 
 @dataclass
-class ApproxMixCollate:
-    """``augment.mix = approx``: collate, then mix the batch with itself reversed (timm's Mixup), in the loader.
+class ApproxMix:
+    """``augment.mix = approx``: mix the batch with itself reversed (timm's Mixup), in the loader.
 
     The mixed views are rounded back to uint8 (they stay small through pinning and transfer, and online teachers
     see exactly the student's pixels); the cached teacher distributions are mixed with the same λ in the loss
@@ -180,9 +186,8 @@ class ApproxMixCollate:
     spec: ViewSpec
     seed: int
 
-    def __call__(self, samples: list[Sample]) -> Batch:
+    def __call__(self, batch: Batch) -> Batch:
         from shared.mixing import batch_mix
-        batch = collate(samples)
         rng = np.random.default_rng([self.seed, *batch.rows[:2].tolist(), 0x313])
         mixed, lam, partner = batch_mix(batch.views.float(), rng, self.spec)
         batch.views = mixed.round_().clamp_(0, 255).to(torch.uint8)
@@ -192,43 +197,158 @@ class ApproxMixCollate:
         return batch
 
 
-def _collate_topk(samples: list[Sample]) -> tuple:
-    if not samples[0].topk:
-        return ()
-    teachers = range(len(samples[0].topk))
-    logp = np.stack([np.stack([s.topk[t].logp for s in samples]) for t in teachers])
-    indices = np.stack([np.stack([s.topk[t].indices for s in samples]) for t in teachers])
-    tail = np.stack([np.stack([s.topk[t].tail for s in samples]) for t in teachers])
-    if indices.dtype == np.uint16 or indices.dtype == np.uint32:   # torch lacks some unsigned types
+# -----------------------------------------------------------------------------------------------------------------
+# The join: one indexed read per batch from the piece's block
+
+@dataclass
+class Block:
+    """One piece's rows for the current view, as read from the cache: params records and pixel digests (when
+    verifying) and every teacher's top-k stacked over teachers, so a batch's rows are one fancy index away."""
+    piece: Piece
+    params: np.ndarray | None     # float32 (n, P)
+    digests: np.ndarray | None    # uint32 (n,)
+    logp: np.ndarray | None       # float16 (T, n, K)
+    indices: np.ndarray | None    # int (T, n, K)
+    tail: np.ndarray | None       # float16 (T, n, S)
+
+
+@dataclass
+class Rendered:
+    """The stream's item: a raw sample, the piece it came from and its replayed view."""
+    raw: RawSample
+    piece: Piece
+    view: RenderedView
+
+
+def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], verify: bool) -> Block:
+    """The whole piece's rows of every array the join needs, in one concurrent read (one Zarr call per array)."""
+    paths = (["params", "digest"] if verify else []) + [f"{t}/{a}" for t in teachers for a in TEACHER_ARRAYS]
+    arrays = cache.read_rows(paths, view, piece.lo, piece.hi)
+    params, digests = (arrays[0], arrays[1]) if verify else (None, None)
+    tops = arrays[2 if verify else 0:]
+    if not teachers:
+        return Block(piece, params, digests, None, None, None)
+    indices = np.stack(tops[1::3])
+    if indices.dtype in (np.uint16, np.uint32):    # torch lacks some unsigned types
         indices = indices.astype(np.int64)
-    return torch.from_numpy(logp), torch.from_numpy(indices), torch.from_numpy(tail)
+    return Block(piece, params, digests, np.stack(tops[0::3]), indices, np.stack(tops[2::3]))
+
+
+def check_views_match(view: int, items: list[Rendered], params: np.ndarray, digests: np.ndarray) -> None:
+    """The batch's replayed params records and pixel digests against the cached ones: one array comparison each
+    (bit for bit), plus one crc32 per view; the first mismatching row is explained by ``view_mismatch``."""
+    replayed = np.stack([it.view.params for it in items]).astype(np.float32, copy=False)
+    got = np.fromiter((pixel_digest(it.view.array) for it in items), dtype=np.uint32, count=len(items))
+    cached = np.ascontiguousarray(params, dtype=np.float32)
+    bad_params = (replayed.view(np.uint32) != cached.view(np.uint32)).any(axis=1) \
+        if replayed.shape == cached.shape else np.ones(len(items), bool)
+    bad = np.flatnonzero(bad_params | (got != np.asarray(digests, np.uint32)))
+    if bad.size:
+        i = int(bad[0])
+        problem = view_mismatch(view, items[i].raw, items[i].view, params[i], int(digests[i]))
+        raise DataError(problem or f"view {view} of row {items[i].raw.row} does not match the cache")
+
+
+def _runs(items: list[Rendered]) -> Iterator[tuple[Piece, int, int]]:
+    """(piece, start, stop) of the batch's consecutive items from one piece (a batch spans at most a few)."""
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i].piece != items[start].piece:
+            yield items[start].piece, start, i
+            start = i
+
+
+class CacheJoin:
+    """The batch's cached fields, gathered per piece block with one indexed read per array, checked against the
+    replayed views when ``verify``.  Holds the current piece's block (a piece's rows arrive together)."""
+
+    def __init__(self, open_cache, teachers: list[str], verify: bool):
+        self.open_cache, self.teachers, self.verify = open_cache, teachers, verify
+        self.block: Block | None = None
+        self.block_view = -1
+        self.reads = 0          # Zarr block reads (tests assert one per piece and array)
+
+    def _block(self, view: int, piece: Piece) -> Block:
+        if self.block is None or self.block.piece != piece or self.block_view != view:
+            self.block, self.block_view = read_block(self.open_cache(), view, piece, self.teachers, self.verify), view
+            self.reads += 3 * len(self.teachers) + 2 * self.verify
+        return self.block
+
+    def __call__(self, view: int, items: list[Rendered], batch: Batch) -> Batch:
+        parts = []
+        for piece, a, b in _runs(items):
+            block = self._block(view, piece)
+            idx = np.fromiter((it.raw.row - piece.lo for it in items[a:b]), dtype=np.int64, count=b - a)
+            if self.verify:
+                check_views_match(view, items[a:b], block.params[idx], block.digests[idx])
+            if self.teachers:
+                parts.append((block.logp[:, idx], block.indices[:, idx], block.tail[:, idx]))
+        if parts:
+            logp, indices, tail = (p[0] if len(parts) == 1 else np.concatenate(p, axis=1) for p in zip(*parts))
+            batch.topk_logp, batch.topk_indices, batch.topk_tail = (torch.from_numpy(x) for x in (logp, indices, tail))
+        return batch
+
+
+def assemble(items: list[Rendered]) -> Batch:
+    """Views copied once into the batch's uint8 buffer; labels, rows and the exact-mixing fields as arrays."""
+    first = items[0].view.array
+    views = np.empty((len(items), *first.shape), dtype=np.uint8)
+    for j, it in enumerate(items):
+        views[j] = it.view.array
+    labels = np.fromiter((it.raw.label for it in items), dtype=np.int64, count=len(items))
+    rows = np.fromiter((it.raw.row for it in items), dtype=np.int64, count=len(items))
+    batch = Batch(torch.from_numpy(views), torch.from_numpy(labels), torch.from_numpy(rows))
+    if any(it.view.partner_label >= 0 for it in items):      # exact mode: mixing happened when the view was made
+        partner = np.fromiter((it.view.partner_label if it.view.partner_label >= 0 else it.raw.label
+                               for it in items), dtype=np.int64, count=len(items))
+        batch.partner_labels = torch.from_numpy(partner)
+        batch.lam = torch.from_numpy(np.fromiter((it.view.lam for it in items), dtype=np.float32, count=len(items)))
+    return batch
+
+
+def grouped(items: Iterator, size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items; the last one may be shorter."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Datasets
 
-@dataclass
-class _Block:
-    """One piece's rows for the current view: params records, pixel digests and each teacher's top-k."""
-    piece: Piece
-    params: np.ndarray | None
-    digests: np.ndarray | None
-    topk: list[TopK]
-
-
 class TrainViews(IterableDataset):
-    """This rank's (and DataLoader worker's) samples of one epoch: replayed view + label + cached top-k."""
+    """This rank's (and DataLoader worker's) batches of one epoch: replayed views + labels + cached top-k.
+
+    The stages: shard stream -> render (``_rendered``) -> group into batches -> assemble -> cache join ->
+    approx mixing.  Iterating yields ``Batch`` es of ``batch_size`` rows (each worker ends with its own partial
+    batch); ``make_loader`` sets ``batch_size`` to the loader's."""
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, view_seed: int, views: int, *, seed: int = 0,
                  shuffle: bool = True, cache_url: str = "", teachers: tuple[str, ...] = (), verify: bool = True,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None, batch_size: int = 64):
         self.stream = ShardStream(manifest, seed=seed, shuffle=shuffle, rank=rank, world=world)
         self.spec, self.view_seed, self.views = spec, view_seed, views
         self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
+        self.batch_size = batch_size
         self._cache: LogitCache | None = None
-        self.collate_fn = ApproxMixCollate(spec, view_seed) if spec.mix == "approx" else collate
+        self.mix = ApproxMix(spec, view_seed) if spec.mix == "approx" else None
         self.renderer = make_renderer(spec, view_seed, manifest)
-        self.reads = 0          # Zarr block reads by this process (tests assert one per piece and array)
+        self.join = CacheJoin(self.cache, self.teachers, self.verify) \
+            if cache_url and (self.teachers or self.verify) else None
+
+    @property
+    def reads(self) -> int:
+        return self.join.reads if self.join else 0
+
+    @reads.setter
+    def reads(self, value: int) -> None:
+        if self.join:
+            self.join.reads = value
 
     @property
     def epoch(self) -> int:
@@ -251,16 +371,8 @@ class TrainViews(IterableDataset):
         state["_cache"] = None    # every worker opens its own handle
         return state
 
-    def _fetch(self, piece: Piece) -> _Block:
-        cache = self.cache()
-        params = cache.read_params(self.view, piece.lo, piece.hi) if self.verify else None
-        digests = cache.read_digests(self.view, piece.lo, piece.hi) if self.verify else None
-        topk = [cache.read_topk(name, self.view, piece.lo, piece.hi) for name in self.teachers]
-        self.reads += len(topk) + 2 * (params is not None)
-        return _Block(piece, params, digests, topk)
-
-    def _rendered(self) -> Iterator[tuple]:
-        """(raw sample, its piece, rendered view) in this consumer's epoch order."""
+    def _rendered(self) -> Iterator[Rendered]:
+        """Every sample of this consumer's epoch, rendered, in epoch order."""
         manifest = self.stream.manifest
         for piece in self.stream.pieces():
             # with exact mixing: plus the pairing windows around the piece (windows never cross shards)
@@ -269,24 +381,17 @@ class TrainViews(IterableDataset):
             rows = LoadedRows(samples)
             own = [s for s in samples if piece.lo <= s.row < piece.hi]
             for raw in self.stream.permute(own, piece):
-                yield raw, piece, self.renderer.render(self.view, rows, raw.row)
+                yield Rendered(raw, piece, self.renderer.render(self.view, rows, raw.row))
 
-    def __iter__(self) -> Iterator[Sample]:
-        block: _Block | None = None
-        join = bool(self.cache_url) and (bool(self.teachers) or self.verify)
-        for raw, piece, rendered in self._rendered():
-            topk = []
-            if join:
-                if block is None or block.piece != piece:
-                    block = self._fetch(piece)
-                i = raw.row - piece.lo
-                if block.params is not None:
-                    problem = view_mismatch(self.view, raw, rendered, block.params[i], block.digests[i])
-                    if problem:
-                        raise DataError(problem)
-                topk = [TopK(t.logp[i], t.indices[i], t.tail[i]) for t in block.topk]
-            yield Sample(rendered.pixels, raw.label, raw.row, topk, rendered.partner_label, rendered.lam)
-
+    def __iter__(self) -> Iterator[Batch]:
+        view = self.view
+        for items in grouped(self._rendered(), self.batch_size):
+            batch = assemble(items)
+            if self.join is not None:
+                batch = self.join(view, items, batch)
+            if self.mix is not None:
+                batch = self.mix(batch)
+            yield batch
     def num_batches(self, batch_size: int, num_workers: int, rank: int | None = None) -> int:
         """Batches rank ``rank``'s DataLoader yields per epoch (each worker ends with its own partial batch)."""
         consumers = max(num_workers, 1)
@@ -316,9 +421,17 @@ class EvalViews(IterableDataset):
 
 
 def make_loader(dataset: IterableDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Workers are not persistent: each epoch's iterator picks up the dataset's new epoch.  A dataset may bring
-    its own ``collate_fn`` (approx mixing does)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      collate_fn=getattr(dataset, "collate_fn", collate),
+    """Workers are not persistent: each epoch's iterator picks up the dataset's new epoch.  ``TrainViews`` builds
+    whole batches itself (the cache join is per batch), so its loader only moves them; other datasets yield
+    samples that ``collate`` stacks."""
+    batched = isinstance(dataset, TrainViews)
+    if batched:
+        dataset.batch_size = batch_size
+    return DataLoader(dataset, batch_size=None if batched else batch_size, num_workers=num_workers,
+                      collate_fn=_as_is if batched else collate,
                       pin_memory=pin_memory, worker_init_fn=seed_worker if num_workers else None,
                       prefetch_factor=4 if num_workers else None)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch

@@ -77,10 +77,21 @@ class MixInfo:
 def mix_log_probs(log_q: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor) -> torch.Tensor:
     """``approx`` mode: log(λ·q_a + (1−λ)·q_b) of two views' teacher distributions *at the KD temperature* (what
     FKD/ReLabel do, tempered first; an approximation of what the teacher would say about the mixed image)."""
-    lam = lam.view(-1, 1).float()
+    lam = lam.view(-1, 1).float()                                          # (B, 1): broadcasts over teachers too
     own = log_q.float() + torch.log(lam)                                   # log 0 = -inf: logaddexp drops it
-    other = log_q.float()[partner] + torch.log1p(-lam)
+    other = log_q.float().index_select(-2, partner) + torch.log1p(-lam)    # (..., B, C): rows of the partners
     return torch.logaddexp(own, other)
+
+
+def kd_kl_stacked(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau) -> torch.Tensor:
+    """``kd_kl`` of T terms at once: (T, B, C) student logits and teacher log-probabilities, ``tau`` a float or a
+    (T, 1, 1) tensor; returns the (T,) per-term τ²·KL (one log_softmax of all student heads, no host sync)."""
+    log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_log_probs.float(), dim=-1)
+    p_t = log_p_t.exp()
+    kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s
+    tau2 = tau * tau if isinstance(tau, float) else (tau * tau).view(-1)
+    return kl.sum(dim=(1, 2)) / student_logits.shape[1] * tau2
 
 
 @dataclass
@@ -110,6 +121,7 @@ class CiTLoss(torch.nn.Module):
         self.cfg, self.terms, self.num_classes = cfg, terms, num_classes
         self.temperatures = list(temperatures) if temperatures is not None else None
         self.online_topk = cfg.topk or cache_topk
+        self._on_device: dict = {}
         for term in terms:
             self._warn_if_not_cached(term)
 
@@ -144,6 +156,76 @@ class CiTLoss(torch.nn.Module):
             return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, k, mode)
         return target_model.uncached_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
 
+    def _constants(self, device: torch.device) -> tuple:
+        """Per-term temperatures (T, 1, 1) and weights (T,) on ``device``, copied there once (not every step)."""
+        if device not in self._on_device:
+            taus = [t.tau for t in self.terms]
+            tau = taus[0] if len(set(taus)) == 1 else torch.tensor(taus, device=device).view(-1, 1, 1)
+            self._on_device[device] = (tau, torch.tensor([t.weight for t in self.terms], device=device))
+        return self._on_device[device]
+
+    def _keys(self) -> list[tuple[str, float]]:
+        """The distinct (teacher, τ) targets of the terms, in term order."""
+        keys = []
+        for term in self.terms:
+            if (term.teacher, term.tau) not in keys:
+                keys.append((term.teacher, term.tau))
+        return keys
+
+    def _stacked_cached(self, targets: dict, keys: list, device) -> torch.Tensor | None:
+        """(U, B, C) targets of all keys from cached triples in one ``target_log_probs`` (one scatter), or None
+        when one τ is not cached (the approximate path then goes per target)."""
+        slots = [self._cached_slot(tau) for _, tau in keys]
+        mode = self.cfg.tail
+        if mode != "renormalize" and any(s is None for s in slots):
+            return None
+        slots = [s or 0 for s in slots]
+        logp = torch.stack([targets[name][0] for name, _ in keys])
+        indices = torch.stack([targets[name][1] for name, _ in keys])
+        tail = torch.stack([targets[name][2][:, s] for (name, _), s in zip(keys, slots)])
+        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
+                                             self.cfg.topk, mode)
+
+    def _stacked_online(self, targets: dict, keys: list, device) -> torch.Tensor:
+        """(U, B, C) targets of all keys from live full logits: one top-k + tail encoding, one scatter."""
+        k = self.online_topk if 0 < self.online_topk < self.num_classes else self.num_classes
+        taus = sorted({tau for _, tau in keys})
+        logp, indices, tails = target_model.encode_logits(torch.stack([targets[name] for name, _ in keys]), k, taus)
+        if len(taus) == 1:
+            tail = tails[..., 0]
+        else:
+            tail = torch.stack([tails[u, :, taus.index(tau)] for u, (_, tau) in enumerate(keys)])
+        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
+                                             k, self.cfg.tail)
+
+    def _key_tau(self, keys: list, device):
+        taus = [tau for _, tau in keys]
+        if len(set(taus)) == 1:
+            return taus[0]
+        cached = self._on_device.get(("keys", device))
+        if cached is None:
+            cached = self._on_device[("keys", device)] = torch.tensor(taus, device=device).view(-1, 1, 1)
+        return cached
+
+    def targets(self, targets: dict, mix: "MixInfo | None" = None) -> torch.Tensor:
+        """(terms, B, C) teacher log-probabilities of every KD term, built for all teachers at once (one target
+        build, one scatter); ``approx`` mixing mixes them in the same pass."""
+        keys = self._keys()
+        first = targets[keys[0][0]]
+        device = (first if isinstance(first, torch.Tensor) else first[0]).device
+        if isinstance(first, torch.Tensor):
+            log_q = self._stacked_online(targets, keys, device)
+        else:
+            if self.temperatures is None:
+                raise ValueError("cached targets need the cache's temperatures (CiTLoss(..., temperatures=...))")
+            log_q = self._stacked_cached(targets, keys, device)
+            if log_q is None:    # a τ that is not cached: the per-target approximation (warned about at start)
+                log_q = torch.stack([self.teacher_log_probs(targets[name], tau) for name, tau in keys])
+        if mix is not None and mix.partner_index is not None:     # approx: temper, then mix
+            log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
+        order = [keys.index((t.teacher, t.tau)) for t in self.terms]
+        return log_q if order == list(range(len(keys))) else log_q[order]
+
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
                 mix: "MixInfo | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if mix is None:
@@ -153,16 +235,14 @@ class CiTLoss(torch.nn.Module):
             ce = torch.sum(-soft * F.log_softmax(outputs["cls"].float(), dim=1), dim=1).mean()
         loss = self.cfg.lambda0 * ce
         parts = {"ce": ce.detach()}
-        built: dict[tuple[str, float], torch.Tensor] = {}
-        for term in self.terms:
-            key = (term.teacher, term.tau)
-            if key not in built:
-                log_q = self.teacher_log_probs((targets or {})[term.teacher], term.tau)
-                if mix is not None and mix.partner_index is not None:     # approx: temper, then mix
-                    log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
-                built[key] = log_q
-            kl = kd_kl(outputs[term.head], built[key], term.tau)
-            loss = loss + term.weight * kl
-            parts[f"kd_{term.slot}"] = kl.detach()
+        if self.terms:     # every KD term of the step in one pass: stacked targets, one log_softmax, one KL
+            log_q = self.targets(targets or {}, mix)
+            tau, weights = self._constants(log_q.device)
+            students = torch.stack([outputs[term.head] for term in self.terms])
+            kl = kd_kl_stacked(students, log_q, tau)
+            loss = loss + (weights * kl).sum()
+            detached = kl.detach()
+            for i, term in enumerate(self.terms):
+                parts[f"kd_{term.slot}"] = detached[i]
         parts["loss"] = loss.detach()
         return loss, parts
