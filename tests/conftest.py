@@ -7,11 +7,21 @@ import os
 import tarfile
 from dataclasses import dataclass
 
+# One BLAS/OpenMP thread per process, inherited by the CLI subprocesses: the suite runs one pytest worker per core,
+# and two workers each starting a multi-threaded torch would fight over the same cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from shared.shards import ShardWriter, encode_png
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core this process may use (not per hardware thread of the host), at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 def pytest_configure(config: pytest.Config) -> None:
