@@ -590,18 +590,13 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         pending = [(c, v) for c in range(attrs.num_chunks) for v in range(views) if done[v, c] != 1]
         skipped = attrs.num_units - len(pending)
         mine = pending[comm.rank * len(pending) // comm.world:(comm.rank + 1) * len(pending) // comm.world]
-        groups: list[tuple[int, list[int]]] = []
-        for c, v in mine:
-            if groups and groups[-1][0] == c:
-                groups[-1][1].append(v)
-            else:
-                groups.append((c, [v]))
+        groups = group_units(mine)
 
         failed, built_views, built_units = 0, 0, 0
         loop_started = time.perf_counter()
         try:
-            built_units, built_views = _run_units(cache, runner, manifest, spec, seed, attrs, groups, batch_size,
-                                                  workers, progress and comm.rank == 0)
+            built_units, built_views = _run_units(write_whole_unit(cache), runner, manifest, spec, seed, attrs,
+                                                  groups, batch_size, workers, progress and comm.rank == 0)
         except BaseException:
             failed = 1
             raise
@@ -623,6 +618,17 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
             lock.release()
         torch.set_num_threads(caller_threads)
         comm.close()
+
+
+def group_units(units: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """[(chunk, view)] in chunk order -> [(chunk, [views])]: a worker reads a chunk's rows once for all its views."""
+    groups: list[tuple[int, list[int]]] = []
+    for c, v in units:
+        if groups and groups[-1][0] == c:
+            groups[-1][1].append(v)
+        else:
+            groups.append((c, [v]))
+    return groups
 
 
 def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, test_data, min_teacher_acc, force,
@@ -648,6 +654,9 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
         intended.build["cpu_threads"] = int(stored or torch.get_num_threads())
     if intended.build["cpu_threads"]:
         torch.set_num_threads(intended.build["cpu_threads"])
+    if state == "cache" and existing.growth and not force:
+        raise BuildError(f"--out {out} is being changed by `cit cache {existing.growth.get('op')}` (interrupted or "
+                         "running); rerun that command to finish it, or pass --force to rebuild the cache")
     if state == "cache":
         diff = existing.identity_diff(intended)
         if diff and not force:
@@ -762,7 +771,8 @@ class _Unit:
     parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
 
 
-def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
+def _write(sink, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
+    """Assemble a finished unit and hand it to ``sink(view, chunk, params, outputs, digests)`` (a store write)."""
     packed, params, digests, keys = [], [], [], []
     for b in range(unit.nbatches):
         host, event, p, d, k = unit.parts[b]
@@ -778,11 +788,18 @@ def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_clas
         out = unpack_topk(packed, i, topk, num_classes)
         check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
         outputs[name] = out[0]
-    cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs, digests=np.concatenate(digests))
+    sink(unit.view, unit.chunk, np.concatenate(params), outputs, np.concatenate(digests))
 
 
-def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
+def write_whole_unit(cache: LogitCache):
+    """The sink of a build: every array of the unit, then its ``done`` element."""
+    return lambda view, chunk, params, outputs, digests: cache.write_unit(view, chunk, params, outputs,
+                                                                         digests=digests)
+
+
+def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
                attrs: CacheAttrs, groups, batch_size: int, workers: int, progress: bool) -> tuple[int, int]:
+    """Run the teachers over the units of ``groups`` ([(chunk, [views])]) and give each finished unit to ``sink``."""
     if not groups:
         return 0, 0
     device = runner.device
@@ -823,7 +840,7 @@ def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spe
                         bar.update(rows)
                     if len(unit.parts) == unit.nbatches:
                         del units[key]
-                        futures.append(writer.submit(_write, cache, unit, names, attrs.topk, attrs.num_classes))
+                        futures.append(writer.submit(_write, sink, unit, names, attrs.topk, attrs.num_classes))
                         built_units += 1
                     while futures and (futures[0].done() or len(futures) > 8):
                         futures.popleft().result()      # re-raises a writer error (NaN, storage) here

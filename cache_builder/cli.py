@@ -1,4 +1,4 @@
-"""``cit cache build | info | verify`` — thin: parse options, call one library function, print its summary."""
+"""``cit cache build | extend | add-teacher | merge | export | info | verify`` — thin: parse options, call one library function, print its summary."""
 from __future__ import annotations
 
 import json
@@ -101,6 +101,61 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
         raise _fail(exc) from None
     if distributed_context()[0] == 0:
         click.echo(summary.line())
+
+
+def _grow_options(f):
+    """Options shared by ``extend`` and ``add-teacher`` (everything else comes from the cache)."""
+    for option in reversed([
+            click.option("--data", required=True, help="Manifest the cache was built from (fingerprint checked)."),
+            click.option("--device", default="auto", show_default=True,
+                         help="Must be the device type the cache was built on (it changes the bits)."),
+            click.option("--workers", type=int, default=None, help="DataLoader workers rendering views."),
+            click.option("--no-verify-shards", is_flag=True, help="Skip the sha256 check of every shard."),
+            click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE"),
+            click.option("--no-progress", is_flag=True, help="No progress bar.")]):
+        f = option(f)
+    return f
+
+
+def _grow_settings(data, device, workers, no_verify_shards, storage_options, no_progress, **extra):
+    from cache_builder.grow import GrowSettings
+    return GrowSettings(data=data, device=device, workers=workers, verify_shards=not no_verify_shards,
+                        storage_options=_storage_options(storage_options), progress=not no_progress, **extra)
+
+
+@cache.command()
+@click.argument("url")
+@click.option("--views", "-E", "views", type=int, required=True, help="The new number of views E2 (> E).")
+@click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Checkpoint of a cached teacher [the path recorded in the cache]; its sha256 must match.")
+@_grow_options
+def extend(url, views, teachers, **options):
+    """Add views E..E2-1 to a complete cache: equals a fresh build with E2 views; old views untouched (resumable)."""
+    from cache_builder.build import BuildError
+    from cache_builder.grow import extend_cache
+    set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
+    try:
+        summary = extend_cache(url, views, _grow_settings(teachers=tuple(teachers), **options))
+    except (BuildError, CacheError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command("add-teacher")
+@click.argument("url")
+@click.argument("teachers", nargs=-1, required=True, metavar="NAME=CHECKPOINT...")
+@click.option("--test-data", default=None, help="Manifest of the test split: the new teachers' accuracy.")
+@_grow_options
+def add_teacher(url, teachers, test_data, **options):
+    """Add teacher groups (in the order given) to a complete cache: equals a fresh build with all the teachers."""
+    from cache_builder.build import BuildError
+    from cache_builder.grow import add_teachers
+    set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
+    try:
+        summary = add_teachers(url, list(teachers), _grow_settings(test_data=test_data, **options))
+    except (BuildError, CacheError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
 
 
 @cache.command()

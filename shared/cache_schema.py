@@ -46,7 +46,8 @@ from shared.errors import CitUserError
 
 CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
-RESERVED_NAMES = ("params", "digest", "done")
+RESERVED_NAMES = ("params", "digest", "done", "growth")
+GROWTH_DONE = "growth"   # completion map of a teacher being added (removed when it is finished)
 TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
 
 
@@ -87,6 +88,9 @@ class CacheAttrs:
     temperatures: list[float] = field(default_factory=lambda: [1.0])   # τ at which the tail mass is stored
     view_code: dict = field(default_factory=dict)   # shared.views.VIEW_CODE: params layout, renderer, digest
     provenance: dict = field(default_factory=dict)  # shared.provenance.collect(): library versions, CPU/GPU
+    growth: dict = field(default_factory=dict)      # a change under way ({"op": "extend", "views": E2} or
+    #   {"op": "add-teacher", "teachers": [records]}): readers keep seeing the complete cache described by the
+    #   other attributes; the change becomes visible in one attribute write when it is finished; {} otherwise
 
     @property
     def num_chunks(self) -> int:
@@ -115,6 +119,7 @@ class CacheAttrs:
         data = asdict(self)
         data.pop("status")
         data.pop("provenance")
+        data.pop("growth")
         data["augment"] = ViewSpec.from_dict(data["augment"]).view_identity()
         for teacher in data["teachers"]:
             teacher.pop("test_accuracy")
@@ -187,12 +192,17 @@ def open_root(url: str, mode: str, storage_options: dict | None = None) -> zarr.
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
 
 
-def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int) -> None:
-    """Create every array of the layout (empty); attributes are written by the caller."""
+def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int, paths=None) -> None:
+    """Create every array of the layout (empty), or only those in ``paths`` (``GROWTH_DONE`` too: a ``done``-like
+    map); attributes are written by the caller."""
     fills = {"params": np.nan, "digest": 0, "done": 0}
-    for path, (shape, chunks, dtype) in expected_arrays(attrs, num_params).items():
+    layout = expected_arrays(attrs, num_params)
+    layout[GROWTH_DONE] = layout["done"]
+    for path, (shape, chunks, dtype) in layout.items():
+        if (paths is None and path == GROWTH_DONE) or (paths is not None and path not in paths):
+            continue
         leaf = path.rsplit("/", 1)[-1]
-        if path == "done":   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
+        if path in ("done", GROWTH_DONE):   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
             codecs = {"serializer": BytesCodec(), "compressors": None}
         else:
             codecs = _codecs(dtype)

@@ -1,0 +1,125 @@
+"""Growing a cache: extend views and add teachers give, array by array, what a fresh build of the final cache gives;
+kill -9 during a change and a rerun give the same; readers see the old complete cache until the switch."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from cache_builder import build_cache
+from cache_builder.grow import GrowSettings, add_teachers, extend_cache
+from shared.augment import ViewSpec
+from shared.cache_schema import LogitCache
+from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher, run_cli
+from tests.shard_fixtures import make_shards
+
+K, N, SHARD, BATCH = 3, 60, 20, 8
+AUG = {"image_size": 16, "erase_prob": 0.5, "mean": [0.4], "std": [0.3]}
+SPEC = ViewSpec.from_dict(AUG)
+
+
+@pytest.fixture(scope="module")
+def grow_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grow")
+    data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="gr", seed=3)
+    w = {"root": root, "data": data.path,
+         "conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
+         "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
+    return w
+
+
+def fresh(w, out: str, views: int, names: tuple[str, ...]) -> str:
+    build_cache(w["data"], [f"{n}={w[n]}" for n in names], out, views=views, topk=K, spec=SPEC, seed=5,
+                batch_size=BATCH, workers=0, threads=1, progress=False)
+    return out
+
+
+def settings(w, **kw) -> GrowSettings:
+    return GrowSettings(data=w["data"], workers=0, progress=False, **kw)
+
+
+def public_attrs(url: str) -> dict:
+    """Every group attribute but the informational ones (provenance: library versions of the building process)."""
+    attrs = dict(zarr.open_group(url, mode="r").attrs)
+    attrs.pop("provenance")
+    return attrs
+
+
+def assert_same_cache(a: str, b: str) -> None:
+    assert_bit_identical(a, b)
+    assert public_attrs(a) == public_attrs(b)
+
+
+def test_extend_2_to_4_equals_a_fresh_4_view_build(grow_world, tmp_path):
+    w = grow_world
+    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    old = {p: zarr.open_group(grown, mode="r")[p][:2] for p in ("params", "conv/logp", "conv/tail")}
+    chunk_files = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv", "logp", "c"))}
+    summary = extend_cache(grown, 4, settings(w))
+    assert summary.complete and summary.units_built == 2 * (N // SHARD) and summary.units_skipped == 2 * (N // SHARD)
+    assert_same_cache(fresh(w, str(tmp_path / "four.zarr"), 4, ("conv",)), grown)
+    g = zarr.open_group(grown, mode="r")
+    assert all(np.array_equal(g[p][:2], v, equal_nan=True) for p, v in old.items())
+    assert all(os.path.getmtime(f) == t for f, t in chunk_files.items())     # old chunks never rewritten
+    assert extend_cache(grown, 4, settings(w)).units_built == 0             # rerun: nothing to do
+
+
+def test_add_teacher_equals_a_fresh_two_teacher_build(grow_world, tmp_path):
+    w = grow_world
+    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    before = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv"))}
+    summary = add_teachers(grown, [f"inv={w['inv']}"], settings(w))
+    assert summary.complete and summary.units_built == 2 * (N // SHARD)
+    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), grown)
+    assert all(os.path.getmtime(f) == t for f, t in before.items())
+    assert LogitCache.open(grown).teacher_names == ["conv", "inv"]
+
+
+def test_grow_refusals_are_one_line(grow_world, tmp_path):
+    w = grow_world
+    url = fresh(w, str(tmp_path / "c.zarr"), 2, ("conv",))
+    r = run_cli("extend", url, "--views", "1", "--data", w["data"], "--no-progress")
+    assert r.returncode == 2 and "fewer than the cache's E=2" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("extend", url, "--views", "3", "--data", w["data"], "--teacher", f"conv={w['inv']}")
+    assert r.returncode == 2 and "is not the teacher" in r.stderr, r.stderr
+    r = run_cli("add-teacher", url, f"conv={w['inv']}", "--data", w["data"])
+    assert r.returncode == 2 and "already has a teacher 'conv'" in r.stderr, r.stderr
+
+
+def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
+    w = grow_world
+    ref = str(tmp_path / "ref.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], ref, views=4, topk=K, spec=SPEC, seed=5, batch_size=4,
+                chunk_rows=5, workers=0, threads=1, progress=False)
+    url = str(tmp_path / "killed.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, topk=K, spec=SPEC, seed=5, batch_size=4,
+                chunk_rows=5, workers=0, threads=1, progress=False)
+    args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
+    while time.time() < deadline and proc.poll() is None and sum(map(os.path.exists, new_done)) < 3:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the extend finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a reader of the interrupted store sees the old complete cache: E=2, its views intact
+    cache = LogitCache.open(url)
+    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
+    assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
+    r = run_cli("build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "2", "--out", url)
+    assert r.returncode == 2 and "being changed by `cit cache extend`" in r.stderr, r.stderr
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "units were already done" in r.stdout
+    assert_same_cache(ref, url)
+
+
+def _files(folder: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
