@@ -33,6 +33,8 @@ class DataConfig:
     train: str = ""                   # training manifest
     test: str = ""                    # test manifest: evaluated after every epoch when set
     cache: str = ""                   # logit cache URL (kd.mode = cached)
+    cache_data: str = ""              # manifest the cache was built for, when data.train is a subset of it
+                                      #   (default: the one a `cit data subset` manifest records)
     view_seed: int = 0                # augmentation seed; must equal the cache's
     views: int = 0                    # E; 0 = the cache's E, or without a cache a fresh view every epoch
     allow_repeat_views: bool = False  # train more epochs than views (later epochs replay earlier views)
@@ -221,8 +223,9 @@ class TrainViews(IterableDataset):
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, view_seed: int, views: int, *, seed: int = 0,
                  shuffle: bool = True, cache_url: str = "", teachers: tuple[str, ...] = (), verify: bool = True,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None, row_map: np.ndarray | None = None):
         self.stream = ShardStream(manifest, seed=seed, shuffle=shuffle, rank=rank, world=world)
+        self.row_map = row_map  # cache row of each training row (a subset of the cache's rows); None: the same rows
         self.spec, self.view_seed, self.views = spec, view_seed, views
         self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
         self._cache: LogitCache | None = None
@@ -253,10 +256,17 @@ class TrainViews(IterableDataset):
 
     def _fetch(self, piece: Piece) -> _Block:
         cache = self.cache()
-        params = cache.read_params(self.view, piece.lo, piece.hi) if self.verify else None
-        digests = cache.read_digests(self.view, piece.lo, piece.hi) if self.verify else None
-        topk = [cache.read_topk(name, self.view, piece.lo, piece.hi) for name in self.teachers]
+        lo, hi, take = piece.lo, piece.hi, None
+        if self.row_map is not None:   # a subset: one read of the block covering the piece's (increasing) cache rows
+            rows = self.row_map[piece.lo:piece.hi]
+            lo, hi, take = int(rows[0]), int(rows[-1]) + 1, rows - rows[0]
+        params = cache.read_params(self.view, lo, hi) if self.verify else None
+        digests = cache.read_digests(self.view, lo, hi) if self.verify else None
+        topk = [cache.read_topk(name, self.view, lo, hi) for name in self.teachers]
         self.reads += len(topk) + 2 * (params is not None)
+        if take is not None:
+            params, digests = (None, None) if params is None else (params[take], digests[take])
+            topk = [TopK(t.logp[take], t.indices[take], t.tail[take]) for t in topk]
         return _Block(piece, params, digests, topk)
 
     def _rendered(self) -> Iterator[tuple]:
