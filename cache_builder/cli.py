@@ -159,6 +159,45 @@ def add_teacher(url, teachers, test_data, **options):
 
 
 @cache.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", required=True, help="The merged cache (URL).")
+@click.option("--force", is_flag=True, help="Replace whatever is at --out.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+def merge(a, b, out, force, storage_options):
+    """Join the teachers of two caches of the same data, views and settings (checked) into one, without teachers."""
+    from cache_builder.assemble import merge_caches
+    from cache_builder.build import BuildError
+    set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
+    try:
+        summary = merge_caches(a, b, out, force=force, storage_options=_storage_options(storage_options))
+    except (BuildError, CacheError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command()
+@click.argument("src")
+@click.option("--teachers", default=None, metavar="NAME1,NAME2", help="Teachers to keep, in this order [all].")
+@click.option("--views", "-E", "views", type=int, default=None, help="Keep views 0..E-1 [all].")
+@click.option("--out", required=True, help="The exported cache (URL).")
+@click.option("--force", is_flag=True, help="Replace whatever is at --out.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+def export(src, teachers, views, out, force, storage_options):
+    """A smaller cache for sharing: some teachers and the first views; equals a fresh build of those."""
+    from cache_builder.assemble import export_cache
+    from cache_builder.build import BuildError
+    set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
+    names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers else None
+    try:
+        summary = export_cache(src, out, teachers=names, views=views, force=force,
+                               storage_options=_storage_options(storage_options))
+    except (BuildError, CacheError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command()
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")

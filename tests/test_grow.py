@@ -128,3 +128,30 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
 
 def _files(folder: str) -> list[str]:
     return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+
+
+def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world, tmp_path):
+    w = grow_world
+    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
+    b = fresh(w, str(tmp_path / "b.zarr"), 2, ("inv",))
+    runner = CliRunner()
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), str(tmp_path / "ab.zarr"))
+    # export of one teacher (and fewer views) equals a one-teacher build
+    r = runner.invoke(cache_cli, ["export", str(tmp_path / "both.zarr"), "--teachers", "inv", "--views", "1",
+                                  "--out", str(tmp_path / "inv1.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(fresh(w, str(tmp_path / "inv-fresh.zarr"), 1, ("inv",)), str(tmp_path / "inv1.zarr"))
+    # what they join is verified: one line naming what differs
+    other = str(tmp_path / "other.zarr")
+    build_cache(w["data"], [f"inv={w['inv']}"], other, views=2, topk=K, spec=SPEC, seed=6, batch_size=BATCH,
+                workers=0, threads=1, progress=False)
+    r = runner.invoke(cache_cli, ["merge", a, other, "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "they differ in seed (5 vs 6)" in r.output and r.output.count("\n") == 1, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "inv1.zarr"), "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "every teacher must cover the same views" in r.output, r.output
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])   # finished: nothing to do
+    assert r.exit_code == 0 and "0 units in" in r.output, r.output
+    r = runner.invoke(cache_cli, ["export", a, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 2 and "pass --force" in r.output, r.output
