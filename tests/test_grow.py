@@ -155,3 +155,25 @@ def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world
     assert r.exit_code == 0 and "0 units in" in r.output, r.output
     r = runner.invoke(cache_cli, ["export", a, "--out", str(tmp_path / "ab.zarr")])
     assert r.exit_code == 2 and "pass --force" in r.output, r.output
+
+
+def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended():
+    from dataclasses import replace
+
+    from cache_builder.build import plan_build
+    from shared.cache_schema import CacheAttrs, TeacherRecord
+    conv = TeacherRecord("conv", "conv", "a", "sha1", 10, [0.5], [0.5])
+    inv = TeacherRecord("inv", "inv", "b", "sha2", 10, [0.5], [0.5])
+    have = CacheAttrs("fp", 60, 10, 2, 3, 5, {}, 20, [conv], status="complete", build={"batch_size": 8})
+    assert plan_build("absent", None, have, False, "o").action == "create"
+    assert plan_build("cache", have, replace(have, status="building"), False, "o").action == "resume"
+    assert plan_build("cache", have, replace(have, views=3), True, "o").action == "replace"
+    assert plan_build("foreign", None, have, True, "o").action == "refuse"
+    more_views = plan_build("cache", have, replace(have, views=4), False, "o")
+    assert more_views.action == "refuse" and "`cit cache extend o --views 4" in more_views.reason
+    more_teachers = plan_build("cache", have, replace(have, teachers=[conv, inv]), False, "o")
+    assert more_teachers.action == "refuse" and "`cit cache add-teacher o inv=CHECKPOINT" in more_teachers.reason
+    other = plan_build("cache", have, replace(have, views=4, seed=6), False, "o")
+    assert "already holds a different cache" in other.reason and "pass --force" in other.reason
+    growing = plan_build("cache", replace(have, growth={"op": "extend", "views": 4}), have, False, "o")
+    assert growing.action == "refuse" and "being changed by `cit cache extend`" in growing.reason
