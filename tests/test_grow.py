@@ -19,7 +19,7 @@ from cache_builder.cli import cache as cache_cli
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
 from shared.cache_schema import LogitCache
-from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher, run_cli
+from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -120,9 +120,9 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
     with pytest.raises(BuildError, match="being changed by `cit cache extend`"):
         fresh(w, url, 2, ("conv",))
-    r = run_cli(*args)
-    assert r.returncode == 0, r.stderr
-    assert "units were already done" in r.stdout
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    assert "units were already done" in r.output
     assert_same_cache(ref, url)
 
 
@@ -177,3 +177,27 @@ def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended
     assert "already holds a different cache" in other.reason and "pass --force" in other.reason
     growing = plan_build("cache", replace(have, growth={"op": "extend", "views": 4}), have, False, "o")
     assert growing.action == "refuse" and "being changed by `cit cache extend`" in growing.reason
+
+
+def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path):
+    w = grow_world
+    small = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
+    ref = str(tmp_path / "ref.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}", f"inv={w['inv']}"], ref, views=2, **small)
+    url = str(tmp_path / "killed.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, **small)
+    args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    marks = os.path.join(url, "growth", "c")
+    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
+        time.sleep(0.002)
+    assert proc.poll() is None, "add-teacher finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache = LogitCache.open(url)       # the old complete cache: one teacher
+    assert cache.is_complete and cache.teacher_names == ["conv"] and cache.attrs.growth["op"] == "add-teacher"
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    assert "units were already done" in r.output
+    assert_same_cache(ref, url)
