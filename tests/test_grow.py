@@ -118,6 +118,8 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     cache = LogitCache.open(url)
     assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
     assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
+    from cache_builder import verify_cache
+    assert "a change (extend) is under way" in verify_cache(url).problems[0]
     with pytest.raises(BuildError, match="being changed by `cit cache extend`"):
         fresh(w, url, 2, ("conv",))
     r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
@@ -201,3 +203,16 @@ def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path)
     assert r.exit_code == 0, r.output
     assert "units were already done" in r.output
     assert_same_cache(ref, url)
+
+
+def test_extend_and_add_teacher_on_an_fsspec_url(grow_world, tmp_path):
+    from tests.cache_fixtures import store_arrays
+    w = grow_world
+    url = f"memory://cit-grow-{os.getpid()}/c.zarr"
+    fresh(w, url, 1, ("conv",))
+    extend_cache(url, 2, settings(w))
+    add_teachers(url, [f"inv={w['inv']}"], settings(w))
+    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+    x, y = store_arrays(ref), store_arrays(url)
+    assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
+    assert LogitCache.open(url).teacher_names == ["conv", "inv"] and LogitCache.open(url).attrs.views == 2
