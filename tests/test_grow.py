@@ -118,7 +118,9 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     cache = LogitCache.open(url)
     assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
     assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
-    from cache_builder import verify_cache
+    from cache_builder import cache_info, format_info, verify_cache
+    info = cache_info(url)
+    assert info["complete"] and info["growth"]["op"] == "extend" and "a change is under way" in format_info(info)
     assert "a change (extend) is under way" in verify_cache(url).problems[0]
     with pytest.raises(BuildError, match="being changed by `cit cache extend`"):
         fresh(w, url, 2, ("conv",))
