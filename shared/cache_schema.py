@@ -5,6 +5,7 @@
     <root>/params                 float32 (E, N, P)   view params records (shared.augment.PARAMS_FIELDS)
     <root>/digest                 uint32  (E, N)      crc32 of each view's uint8 pixels (shared.views.pixel_digest)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
+    <root>/growth                 uint8   (E, n_chunks), only while teachers are being added: their completion map
     <root>/<teacher>/logp         float16 (E, N, K)   top-k log-probabilities z_i − lse(z), sorted descending
     <root>/<teacher>/indices      uint8 / int16 / int32 (E, N, K)  their class ids (narrowest that holds C-1)
     <root>/<teacher>/tail         float16 (E, N, S)   tail log-mass log Σ_{j∉top-k} softmax(z/τ_s)_j at each cached
@@ -27,6 +28,9 @@ best in total at C = 10..1000, K = 5..20 (for the format-2 arrays too), and the 
 redundancy of real teachers' top-k index sets (bitshuffle doubles the index bytes there).  fp16
 log-probabilities and fp16 tail log-masses were chosen by the same benchmark: 27.5 B per view and teacher at
 C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.
+
+A complete cache grows (``cache_builder.grow``) behind the attribute ``growth``: readers keep seeing the complete
+cache the other attributes describe until one attribute write switches them to the grown one.
 
 Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
 ``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.

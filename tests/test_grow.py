@@ -64,12 +64,15 @@ def test_extend_2_to_4_equals_a_fresh_4_view_build(grow_world, tmp_path):
     grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
     old = {p: zarr.open_group(grown, mode="r")[p][:2] for p in ("params", "conv/logp", "conv/tail")}
     chunk_files = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv", "logp", "c"))}
+    reader = LogitCache.open(grown)             # a training that opened the cache before the change
+    seen = reader.read_topk("conv", 1, 0, N)
     summary = extend_cache(grown, 4, settings(w))
     assert summary.complete and summary.units_built == 2 * (N // SHARD) and summary.units_skipped == 2 * (N // SHARD)
     assert_same_cache(fresh(w, str(tmp_path / "four.zarr"), 4, ("conv",)), grown)
     g = zarr.open_group(grown, mode="r")
     assert all(np.array_equal(g[p][:2], v, equal_nan=True) for p, v in old.items())
     assert all(os.path.getmtime(f) == t for f, t in chunk_files.items())     # old chunks never rewritten
+    assert reader.attrs.views == 2 and np.array_equal(reader.read_topk("conv", 1, 0, N).logp, seen.logp)
     assert extend_cache(grown, 4, settings(w)).units_built == 0             # rerun: nothing to do
 
 
