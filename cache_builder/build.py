@@ -533,9 +533,11 @@ class BuildSettings:
     progress: bool = True
 
 
-def build_cache(data: str, teachers, out: str, **options) -> BuildSummary:
-    """Build (or resume) the logit cache at ``out``; ``options`` are the fields of ``BuildSettings``."""
-    return run_build(BuildSettings(data, teachers, out, **options))
+def build_cache(data: "str | BuildSettings", teachers=None, out: str = "", **options) -> BuildSummary:
+    """Build (or resume) the logit cache at ``out``; ``options`` are the fields of ``BuildSettings`` (or pass one
+    ``BuildSettings``, as the CLI does)."""
+    settings = data if isinstance(data, BuildSettings) else BuildSettings(data, teachers, out, **options)
+    return run_build(settings)
 
 
 def run_build(settings: BuildSettings) -> BuildSummary:

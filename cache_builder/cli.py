@@ -77,7 +77,7 @@ def cache():
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
           precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
-    from cache_builder.build import BuildError, BuildSettings, run_build
+    from cache_builder.build import BuildError, BuildSettings, build_cache
     from shared.augment import ViewSpec
     from shared.config import load_config, section
     from shared.reader import distributed_context
@@ -95,7 +95,7 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
                                  precision=precision, chunk_rows=chunk_rows, threads=threads, test_data=test_data,
                                  min_teacher_acc=min_teacher_acc, force=force, verify_shards=not no_verify_shards,
                                  storage_options=_storage_options(storage_options), progress=not no_progress)
-        summary = run_build(settings)
+        summary = build_cache(settings)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
     if distributed_context()[0] == 0:
