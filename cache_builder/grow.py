@@ -29,7 +29,7 @@ from cache_builder.build import (BuildError, BuildSummary, TeacherRunner, _probe
                                  measure_accuracy, parse_teacher_args, resolve_device, write_whole_unit)
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
-                                 expected_arrays)
+                                 expected_arrays, normalize_url)
 from shared.io import is_local
 from shared.manifest import Manifest, ManifestError
 from shared.reader import distributed_context
@@ -84,7 +84,7 @@ def _grow(url: str, settings: GrowSettings, change) -> BuildSummary:
         raise BuildError("cit cache extend / add-teacher run in one process (torchrun is not supported for them "
                          "yet); run it without torchrun")
     caller_threads = torch.get_num_threads()
-    lock = StoreLock(url, settings.storage_options, command="cit cache grow").acquire()
+    lock = StoreLock(normalize_url(url), settings.storage_options, command="cit cache grow").acquire()
     try:
         return change(_open(url, settings))
     finally:

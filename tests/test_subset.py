@@ -90,3 +90,15 @@ def test_a_manifest_that_is_not_a_subset_is_refused_with_the_first_offending_key
     cfg = config(full["other"], full["cache"], f"data.cache_data={json.dumps(full['manifest'])}")
     with pytest.raises(SubsetError, match="sample 'ot_000000' of shard .* is not a row of"):
         train_mod.prepare(cfg)
+
+
+def test_subset_cli_refusals_are_one_line(full, tmp_path):
+    runner = CliRunner()
+    for args, message in [(["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+                          (["--per-class", "7"], "class 0 has only 6 rows"),
+                          (["--classes", "a,b"], "must be comma-separated class ids"),
+                          (["--per-class", "1", "--fraction", "0.5"], "exactly one of")]:
+        r = runner.invoke(data_cli, ["subset", full["manifest"], *args, "--out", str(tmp_path / "s.json")])
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
+    r = runner.invoke(data_cli, ["subset", full["manifest"], "--per-class", "1", "--out", full["manifest"]])
+    assert r.exit_code == 2 and "already exists" in r.output
