@@ -508,15 +508,48 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10, spec: ViewSpec | dict | None = None,
-                temperatures: tuple[float, ...] | list[float] = (1.0,),
-                seed: int = 0, batch_size: int = 256, workers: int | None = None, device: str = "auto",
-                precision: str = "auto", chunk_rows: int | None = None, threads: int | None = None,
-                test_data: str | None = None,
-                min_teacher_acc: float | None = None, force: bool = False, verify_shards: bool = True,
-                storage_options: dict | None = None, progress: bool = True) -> BuildSummary:
-    """Build (or resume) the logit cache at ``out``; see the module doc.  Safe to call under torchrun."""
+@dataclass
+class BuildSettings:
+    """Everything ``cit cache build`` is told (the CLI fills it; ``build_cache`` takes the same as keywords)."""
+    data: str                                   # training manifest
+    teachers: list = field(default_factory=list)   # ["NAME=CHECKPOINT", ...] or {name: path}
+    out: str = ""
+    views: int = 1
+    topk: int = 10
+    spec: ViewSpec | dict | None = None
+    temperatures: tuple[float, ...] | list[float] | str = (1.0,)
+    seed: int = 0
+    batch_size: int = 256
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    chunk_rows: int | None = None
+    threads: int | None = None
+    test_data: str | None = None
+    min_teacher_acc: float | None = None
+    force: bool = False
+    verify_shards: bool = True
+    storage_options: dict | None = None
+    progress: bool = True
+
+
+def build_cache(data: "str | BuildSettings", teachers=None, out: str = "", **options) -> BuildSummary:
+    """Build (or resume) the logit cache at ``out``; ``options`` are the fields of ``BuildSettings`` (or pass one
+    ``BuildSettings``, as the CLI does)."""
+    settings = data if isinstance(data, BuildSettings) else BuildSettings(data, teachers, out, **options)
+    return run_build(settings)
+
+
+def run_build(settings: BuildSettings) -> BuildSummary:
+    """Build (or resume) the cache ``settings.out``; see the module doc.  Safe to call under torchrun."""
     started = time.perf_counter()
+    b = settings
+    data, teachers, out, views, topk, spec, temperatures, seed = (b.data, b.teachers, b.out, b.views, b.topk,
+                                                                  b.spec, b.temperatures, b.seed)
+    batch_size, workers, device, precision, chunk_rows, threads = (b.batch_size, b.workers, b.device, b.precision,
+                                                                   b.chunk_rows, b.threads)
+    test_data, min_teacher_acc, storage_options, progress = b.test_data, b.min_teacher_acc, b.storage_options, \
+        b.progress
     spec = spec if isinstance(spec, ViewSpec) else ViewSpec.from_dict(spec or {})
     if views < 1:
         raise BuildError(f"--views must be >= 1, got {views}")
@@ -570,8 +603,7 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
             try:
                 check_out_reachable(out, storage_options)
                 lock = StoreLock(normalize_url(out), storage_options).acquire()   # one writer per store
-                attrs = _prepare(manifest, loaded, runner, intended, spec, seed, out, test_data, min_teacher_acc,
-                                 force, verify_shards, storage_options, batch_size, workers, progress)
+                attrs = _prepare(replace(settings, spec=spec, workers=workers), manifest, loaded, runner, intended)
                 attrs_json = attrs.to_json_dict()
             except Exception as exc:  # noqa: BLE001 — re-raised below after telling the other ranks
                 error = exc
@@ -590,18 +622,13 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         pending = [(c, v) for c in range(attrs.num_chunks) for v in range(views) if done[v, c] != 1]
         skipped = attrs.num_units - len(pending)
         mine = pending[comm.rank * len(pending) // comm.world:(comm.rank + 1) * len(pending) // comm.world]
-        groups: list[tuple[int, list[int]]] = []
-        for c, v in mine:
-            if groups and groups[-1][0] == c:
-                groups[-1][1].append(v)
-            else:
-                groups.append((c, [v]))
+        groups = group_units(mine)
 
         failed, built_views, built_units = 0, 0, 0
         loop_started = time.perf_counter()
         try:
-            built_units, built_views = _run_units(cache, runner, manifest, spec, seed, attrs, groups, batch_size,
-                                                  workers, progress and comm.rank == 0)
+            built_units, built_views = _run_units(write_whole_unit(cache), runner, manifest, spec, seed, attrs,
+                                                  groups, batch_size, workers, progress and comm.rank == 0)
         except BaseException:
             failed = 1
             raise
@@ -625,9 +652,74 @@ def build_cache(data: str, teachers, out: str, *, views: int = 1, topk: int = 10
         comm.close()
 
 
-def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, test_data, min_teacher_acc, force,
-             verify, storage_options, batch_size, workers, progress) -> CacheAttrs:
+def group_units(units: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """[(chunk, view)] in chunk order -> [(chunk, [views])]: a worker reads a chunk's rows once for all its views."""
+    groups: list[tuple[int, list[int]]] = []
+    for c, v in units:
+        if groups and groups[-1][0] == c:
+            groups[-1][1].append(v)
+        else:
+            groups.append((c, [v]))
+    return groups
+
+
+@dataclass
+class BuildPlan:
+    """What a build does at ``--out``: ``create`` | ``resume`` | ``replace`` | ``refuse`` (``reason`` says why and what
+    to run instead; growing a complete cache is ``cit cache extend`` / ``add-teacher``)."""
+    action: str
+    reason: str = ""
+
+
+def plan_build(state: str, existing: CacheAttrs | None, intended: CacheAttrs, force: bool, out: str) -> BuildPlan:
+    """Pure: the action from what ``out`` holds (``inspect_out``) and the cache intended."""
+    if state == "foreign":
+        return BuildPlan("refuse", f"--out {out} already holds something that is not a cit cache; refusing to touch "
+                                   "it (choose another location or delete it yourself)")
+    if state == "old format":
+        return BuildPlan("replace") if force else BuildPlan(
+            "refuse", f"--out {out} holds a cit cache of an older format (this cit writes format {CACHE_FORMAT}); "
+                      "pass --force to rebuild it there, or choose another --out")
+    if state in ("absent", "empty"):
+        return BuildPlan("create")
+    if force:
+        return BuildPlan("replace")
+    if existing.growth:
+        return BuildPlan("refuse", f"--out {out} is being changed by `cit cache {existing.growth.get('op')}` "
+                                   "(interrupted or running); rerun that command to finish it, or pass --force to "
+                                   "rebuild the cache")
+    diff = existing.identity_diff(intended)
+    if not diff:
+        return BuildPlan("resume")
+    grow = _growth_hint(existing, intended, out)
+    return BuildPlan("refuse", f"--out {out} already holds a different cache ({'; '.join(diff[:4])}); "
+                               + (grow or "pass --force to replace it, or choose another --out"))
+
+
+def _growth_hint(existing: CacheAttrs, intended: CacheAttrs, out: str) -> str:
+    """When the intended cache only adds views or teachers to a complete one: the command that grows it."""
+    if existing.status != STATUS_COMPLETE:
+        return ""
+    a, b = existing.identity(), intended.identity()
+    others = [k for k in a if k not in ("views", "teachers") and a[k] != b.get(k)]
+    if others:
+        return ""
+    if a["teachers"] == b["teachers"] and b["views"] > a["views"]:
+        return (f"to add views without recomputing the others: `cit cache extend {out} --views {b['views']} --data "
+                "MANIFEST` (or --force to rebuild it)")
+    if a["views"] == b["views"] and b["teachers"][:len(a["teachers"])] == a["teachers"]:
+        new = [t.name for t in intended.teachers[len(existing.teachers):]]
+        return (f"to add teachers without recomputing the others: `cit cache add-teacher {out} "
+                f"{' '.join(n + '=CHECKPOINT' for n in new)} --data MANIFEST` (or --force to rebuild it)")
+    return ""
+
+
+def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheAttrs) -> CacheAttrs:
     """All refusals happen here, before anything is written; returns the attrs of the (created or resumed) cache."""
+    s = settings
+    spec, seed, out, test_data, min_teacher_acc, force = s.spec, s.seed, s.out, s.test_data, s.min_teacher_acc, s.force
+    verify, storage_options, batch_size, workers, progress = (s.verify_shards, s.storage_options, s.batch_size,
+                                                              s.workers, s.progress)
     check_shards_readable(manifest, verify)
     channels = data_channels(manifest)
     for t in loaded:
@@ -635,27 +727,19 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
             raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
                              f"of {manifest.path} have {channels} channel(s)")
     state, existing = inspect_out(out, storage_options)
-    if state == "foreign":
-        raise BuildError(f"--out {out} already holds something that is not a cit cache; refusing to touch it "
-                         "(choose another location or delete it yourself)")
-    if state == "old format" and not force:
-        raise BuildError(f"--out {out} holds a cit cache of an older format (this cit writes format "
-                         f"{CACHE_FORMAT}); pass --force to rebuild it there, or choose another --out")
     if intended.build["device"] == "cpu" and intended.build["cpu_threads"] is None:
         # CPU kernels (oneDNN) may round differently with another intra-op thread count: the count is pinned per
         # cache — a resume (or another rank) uses the stored one, a new cache this process's
         stored = existing.build.get("cpu_threads") if state == "cache" and not force else None
         intended.build["cpu_threads"] = int(stored or torch.get_num_threads())
+    plan = plan_build(state, existing, intended, force, out)
+    if plan.action == "refuse":
+        raise BuildError(plan.reason)
     if intended.build["cpu_threads"]:
         torch.set_num_threads(intended.build["cpu_threads"])
-    if state == "cache":
-        diff = existing.identity_diff(intended)
-        if diff and not force:
-            raise BuildError(f"--out {out} already holds a different cache ({'; '.join(diff[:4])}); pass --force to "
-                             "replace it, or choose another --out")
-        if existing.status == STATUS_COMPLETE and not diff:
-            log.info("cache %s is already complete", out)
-    resume = state == "cache" and not force and not existing.identity_diff(intended)
+    resume = plan.action == "resume"
+    if resume and existing.status == STATUS_COMPLETE:
+        log.info("cache %s is already complete", out)
     _probe(runner, manifest, spec, seed, intended.chunk_rows)
 
     # teacher accuracy: measured once per cache; reused on resume when measured on the same test set
@@ -704,7 +788,7 @@ def _prepare(manifest, loaded, runner, intended: CacheAttrs, spec, seed, out, te
         if [r.__dict__ for r in records] != [t.__dict__ for t in existing.teachers]:
             root.attrs.put(attrs.to_json_dict())
         return attrs
-    if state in ("cache", "old format") and not resume:   # --force: replace whatever cache is there
+    if plan.action == "replace":                           # --force: replace whatever cache is there
         log.warning("--force: replacing the cache at %s", out)
         remove_store(out, storage_options)
     attrs = replace(intended, teachers=records, status=STATUS_CREATING)
@@ -762,7 +846,8 @@ class _Unit:
     parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
 
 
-def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
+def _write(sink, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
+    """Assemble a finished unit and hand it to ``sink(view, chunk, params, outputs, digests)`` (a store write)."""
     packed, params, digests, keys = [], [], [], []
     for b in range(unit.nbatches):
         host, event, p, d, k = unit.parts[b]
@@ -778,11 +863,18 @@ def _write(cache: LogitCache, unit: _Unit, names: list[str], topk: int, num_clas
         out = unpack_topk(packed, i, topk, num_classes)
         check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
         outputs[name] = out[0]
-    cache.write_unit(unit.view, unit.chunk, np.concatenate(params), outputs, digests=np.concatenate(digests))
+    sink(unit.view, unit.chunk, np.concatenate(params), outputs, np.concatenate(digests))
 
 
-def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
+def write_whole_unit(cache: LogitCache):
+    """The sink of a build: every array of the unit, then its ``done`` element."""
+    return lambda view, chunk, params, outputs, digests: cache.write_unit(view, chunk, params, outputs,
+                                                                         digests=digests)
+
+
+def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
                attrs: CacheAttrs, groups, batch_size: int, workers: int, progress: bool) -> tuple[int, int]:
+    """Run the teachers over the units of ``groups`` ([(chunk, [views])]) and give each finished unit to ``sink``."""
     if not groups:
         return 0, 0
     device = runner.device
@@ -823,7 +915,7 @@ def _run_units(cache: LogitCache, runner: TeacherRunner, manifest: Manifest, spe
                         bar.update(rows)
                     if len(unit.parts) == unit.nbatches:
                         del units[key]
-                        futures.append(writer.submit(_write, cache, unit, names, attrs.topk, attrs.num_classes))
+                        futures.append(writer.submit(_write, sink, unit, names, attrs.topk, attrs.num_classes))
                         built_units += 1
                     while futures and (futures[0].done() or len(futures) > 8):
                         futures.popleft().result()      # re-raises a writer error (NaN, storage) here

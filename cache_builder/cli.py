@@ -1,4 +1,4 @@
-"""``cit cache build | info | verify`` — thin: parse options, call one library function, print its summary."""
+"""``cit cache build | extend | add-teacher | merge | export | info | verify`` — thin: parse options, call one library function, print its summary."""
 from __future__ import annotations
 
 import json
@@ -77,7 +77,7 @@ def cache():
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
           precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
-    from cache_builder.build import BuildError, build_cache
+    from cache_builder.build import BuildError, BuildSettings, build_cache
     from shared.augment import ViewSpec
     from shared.config import load_config, section
     from shared.reader import distributed_context
@@ -90,17 +90,110 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
         spec = section(cfg, "augment", ViewSpec)
         if seed is None:
             seed = int(cfg.get("data", {}).get("view_seed", 0))
-        summary = build_cache(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
-                              temperatures=temperatures,
-                              batch_size=batch_size, workers=workers, device=device, precision=precision,
-                              chunk_rows=chunk_rows, threads=threads, test_data=test_data,
-                              min_teacher_acc=min_teacher_acc,
-                              force=force, verify_shards=not no_verify_shards,
-                              storage_options=_storage_options(storage_options), progress=not no_progress)
+        settings = BuildSettings(data, list(teachers), out, views=views, topk=topk, spec=spec, seed=seed,
+                                 temperatures=temperatures, batch_size=batch_size, workers=workers, device=device,
+                                 precision=precision, chunk_rows=chunk_rows, threads=threads, test_data=test_data,
+                                 min_teacher_acc=min_teacher_acc, force=force, verify_shards=not no_verify_shards,
+                                 storage_options=_storage_options(storage_options), progress=not no_progress)
+        summary = build_cache(settings)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
     if distributed_context()[0] == 0:
         click.echo(summary.line())
+
+
+def _grow_options(f):
+    """Options shared by ``extend`` and ``add-teacher`` (everything else comes from the cache)."""
+    for option in reversed([
+            click.option("--data", required=True, help="Manifest the cache was built from (fingerprint checked)."),
+            click.option("--device", default="auto", show_default=True,
+                         help="Must be the device type the cache was built on (it changes the bits)."),
+            click.option("--workers", type=int, default=None, help="DataLoader workers rendering views."),
+            click.option("--no-verify-shards", is_flag=True, help="Skip the sha256 check of every shard."),
+            click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE"),
+            click.option("--no-progress", is_flag=True, help="No progress bar.")]):
+        f = option(f)
+    return f
+
+
+def _grow_settings(data, device, workers, no_verify_shards, storage_options, no_progress, **extra):
+    from cache_builder.grow import GrowSettings
+    return GrowSettings(data=data, device=device, workers=workers, verify_shards=not no_verify_shards,
+                        storage_options=_storage_options(storage_options), progress=not no_progress, **extra)
+
+
+@cache.command()
+@click.argument("url")
+@click.option("--views", "-E", "views", type=int, required=True, help="The new number of views E2 (> E).")
+@click.option("--teacher", "teachers", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Checkpoint of a cached teacher [the path recorded in the cache]; its sha256 must match.")
+@_grow_options
+def extend(url, views, teachers, **options):
+    """Add views E..E2-1 to a complete cache: equals a fresh build with E2 views; old views untouched (resumable)."""
+    from cache_builder.build import BuildError
+    from cache_builder.grow import extend_cache
+    set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
+    try:
+        summary = extend_cache(url, views, _grow_settings(teachers=tuple(teachers), **options))
+    except (BuildError, CacheError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command("add-teacher")
+@click.argument("url")
+@click.argument("teachers", nargs=-1, required=True, metavar="NAME=CHECKPOINT...")
+@click.option("--test-data", default=None, help="Manifest of the test split: the new teachers' accuracy.")
+@_grow_options
+def add_teacher(url, teachers, test_data, **options):
+    """Add teacher groups (in the order given) to a complete cache: equals a fresh build with all the teachers."""
+    from cache_builder.build import BuildError
+    from cache_builder.grow import add_teachers
+    set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
+    try:
+        summary = add_teachers(url, list(teachers), _grow_settings(test_data=test_data, **options))
+    except (BuildError, CacheError, ManifestError, ValueError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", required=True, help="The merged cache (URL).")
+@click.option("--force", is_flag=True, help="Replace whatever is at --out.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+def merge(a, b, out, force, storage_options):
+    """Join the teachers of two caches of the same data, views and settings (checked) into one, without teachers."""
+    from cache_builder.assemble import merge_caches
+    from cache_builder.build import BuildError
+    set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
+    try:
+        summary = merge_caches(a, b, out, force=force, storage_options=_storage_options(storage_options))
+    except (BuildError, CacheError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
+
+
+@cache.command()
+@click.argument("src")
+@click.option("--teachers", default=None, metavar="NAME1,NAME2", help="Teachers to keep, in this order [all].")
+@click.option("--views", "-E", "views", type=int, default=None, help="Keep views 0..E-1 [all].")
+@click.option("--out", required=True, help="The exported cache (URL).")
+@click.option("--force", is_flag=True, help="Replace whatever is at --out.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
+def export(src, teachers, views, out, force, storage_options):
+    """A smaller cache for sharing: some teachers and the first views; equals a fresh build of those."""
+    from cache_builder.assemble import export_cache
+    from cache_builder.build import BuildError
+    set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
+    names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers else None
+    try:
+        summary = export_cache(src, out, teachers=names, views=views, force=force,
+                               storage_options=_storage_options(storage_options))
+    except (BuildError, CacheError) as exc:
+        raise _fail(exc) from None
+    click.echo(summary.line())
 
 
 @cache.command()

@@ -24,7 +24,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         raise CacheError(f"no cit cache at {url}: {exc}") from None
     attrs = read_attrs(root, url)
     try:
-        done = np.asarray(root["done"][:])
+        done = np.asarray(root["done"][:attrs.views])     # views beyond E: a change under way (growth)
         units_done = int((done == 1).sum())
     except KeyError:
         units_done = 0
@@ -46,6 +46,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "url": url, "format": attrs.format, "status": attrs.status,
         "complete": attrs.status == STATUS_COMPLETE and units_done == attrs.num_units,
         "units_done": units_done, "units_total": attrs.num_units,
+        "growth": attrs.growth,
         "dataset_fingerprint": attrs.dataset_fingerprint, "num_samples": n, "num_classes": attrs.num_classes,
         "views": e, "topk": attrs.topk, "temperatures": attrs.temperatures, "seed": attrs.seed,
         "chunk_rows": attrs.chunk_rows,
@@ -72,6 +73,8 @@ def format_info(info: dict) -> str:
     lines = [
         f"cache        {info['url']} (format {info['format']})",
         f"status       {state}: {info['units_done']}/{info['units_total']} units (view x chunk) written",
+        *([f"growth       a change is under way: {info['growth']['op']} (readers see the cache below until it "
+           "finishes)"] if info.get("growth") else []),
         f"dataset      N={info['num_samples']} samples, C={info['num_classes']} classes, "
         f"fingerprint {info['dataset_fingerprint']}",
         f"views        E={info['views']}, seed {info['seed']}, {info['num_params']} params per view; "

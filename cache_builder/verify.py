@@ -83,6 +83,10 @@ def verify_cache(url: str, data: str | None = None, recompute: int = 0, teachers
     if attrs.status == STATUS_CREATING:
         report.problem("complete", "the cache was interrupted while being created (no data yet)")
         return report
+    if attrs.growth:
+        report.problem("complete", f"a change ({attrs.growth.get('op')}) is under way or was interrupted; readers see "
+                       "the complete cache it started from — rerun that command to finish it, then verify")
+        return report
     spec = ViewSpec.from_dict(attrs.augment)
     root = _Arrays(root)
     if not _check_structure(root, attrs, spec, report):

@@ -5,6 +5,7 @@
     <root>/params                 float32 (E, N, P)   view params records (shared.augment.PARAMS_FIELDS)
     <root>/digest                 uint32  (E, N)      crc32 of each view's uint8 pixels (shared.views.pixel_digest)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
+    <root>/growth                 uint8   (E, n_chunks), only while teachers are being added: their completion map
     <root>/<teacher>/logp         float16 (E, N, K)   top-k log-probabilities z_i − lse(z), sorted descending
     <root>/<teacher>/indices      uint8 / int16 / int32 (E, N, K)  their class ids (narrowest that holds C-1)
     <root>/<teacher>/tail         float16 (E, N, S)   tail log-mass log Σ_{j∉top-k} softmax(z/τ_s)_j at each cached
@@ -28,6 +29,9 @@ redundancy of real teachers' top-k index sets (bitshuffle doubles the index byte
 log-probabilities and fp16 tail log-masses were chosen by the same benchmark: 27.5 B per view and teacher at
 C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.
 
+A complete cache grows (``cache_builder.grow``) behind the attribute ``growth``: readers keep seeing the complete
+cache the other attributes describe until one attribute write switches them to the grown one.
+
 Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
 ``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.
 
@@ -46,7 +50,8 @@ from shared.errors import CitUserError
 
 CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
-RESERVED_NAMES = ("params", "digest", "done")
+RESERVED_NAMES = ("params", "digest", "done", "growth")
+GROWTH_DONE = "growth"   # completion map of a teacher being added (removed when it is finished)
 TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
 
 
@@ -87,6 +92,9 @@ class CacheAttrs:
     temperatures: list[float] = field(default_factory=lambda: [1.0])   # τ at which the tail mass is stored
     view_code: dict = field(default_factory=dict)   # shared.views.VIEW_CODE: params layout, renderer, digest
     provenance: dict = field(default_factory=dict)  # shared.provenance.collect(): library versions, CPU/GPU
+    growth: dict = field(default_factory=dict)      # a change under way ({"op": "extend", "views": E2} or
+    #   {"op": "add-teacher", "teachers": [records]}): readers keep seeing the complete cache described by the
+    #   other attributes; the change becomes visible in one attribute write when it is finished; {} otherwise
 
     @property
     def num_chunks(self) -> int:
@@ -115,6 +123,7 @@ class CacheAttrs:
         data = asdict(self)
         data.pop("status")
         data.pop("provenance")
+        data.pop("growth")
         data["augment"] = ViewSpec.from_dict(data["augment"]).view_identity()
         for teacher in data["teachers"]:
             teacher.pop("test_accuracy")
@@ -187,12 +196,17 @@ def open_root(url: str, mode: str, storage_options: dict | None = None) -> zarr.
     return zarr.open_group(url, mode=mode, zarr_format=3, **kwargs)
 
 
-def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int) -> None:
-    """Create every array of the layout (empty); attributes are written by the caller."""
+def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int, paths=None) -> None:
+    """Create every array of the layout (empty), or only those in ``paths`` (``GROWTH_DONE`` too: a ``done``-like
+    map); attributes are written by the caller."""
     fills = {"params": np.nan, "digest": 0, "done": 0}
-    for path, (shape, chunks, dtype) in expected_arrays(attrs, num_params).items():
+    layout = expected_arrays(attrs, num_params)
+    layout[GROWTH_DONE] = layout["done"]
+    for path, (shape, chunks, dtype) in layout.items():
+        if (paths is None and path == GROWTH_DONE) or (paths is not None and path not in paths):
+            continue
         leaf = path.rsplit("/", 1)[-1]
-        if path == "done":   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
+        if path in ("done", GROWTH_DONE):   # 1-byte chunks, written last by each unit: no codec beyond the raw byte
             codecs = {"serializer": BytesCodec(), "compressors": None}
         else:
             codecs = _codecs(dtype)

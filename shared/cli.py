@@ -78,7 +78,7 @@ def main(quiet: bool) -> None:
 
 @click.group(cls=CitGroup)
 def data() -> None:
-    """Datasets: shards + manifest (prepare, info)."""
+    """Datasets: shards + manifest (prepare, subset, info)."""
 
 
 @data.group()
@@ -156,6 +156,29 @@ def prepare_scan_cmd(urls, out, num_classes, class_names, skip_bad, force, chann
     _report({"": manifest})
     if manifest.skipped:
         click.echo(f"skipped {len(manifest.skipped)} bad sample(s), listed in the manifest")
+
+
+@data.command("subset")
+@click.argument("manifest_path", metavar="MANIFEST")
+@click.option("--per-class", type=int, default=None, help="Keep N random rows of every class.")
+@click.option("--fraction", type=float, default=None, help="Keep this fraction of the rows, drawn at random.")
+@click.option("--classes", default=None, metavar="C1,C2,...", help="Keep every row of these class ids.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Draws the rows (--per-class, --fraction).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The subset's manifest (JSON).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+def subset_cmd(manifest_path, per_class, fraction, classes, seed, out, force):
+    """Manifest of a subset of MANIFEST's rows (same shards); trains from a cache built on MANIFEST."""
+    import os
+    from shared.errors import CitError
+    from shared.subset import SubsetRule, subset_manifest
+    if os.path.exists(out) and not force:
+        raise CitError(f"--out {out} already exists; pass --force to replace it")
+    try:
+        picked = tuple(int(c) for c in classes.split(",") if c.strip()) if classes else None
+    except ValueError:
+        raise CitError(f"--classes {classes!r} must be comma-separated class ids, e.g. 0,3,7") from None
+    manifest = subset_manifest(manifest_path, SubsetRule(per_class, fraction, picked, seed), out)
+    _report({"": manifest})
 
 
 @data.command("info")

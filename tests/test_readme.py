@@ -26,6 +26,7 @@ SMALL = {
     ("teacher", "train"): ["--epochs", "1"],
     ("cache", "build"): ["--views", "1"],
     ("cache", "verify"): ["--recompute", "4"],
+    ("data", "subset"): ["--per-class", "1"],
     ("train",): ["--epochs", "1"],
 }
 # Lines of the README's code blocks that are not `cit` commands, and where they are tested instead

@@ -34,6 +34,8 @@ class DataConfig:
     train: str = ""                   # training manifest
     test: str = ""                    # test manifest: evaluated after every epoch when set
     cache: str = ""                   # logit cache URL (kd.mode = cached)
+    cache_data: str = ""              # manifest the cache was built for, when data.train is a subset of it
+                                      #   (default: the one a `cit data subset` manifest records)
     view_seed: int = 0                # augmentation seed; must equal the cache's
     views: int = 0                    # E; 0 = the cache's E, or without a cache a fresh view every epoch
     allow_repeat_views: bool = False  # train more epochs than views (later epochs replay earlier views)
@@ -220,10 +222,18 @@ class Rendered:
     view: RenderedView
 
 
-def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], verify: bool) -> Block:
-    """The whole piece's rows of every array the join needs, in one concurrent read (one Zarr call per array)."""
+def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], verify: bool,
+               row_map: np.ndarray | None = None) -> Block:
+    """The whole piece's rows of every array the join needs, in one concurrent read (one Zarr call per array).
+    ``row_map`` (a training manifest that is a subset of the cache's): the piece's cache rows are read as the one
+    block that covers them, then taken."""
     paths = (["params", "digest"] if verify else []) + [f"{t}/{a}" for t in teachers for a in TEACHER_ARRAYS]
-    arrays = cache.read_rows(paths, view, piece.lo, piece.hi)
+    if row_map is None:
+        arrays = cache.read_rows(paths, view, piece.lo, piece.hi)
+    else:
+        rows = np.asarray(row_map[piece.lo:piece.hi])
+        lo = int(rows.min())
+        arrays = [a[rows - lo] for a in cache.read_rows(paths, view, lo, int(rows.max()) + 1)]
     params, digests = (arrays[0], arrays[1]) if verify else (None, None)
     tops = arrays[2 if verify else 0:]
     if not teachers:
@@ -262,15 +272,17 @@ class CacheJoin:
     """The batch's cached fields, gathered per piece block with one indexed read per array, checked against the
     replayed views when ``verify``.  Holds the current piece's block (a piece's rows arrive together)."""
 
-    def __init__(self, open_cache, teachers: list[str], verify: bool):
+    def __init__(self, open_cache, teachers: list[str], verify: bool, row_map: np.ndarray | None = None):
         self.open_cache, self.teachers, self.verify = open_cache, teachers, verify
+        self.row_map = row_map  # cache row of each training row (a subset of the cache's rows); None: the same rows
         self.block: Block | None = None
         self.block_view = -1
         self.reads = 0          # Zarr block reads (tests assert one per piece and array)
 
     def _block(self, view: int, piece: Piece) -> Block:
         if self.block is None or self.block.piece != piece or self.block_view != view:
-            self.block, self.block_view = read_block(self.open_cache(), view, piece, self.teachers, self.verify), view
+            block = read_block(self.open_cache(), view, piece, self.teachers, self.verify, self.row_map)
+            self.block, self.block_view = block, view
             self.reads += 3 * len(self.teachers) + 2 * self.verify
         return self.block
 
@@ -330,15 +342,17 @@ class TrainViews(IterableDataset):
 
     def __init__(self, manifest: Manifest, spec: ViewSpec, view_seed: int, views: int, *, seed: int = 0,
                  shuffle: bool = True, cache_url: str = "", teachers: tuple[str, ...] = (), verify: bool = True,
-                 rank: int | None = None, world: int | None = None, batch_size: int = 64):
+                 rank: int | None = None, world: int | None = None, batch_size: int = 64,
+                 row_map: np.ndarray | None = None):
         self.stream = ShardStream(manifest, seed=seed, shuffle=shuffle, rank=rank, world=world)
+        self.row_map = row_map  # cache row of each training row (a subset of the cache's rows); None: the same rows
         self.spec, self.view_seed, self.views = spec, view_seed, views
         self.cache_url, self.teachers, self.verify = cache_url, list(teachers), verify and bool(cache_url)
         self.batch_size = batch_size
         self._cache: LogitCache | None = None
         self.mix = ApproxMix(spec, view_seed) if spec.mix == "approx" else None
         self.renderer = make_renderer(spec, view_seed, manifest)
-        self.join = CacheJoin(self.cache, self.teachers, self.verify) \
+        self.join = CacheJoin(self.cache, self.teachers, self.verify, row_map) \
             if cache_url and (self.teachers or self.verify) else None
 
     @property

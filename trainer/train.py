@@ -32,6 +32,7 @@ from shared.augment import ViewSpec, to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
 from shared.config import ConfigError, check_fields, load_config, section, set_dotted
 from shared.manifest import Manifest, check_shards
+from shared.subset import cache_rows
 from trainer.data import (DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader,
                           warn_provenance)
 from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, claim_out, evaluate, fit,
@@ -254,7 +255,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     views = cfg.data.views
     if cfg.data.cache:
         cache = LogitCache.open(cfg.data.cache)
-        check_cache(cache.attrs, manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
+        relation = cache_rows(manifest, cache.attrs.dataset_fingerprint, cfg.data.cache_data)   # subset: row map
+        check_cache(cache.attrs, relation.cache_manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
                     cfg.data.cache)
         warn_provenance(cache.attrs, cfg.data.cache, cfg.data.verify_views)
         records = {name: cache.attrs.teacher(name) for name in teacher_names}
@@ -300,7 +302,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     train_set = TrainViews(manifest, cfg.augment, cfg.data.view_seed, views, seed=cfg.train.seed,
                            shuffle=cfg.data.shuffle, cache_url=cfg.data.cache,
                            teachers=tuple(teacher_names) if cached else (), verify=cfg.data.verify_views,
-                           rank=runtime.rank, world=runtime.world)
+                           rank=runtime.rank, world=runtime.world,
+                           row_map=relation.rows if cfg.data.cache else None)
     eval_fn = None
     if cfg.data.test:
         test = Manifest.load(cfg.data.test)
@@ -313,7 +316,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         eval_fn = make_eval_fn(test_set, cfg, runtime, mean, std)
     run_meta = {"config": cfg.to_dict(), "dataset_fingerprint": manifest.fingerprint, "views": views,
                 "heads": list(heads), "num_classes": num_classes, "in_chans": in_chans,
-                "trained_heads": sorted({"cls"} | {t.head for t in terms})}
+                "trained_heads": sorted({"cls"} | {t.head for t in terms}),
+                **({"cache_rows": relation.record()} if cfg.data.cache else {})}
     return Prepared(cfg, runtime, manifest, train_set, student, loss_fn, teachers, eval_fn, views, run_meta)
 
 

@@ -1,0 +1,223 @@
+"""Growing a cache: extend views and add teachers give, array by array, what a fresh build of the final cache gives;
+kill -9 during a change and a rerun give the same; readers see the old complete cache until the switch."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from click.testing import CliRunner
+
+from cache_builder import BuildError, build_cache
+from cache_builder.cli import cache as cache_cli
+from cache_builder.grow import GrowSettings, add_teachers, extend_cache
+from shared.augment import ViewSpec
+from shared.cache_schema import LogitCache
+from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher
+from tests.shard_fixtures import make_shards
+
+K, N, SHARD, BATCH = 3, 60, 20, 8
+AUG = {"image_size": 16, "erase_prob": 0.5, "mean": [0.4], "std": [0.3]}
+SPEC = ViewSpec.from_dict(AUG)
+
+
+@pytest.fixture(scope="module")
+def grow_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grow")
+    data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="gr", seed=3)
+    w = {"root": root, "data": data.path,
+         "conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
+         "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
+    return w
+
+
+def fresh(w, out: str, views: int, names: tuple[str, ...]) -> str:
+    build_cache(w["data"], [f"{n}={w[n]}" for n in names], out, views=views, topk=K, spec=SPEC, seed=5,
+                batch_size=BATCH, workers=0, threads=1, progress=False)
+    return out
+
+
+def settings(w, **kw) -> GrowSettings:
+    return GrowSettings(data=w["data"], workers=0, progress=False, **kw)
+
+
+def public_attrs(url: str) -> dict:
+    """Every group attribute but the informational ones (provenance: library versions of the building process)."""
+    attrs = dict(zarr.open_group(url, mode="r").attrs)
+    attrs.pop("provenance")
+    return attrs
+
+
+def assert_same_cache(a: str, b: str) -> None:
+    assert_bit_identical(a, b)
+    assert public_attrs(a) == public_attrs(b)
+
+
+def test_extend_2_to_4_equals_a_fresh_4_view_build(grow_world, tmp_path):
+    w = grow_world
+    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    old = {p: zarr.open_group(grown, mode="r")[p][:2] for p in ("params", "conv/logp", "conv/tail")}
+    chunk_files = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv", "logp", "c"))}
+    reader = LogitCache.open(grown)             # a training that opened the cache before the change
+    seen = reader.read_topk("conv", 1, 0, N)
+    summary = extend_cache(grown, 4, settings(w))
+    assert summary.complete and summary.units_built == 2 * (N // SHARD) and summary.units_skipped == 2 * (N // SHARD)
+    assert_same_cache(fresh(w, str(tmp_path / "four.zarr"), 4, ("conv",)), grown)
+    g = zarr.open_group(grown, mode="r")
+    assert all(np.array_equal(g[p][:2], v, equal_nan=True) for p, v in old.items())
+    assert all(os.path.getmtime(f) == t for f, t in chunk_files.items())     # old chunks never rewritten
+    assert reader.attrs.views == 2 and np.array_equal(reader.read_topk("conv", 1, 0, N).logp, seen.logp)
+    assert extend_cache(grown, 4, settings(w)).units_built == 0             # rerun: nothing to do
+
+
+def test_add_teacher_equals_a_fresh_two_teacher_build(grow_world, tmp_path):
+    w = grow_world
+    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    before = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv"))}
+    summary = add_teachers(grown, [f"inv={w['inv']}"], settings(w))
+    assert summary.complete and summary.units_built == 2 * (N // SHARD)
+    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), grown)
+    assert all(os.path.getmtime(f) == t for f, t in before.items())
+    assert LogitCache.open(grown).teacher_names == ["conv", "inv"]
+
+
+def test_grow_refusals_are_one_line(grow_world, tmp_path):
+    w = grow_world
+    url = fresh(w, str(tmp_path / "c.zarr"), 2, ("conv",))
+    runner = CliRunner()
+    for args, message in [(["extend", url, "--views", "1"], "fewer than the cache's E=2"),
+                          (["extend", url, "--views", "3", "--teacher", f"conv={w['inv']}"], "is not the teacher"),
+                          (["add-teacher", url, f"conv={w['inv']}"], "already has a teacher 'conv'"),
+                          (["extend", str(tmp_path / "none.zarr"), "--views", "3"], "no cit cache at")]:
+        r = runner.invoke(cache_cli, [*args, "--data", w["data"], "--no-progress"])
+        assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, (args, r.output)
+    assert LogitCache.open(url).attrs.views == 2 and not LogitCache.open(url).attrs.growth
+
+
+def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
+    w = grow_world
+    ref = str(tmp_path / "ref.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], ref, views=4, topk=K, spec=SPEC, seed=5, batch_size=4,
+                chunk_rows=5, workers=0, threads=1, progress=False)
+    url = str(tmp_path / "killed.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, topk=K, spec=SPEC, seed=5, batch_size=4,
+                chunk_rows=5, workers=0, threads=1, progress=False)
+    args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
+    while time.time() < deadline and proc.poll() is None and sum(map(os.path.exists, new_done)) < 3:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the extend finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # a reader of the interrupted store sees the old complete cache: E=2, its views intact
+    cache = LogitCache.open(url)
+    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
+    assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
+    from cache_builder import cache_info, format_info, verify_cache
+    info = cache_info(url)
+    assert info["complete"] and info["growth"]["op"] == "extend" and "a change is under way" in format_info(info)
+    assert "a change (extend) is under way" in verify_cache(url).problems[0]
+    with pytest.raises(BuildError, match="being changed by `cit cache extend`"):
+        fresh(w, url, 2, ("conv",))
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    assert "units were already done" in r.output
+    assert_same_cache(ref, url)
+
+
+def _files(folder: str) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+
+
+def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world, tmp_path):
+    w = grow_world
+    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
+    b = fresh(w, str(tmp_path / "b.zarr"), 2, ("inv",))
+    runner = CliRunner()
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), str(tmp_path / "ab.zarr"))
+    # export of one teacher (and fewer views) equals a one-teacher build
+    r = runner.invoke(cache_cli, ["export", str(tmp_path / "both.zarr"), "--teachers", "inv", "--views", "1",
+                                  "--out", str(tmp_path / "inv1.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(fresh(w, str(tmp_path / "inv-fresh.zarr"), 1, ("inv",)), str(tmp_path / "inv1.zarr"))
+    # what they join is verified: one line naming what differs
+    other = str(tmp_path / "other.zarr")
+    build_cache(w["data"], [f"inv={w['inv']}"], other, views=2, topk=K, spec=SPEC, seed=6, batch_size=BATCH,
+                workers=0, threads=1, progress=False)
+    r = runner.invoke(cache_cli, ["merge", a, other, "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "they differ in seed (5 vs 6)" in r.output and r.output.count("\n") == 1, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "inv1.zarr"), "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "every teacher must cover the same views" in r.output, r.output
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])   # finished: nothing to do
+    assert r.exit_code == 0 and "0 units in" in r.output, r.output
+    r = runner.invoke(cache_cli, ["export", a, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 2 and "pass --force" in r.output, r.output
+
+
+def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended():
+    from dataclasses import replace
+
+    from cache_builder.build import plan_build
+    from shared.cache_schema import CacheAttrs, TeacherRecord
+    conv = TeacherRecord("conv", "conv", "a", "sha1", 10, [0.5], [0.5])
+    inv = TeacherRecord("inv", "inv", "b", "sha2", 10, [0.5], [0.5])
+    have = CacheAttrs("fp", 60, 10, 2, 3, 5, {}, 20, [conv], status="complete", build={"batch_size": 8})
+    assert plan_build("absent", None, have, False, "o").action == "create"
+    assert plan_build("cache", have, replace(have, status="building"), False, "o").action == "resume"
+    assert plan_build("cache", have, replace(have, views=3), True, "o").action == "replace"
+    assert plan_build("foreign", None, have, True, "o").action == "refuse"
+    more_views = plan_build("cache", have, replace(have, views=4), False, "o")
+    assert more_views.action == "refuse" and "`cit cache extend o --views 4" in more_views.reason
+    more_teachers = plan_build("cache", have, replace(have, teachers=[conv, inv]), False, "o")
+    assert more_teachers.action == "refuse" and "`cit cache add-teacher o inv=CHECKPOINT" in more_teachers.reason
+    other = plan_build("cache", have, replace(have, views=4, seed=6), False, "o")
+    assert "already holds a different cache" in other.reason and "pass --force" in other.reason
+    growing = plan_build("cache", replace(have, growth={"op": "extend", "views": 4}), have, False, "o")
+    assert growing.action == "refuse" and "being changed by `cit cache extend`" in growing.reason
+
+
+def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path):
+    w = grow_world
+    small = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
+    ref = str(tmp_path / "ref.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}", f"inv={w['inv']}"], ref, views=2, **small)
+    url = str(tmp_path / "killed.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, **small)
+    args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    marks = os.path.join(url, "growth", "c")
+    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
+        time.sleep(0.002)
+    assert proc.poll() is None, "add-teacher finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache = LogitCache.open(url)       # the old complete cache: one teacher
+    assert cache.is_complete and cache.teacher_names == ["conv"] and cache.attrs.growth["op"] == "add-teacher"
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    assert "units were already done" in r.output
+    assert_same_cache(ref, url)
+
+
+def test_extend_and_add_teacher_on_an_fsspec_url(grow_world, tmp_path):
+    from tests.cache_fixtures import store_arrays
+    w = grow_world
+    url = f"memory://cit-grow-{os.getpid()}/c.zarr"
+    fresh(w, url, 1, ("conv",))
+    extend_cache(url, 2, settings(w))
+    add_teachers(url, [f"inv={w['inv']}"], settings(w))
+    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+    x, y = store_arrays(ref), store_arrays(url)
+    assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
+    assert LogitCache.open(url).teacher_names == ["conv", "inv"] and LogitCache.open(url).attrs.views == 2
