@@ -73,13 +73,15 @@ def test_per_class_subset_trains_from_the_full_cache_and_reads_only_its_rows(ful
     assert [keys_sup[r] for r in ds.row_map] == keys_sub                  # mapped by key, independently
     cache = LogitCache.open(full["cache"])
     ds.set_epoch(1)
-    samples = list(ds)                                                    # pixel digests checked on every row
-    assert sorted(s.row for s in samples) == list(range(20))
-    assert Counter(s.label for s in samples) == {c: 2 for c in range(10)}
-    assert ds.reads == len(ds.stream.pieces()) * 3                        # params, digests, one teacher per piece
-    for s in samples:
-        row = int(ds.row_map[s.row])
-        np.testing.assert_array_equal(s.topk[0].logp, cache.read_topk("t", 1, row, row + 1).logp[0])
+    batches = list(ds)                                                    # pixel digests checked on every row
+    rows = [int(r) for b in batches for r in b.rows]
+    assert sorted(rows) == list(range(20))
+    assert Counter(int(y) for b in batches for y in b.labels) == {c: 2 for c in range(10)}
+    assert ds.reads == len(ds.stream.pieces()) * 5                        # params, digests, a teacher's 3 arrays
+    for b in batches:
+        for j, r in enumerate(b.rows.tolist()):
+            row = int(ds.row_map[r])
+            np.testing.assert_array_equal(b.topk_logp[0, j].numpy(), cache.read_topk("t", 1, row, row + 1).logp[0])
     assert p.run_meta["cache_rows"] == {"relation": "subset", "cache_dataset": sup.fingerprint,
                                         "cache_manifest": sup.path, "rows": 20}
     run = train_mod.train(config(out, full["cache"]), str(tmp_path / "run"))
