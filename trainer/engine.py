@@ -2,7 +2,7 @@
 
 One ``fit`` runs epochs of ``train_one_epoch`` (+ ``evaluate`` when a test set is given), writes one JSON line of
 metrics per epoch, and after every epoch atomically rewrites a training-state checkpoint.  What is trained and
-how its loss is computed is the caller's ``loss_fn(model, batch) -> (loss, parts)``: the student's Eq. 1 with
+how its loss is computed is the caller's ``loss_fn(model, batch, step) -> (loss, parts)``: the student's Eq. 1 with
 cached or live teachers, or a teacher's plain cross-entropy.
 
 Exact resume: the data position is the epoch boundary and everything random is a function of (seed, epoch,
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from shared.errors import CitUserError
 from shared.io import atomic_write_bytes, atomic_write_text
 
-LossFn = Callable[[nn.Module, "object"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFn = Callable[[nn.Module, "object", int], tuple[torch.Tensor, dict[str, torch.Tensor]]]   # (model, batch, step)
 
 
 @dataclass
@@ -271,7 +271,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: LossFn, optim
                 group["lr"] = lr
             batch = batch.to(runtime.device)
             with torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
-                loss, parts = loss_fn(model, batch)
+                loss, parts = loss_fn(model, batch, step)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -70,7 +70,7 @@ def train_teacher(spec: TeacherSpec, cfg: RunConfig, resume: bool = False, force
     model = build_teacher(spec, manifest.num_classes, in_chans, cfg.augment.image_size)
     mean, std, smoothing = cfg.augment.mean, cfg.augment.std, cfg.loss.label_smoothing
 
-    def loss_fn(m: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    def loss_fn(m: nn.Module, batch, step: int = 0) -> tuple[torch.Tensor, dict]:
         logits = model_outputs(m(to_model_input(batch.views, mean, std)))["cls"]
         loss = F.cross_entropy(logits.float(), batch.labels, label_smoothing=smoothing)
         acc = (logits.detach().argmax(1) == batch.labels).float().mean()

@@ -15,6 +15,10 @@ kind, so one command line covers the paper's ablations:
 ``online`` replays the same views and runs the teachers live from their checkpoints (the parity and speed
 reference); ``none`` trains on labels only.  Everything that can be wrong with the inputs is checked before
 the first step.
+
+The student is a CiT or any timm model with one linear head per term (``shared.models.students``); the recipe
+(``[objective]``: Eq. 1, one-head KD, hard distillation, weight schedules) is an objective over a target source
+(cached, online, none) — ``trainer.objectives``, ``trainer.targets``; the config lives in ``trainer.config``.
 """
 from __future__ import annotations
 
@@ -23,136 +27,55 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
-from shared.augment import ViewSpec, to_model_input
+from shared.augment import to_model_input
 from shared.cache_schema import CacheError, LogitCache, TeacherRecord
-from shared.config import ConfigError, check_fields, load_config, section, set_dotted
+from shared.config import ConfigError
 from shared.manifest import Manifest, check_shards
 from shared.subset import cache_rows
-from trainer.data import (DataConfig, DataError, EvalViews, TrainViews, check_cache, check_views, make_loader,
-                          warn_provenance)
-from trainer.engine import (CheckpointError, FitResult, Runtime, TrainConfig, claim_out, evaluate, fit,
-                            setup_runtime, write_json)
-from trainer.losses import CiTLoss, KDTerm, LossConfig, MixInfo
+from trainer.config import (KD_MODES, SECTIONS, KDConfig, ObjectiveConfig, RunConfig, StudentConfig,  # noqa: F401
+                            load_run_config, read_config_file)
+from trainer.data import DataError, EvalViews, TrainViews, check_cache, check_views, make_loader, warn_provenance
+from trainer.engine import CheckpointError, FitResult, Runtime, claim_out, evaluate, fit, setup_runtime, write_json
+from trainer.losses import CiTLoss, KDTerm
+from trainer.objectives import CiTObjective, Objective, ObjectiveSpec, WeightSchedule, build_objective, model_outputs
+from trainer.targets import CachedSource, NoSource, OnlineSource, TargetModel
 
-KD_MODES = ("cached", "online", "none")
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StudentConfig:
-    """``[student]``: which student, and its options (passed to ``shared.models.create_model``)."""
-    arch: str = "cit_nano"
-    token_mode: str = "align"            # align | random: how the conv/inv tokens are made (official: align)
-    heads: tuple[str, ...] = ()          # () = derived from [kd]: cls + one head per KD slot in use
-    drop_path_rate: float = 0.0
-    options: dict = field(default_factory=dict)    # any further create_model keyword
-
-
-@dataclass
-class KDConfig:
-    """``[kd]``: distillation mode and which cached teacher feeds which token."""
-    mode: str = "cached"                 # cached | online | none
-    conv_teacher: str = ""               # teacher name in the cache -> conv token (λ1, τ1)
-    inv_teacher: str = ""                # teacher name in the cache -> inv token (λ2, τ2)
-    shared_token: bool = False           # one-token variant: every term on the class head
-    checkpoints: dict = field(default_factory=dict)   # online mode: teacher name -> checkpoint path
-
-    def __post_init__(self) -> None:
-        if self.mode not in KD_MODES:
-            raise ValueError(f"kd.mode must be one of {KD_MODES}, got {self.mode!r}")
-
-    def slots(self) -> list[tuple[str, str]]:
-        """(slot, teacher name) for the KD terms in use."""
-        if self.mode == "none":
-            return []
-        return [(slot, name) for slot, name in (("conv", self.conv_teacher), ("inv", self.inv_teacher)) if name]
-
-
-@dataclass
-class RunConfig:
-    data: DataConfig
-    augment: ViewSpec
-    student: StudentConfig
-    train: TrainConfig
-    kd: KDConfig
-    loss: LossConfig
-
-    def to_dict(self) -> dict:
-        return {"data": asdict(self.data), "augment": self.augment.to_dict(), "student": asdict(self.student),
-                "train": asdict(self.train), "kd": asdict(self.kd), "loss": asdict(self.loss)}
-
-
-SECTIONS = {"data": DataConfig, "student": StudentConfig, "train": TrainConfig, "kd": KDConfig, "loss": LossConfig}
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict:
-    """A TOML config; a top-level ``extends = "base.toml"`` (relative to the file) is loaded first and
-    overlaid, so ablation configs state only what they change."""
-    path = os.path.abspath(path)
-    if path in _seen:
-        raise ConfigError(f"config {path} extends itself (via {' -> '.join(_seen)})")
-    cfg = load_config(path)
-    base = cfg.pop("extends", None)
-    if base is None:
-        return cfg
-    return _merge(read_config_file(os.path.join(os.path.dirname(path), base), _seen + (path,)), cfg)
-
-
-def load_run_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """A TOML file (sections [data] [augment] [student] [train] [kd] [loss]) plus ``section.key=value`` overrides."""
-    cfg = read_config_file(path) if path else {}
-    for item in overrides:
-        set_dotted(cfg, item)
-    unknown = sorted(set(cfg) - set(SECTIONS) - {"augment"})
-    if unknown:
-        raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(SECTIONS) + ['augment']}")
-    try:
-        augment = ViewSpec.from_dict(check_fields(cfg.get("augment", {}), "augment", ViewSpec))
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[augment]: {exc}") from None
-    return RunConfig(augment=augment, **{name: section(cfg, name, cls) for name, cls in SECTIONS.items()})
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Models
 
-def model_outputs(out) -> dict[str, torch.Tensor]:
-    """Normalise a model's training output to {head: logits} (a teacher returns one tensor: its ``cls``)."""
-    if isinstance(out, dict):
-        return out
-    if isinstance(out, torch.Tensor):
-        return {"cls": out}
-    raise TypeError(f"model returned {type(out).__name__}; expected a tensor or a dict of head logits")
-
-
 def student_heads(cfg: RunConfig) -> tuple[str, ...]:
     if cfg.student.heads:
         return tuple(cfg.student.heads)
-    if cfg.kd.shared_token:
+    if cfg.kd.shared_token or cfg.objective.recipe == "kd":     # one-head KD distils into the class head
         return ("cls",)
     return ("cls",) + tuple(slot for slot, _ in cfg.kd.slots())
 
 
 def build_student(cfg: RunConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """A CiT, a registered timm student, or ``student:<timm name>``; a bare timm name is taken as the latter."""
     from shared import models
+    arch = cfg.student.arch
+    if not models.is_model(arch):
+        raise ConfigError(f"student.arch={arch!r}: " + models._unknown(arch))
+    if models.model_kind(arch) != "student":
+        arch = models.STUDENT_PREFIX + arch.removeprefix("timm:")
+        if not models.is_model(arch):
+            raise ConfigError(f"student.arch={cfg.student.arch!r} is a teacher builder, not a student: use a CiT, "
+                              f"{', '.join(n for n in models.list_models() if n.endswith('_student'))} or any timm "
+                              "model name")
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, img_size=cfg.augment.image_size,
-                  token_mode=cfg.student.token_mode, heads=student_heads(cfg),
-                  drop_path_rate=cfg.student.drop_path_rate, **cfg.student.options)
-    return models.create_model(cfg.student.arch, **kwargs)
+                  heads=student_heads(cfg), drop_path_rate=cfg.student.drop_path_rate, **cfg.student.options)
+    if models.is_token_student(arch):
+        kwargs["token_mode"] = cfg.student.token_mode
+    return models.create_model(arch, **kwargs)
 
 
 def kd_terms(cfg: RunConfig, heads: tuple[str, ...]) -> list[KDTerm]:
@@ -160,7 +83,7 @@ def kd_terms(cfg: RunConfig, heads: tuple[str, ...]) -> list[KDTerm]:
     weights = {"conv": (cfg.loss.lambda1, cfg.loss.tau1), "inv": (cfg.loss.lambda2, cfg.loss.tau2)}
     terms = []
     for slot, teacher in cfg.kd.slots():
-        head = "cls" if cfg.kd.shared_token else slot
+        head = "cls" if cfg.kd.shared_token or cfg.objective.recipe == "kd" else slot
         if head not in heads:
             raise ConfigError(f"kd.{slot}_teacher={teacher!r} needs a {head!r} head but the student has {heads}; "
                               f"drop student.heads or add {head!r}, or set kd.shared_token=true")
@@ -226,7 +149,7 @@ class Prepared:
     manifest: Manifest
     train_set: TrainViews
     student: nn.Module
-    loss_fn: object
+    loss_fn: "StudentStep"
     teachers: OnlineTeachers | None
     eval_fn: object
     views: int
@@ -274,36 +197,32 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
 
     torch.manual_seed(cfg.train.seed)               # the student's initial weights depend on the seed only
     student = build_student(cfg, num_classes, in_chans)
-    teachers = None
-    if cfg.kd.mode == "online":
-        teachers = load_online_teachers(cfg, records, num_classes, in_chans, runtime.device)
-    cache_attrs = cache.attrs if cfg.data.cache else None
-    criterion = CiTLoss(cfg.loss, terms, num_classes,
-                        temperatures=cache_attrs.temperatures if cfg.kd.mode == "cached" else None,
-                        cache_topk=cache_attrs.topk if cache_attrs else 0)
-    mean, std = cfg.augment.mean, cfg.augment.std
     cached = cfg.kd.mode == "cached"
-
-    def loss_fn(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
-        outputs = model_outputs(model(to_model_input(batch.views, mean, std)))
-        if cached:
-            targets = batch.targets(teacher_names)
-        elif teachers is not None:
-            targets = teachers(batch.views)
-        else:
-            targets = {}
-        mix = None
-        if batch.partner_labels is not None:   # mixed batch; cached approx targets are mixed in the loss
-            mix = MixInfo(batch.partner_labels, batch.lam, batch.partner_index if cached else None)
-        loss, parts = criterion(outputs, batch.labels, targets, mix)
-        parts["acc"] = (outputs["cls"].detach().argmax(1) == batch.labels).float().mean()
-        return loss, parts
-
     train_set = TrainViews(manifest, cfg.augment, cfg.data.view_seed, views, seed=cfg.train.seed,
                            shuffle=cfg.data.shuffle, cache_url=cfg.data.cache,
                            teachers=tuple(teacher_names) if cached else (), verify=cfg.data.verify_views,
                            rank=runtime.rank, world=runtime.world,
                            row_map=relation.rows if cfg.data.cache else None)
+    cache_attrs = cache.attrs if cfg.data.cache else None
+    temperatures = cache_attrs.temperatures if cached else None
+    cache_topk = cache_attrs.topk if cache_attrs else 0
+    steps = max(train_set.num_batches(cfg.train.batch_size, cfg.data.num_workers, rank=r)
+                for r in range(runtime.world)) * cfg.train.epochs
+    schedule = WeightSchedule(cfg.objective.schedule, cfg.objective.final, steps)
+    objective = make_objective(cfg, ObjectiveSpec(cfg, terms, num_classes, temperatures, cache_topk, schedule))
+    target_model = TargetModel(cfg.loss, num_classes, temperatures, cache_topk)
+    if cfg.objective.recipe == "kd" and cfg.kd.mode != "none":
+        target_model.warn_if_not_cached(cfg.objective.tau, "objective.tau")
+    teachers = None
+    if cfg.kd.mode == "online":
+        teachers = load_online_teachers(cfg, records, num_classes, in_chans, runtime.device)
+        source = OnlineSource(teachers, target_model)
+    elif cached:
+        source = CachedSource(tuple(teacher_names), target_model)
+    else:
+        source = NoSource(target_model)
+    loss_fn = StudentStep(objective, source, tuple(cfg.augment.mean), tuple(cfg.augment.std))
+    mean, std = cfg.augment.mean, cfg.augment.std
     eval_fn = None
     if cfg.data.test:
         test = Manifest.load(cfg.data.test)
@@ -316,9 +235,35 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         eval_fn = make_eval_fn(test_set, cfg, runtime, mean, std)
     run_meta = {"config": cfg.to_dict(), "dataset_fingerprint": manifest.fingerprint, "views": views,
                 "heads": list(heads), "num_classes": num_classes, "in_chans": in_chans,
-                "trained_heads": sorted({"cls"} | {t.head for t in terms}),
+                "trained_heads": sorted(objective.heads),
                 **({"cache_rows": relation.record()} if cfg.data.cache else {})}
     return Prepared(cfg, runtime, manifest, train_set, student, loss_fn, teachers, eval_fn, views, run_meta)
+
+
+def make_objective(cfg: RunConfig, spec: ObjectiveSpec) -> Objective:
+    """The configured recipe; without teachers (``kd.mode=none``) every recipe is the labels-only CE (λ0)."""
+    if cfg.kd.mode == "none":
+        if cfg.objective.recipe != "cit":
+            warnings.warn(f"kd.mode=none: objective.recipe={cfg.objective.recipe} has no teacher; training on the "
+                          "labels only (λ0·CE)", stacklevel=3)
+        return CiTObjective(CiTLoss(cfg.loss, [], spec.num_classes))
+    return build_objective(spec)
+
+
+@dataclass
+class StudentStep:
+    """The engine's ``loss_fn``: the student's heads on the batch's views, fitted by the objective to what the
+    target source makes of the batch.  ``parts`` stay device tensors (the engine decides when to sync)."""
+    objective: Objective
+    source: object                    # CachedSource | OnlineSource | NoSource
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, model: nn.Module, batch, step: int = 0) -> tuple[torch.Tensor, dict]:
+        outputs = model_outputs(model(to_model_input(batch.views, self.mean, self.std)))
+        loss, parts = self.objective(outputs, self.source(batch), step)
+        parts["acc"] = (outputs["cls"].detach().argmax(1) == batch.labels).float().mean()
+        return loss, parts
 
 
 def warn_kind_mismatch(kd: KDConfig, records: dict[str, TeacherRecord | None]) -> None:
@@ -365,6 +310,9 @@ RESUME_FREE = {("train", "epochs"), ("train", "progress"), ("train", "log_interv
 def check_same_run(current: dict, stored: dict) -> None:
     """Resuming with a different run config (other than epochs / logging / workers) is an error naming the keys."""
     old, new = stored.get("config", {}), json.loads(json.dumps(current.get("config", {})))   # tuples -> lists
+    for name in set(new) - set(old):          # a section added after the run started: it ran with the defaults
+        if name in SECTIONS:
+            old = old | {name: json.loads(json.dumps(asdict(SECTIONS[name]())))}
     differ = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
               for s in sorted(set(old) | set(new)) for k in sorted(set(old.get(s, {})) | set(new.get(s, {})))
               if (s, k) not in RESUME_FREE and old.get(s, {}).get(k) != new.get(s, {}).get(k)]

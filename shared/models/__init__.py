@@ -1,8 +1,10 @@
 """Model registry: every teacher and student is built by name through `create_model`.
 
 Names: ``rednet26/38/50/101`` (ImageNet RedNets), ``rednet_small`` (28-32 px RedNet), ``cit_nano``,
-``cit_tiny``, ``cit_small`` (students), and any timm model as ``timm:<name>`` or its bare name
-(``resnet18``, ``regnety_002``, ...; add ``small_input=True`` for 28-32 px images).
+``cit_tiny``, ``cit_small`` (token students), ``resnet10_student``, ``mixer_ti_student``, ``vit_ti_student`` (the
+paper's other students, one linear head per distillation term), any timm model as a student as
+``student:<timm name>``, and any timm model as ``timm:<name>`` or its bare name (``resnet18``, ``regnety_002``, ...;
+add ``small_input=True`` for 28-32 px images).
 
 Every builder takes ``num_classes``, ``in_chans`` and ``img_size`` (CNNs ignore the last). The model
 remembers how it was built (``model.model_spec = {"arch": name, "kwargs": {...}}``) so a checkpoint
@@ -21,10 +23,11 @@ from .flops import count_flops, count_params
 from .involution import Involution, involution2d, involution_unfold_reference
 from .normalize import Normalized, unwrap
 from .rednet import RedNet, rednet26, rednet38, rednet50, rednet101, rednet_small
+from .students import STUDENT_BUILDERS, TimmStudent, timm_student
 
 __all__ = [
-    "create_model", "list_models", "is_model", "model_kind", "describe_models", "register_model",
-    "CiT", "RedNet", "Involution", "Normalized", "unwrap", "involution2d", "involution_unfold_reference",
+    "create_model", "list_models", "is_model", "model_kind", "describe_models", "register_model", "is_token_student",
+    "CiT", "TimmStudent", "RedNet", "Involution", "Normalized", "unwrap", "involution2d", "involution_unfold_reference",
     "create_conv_teacher", "adapt_small_input", "count_params", "count_flops",
 ]
 
@@ -43,6 +46,14 @@ for _name, _fn in (("rednet26", rednet26), ("rednet38", rednet38), ("rednet50", 
     register_model(_name, _fn, "inv")
 for _name, _fn in (("cit_nano", cit_nano), ("cit_tiny", cit_tiny), ("cit_small", cit_small)):
     register_model(_name, _fn, "student")
+for _name, _fn in STUDENT_BUILDERS.items():
+    register_model(_name, _fn, "student")
+STUDENT_PREFIX = "student:"
+
+
+def is_token_student(name: str) -> bool:
+    """CiT builders: students whose distillation heads read their own tokens (they take ``token_mode``)."""
+    return name in ("cit_nano", "cit_tiny", "cit_small")
 
 
 def list_models(include_timm: bool = False) -> list[str]:
@@ -52,12 +63,16 @@ def list_models(include_timm: bool = False) -> list[str]:
 
 
 def _timm_name(name: str) -> str | None:
+    if name.startswith(STUDENT_PREFIX):
+        return None
     if name.startswith("timm:"):
         return name[5:]
     return None if name in _REGISTRY else name
 
 
 def is_model(name: str) -> bool:
+    if name.startswith(STUDENT_PREFIX):
+        return timm.is_model(name[len(STUDENT_PREFIX):])
     base = _timm_name(name)
     return base is None or timm.is_model(base)
 
@@ -66,6 +81,8 @@ def model_kind(name: str) -> str:
     """``inv`` for RedNets, ``student`` for CiT, ``conv`` for timm models."""
     if name in _KINDS:
         return _KINDS[name]
+    if name.startswith(STUDENT_PREFIX) and is_model(name):
+        return "student"
     if not is_model(name):
         raise ValueError(_unknown(name))
     return "conv"
@@ -79,7 +96,11 @@ def _unknown(name: str) -> str:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build model ``name`` with ``kwargs`` (num_classes, in_chans, img_size, model options)."""
     base = _timm_name(name)
-    if base is None:
+    if name.startswith(STUDENT_PREFIX):
+        if not is_model(name):
+            raise ValueError(_unknown(name[len(STUDENT_PREFIX):]))
+        builder = lambda **kw: timm_student(name[len(STUDENT_PREFIX):], **kw)  # noqa: E731
+    elif base is None:
         builder: Callable[..., nn.Module] = _REGISTRY[name]
     elif timm.is_model(base):
         builder = lambda **kw: create_conv_teacher(base, **kw)  # noqa: E731

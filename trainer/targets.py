@@ -1,0 +1,112 @@
+"""Target sources: what a batch's student is fitted to — labels, how the batch was mixed, and each teacher's output.
+
+Three interchangeable sources turn a ``Batch`` into ``Targets``: ``CachedSource`` (the cached top-k of the views
+the batch replays; no teacher runs), ``OnlineSource`` (the teachers run live on the same views: the parity and
+speed reference) and ``NoSource`` (labels only).  ``Targets.log_probs(teacher, τ)`` is the teacher's dense
+distribution at τ under the one target model of ``shared.targets`` (exact at every cached τ, the documented
+approximation at others), mixed like the batch in ``approx`` mode; ``Targets.top1(teacher)`` its top class.
+An objective reads only ``Targets``, so every recipe works with every source.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from shared import targets as target_model
+from trainer.losses import CiTLoss, LossConfig, MixInfo, mix_log_probs
+
+
+class TargetModel:
+    """Dense teacher log-probabilities from a cached ``(logp, indices, tail)`` triple or from live logits (the same
+    rules as Eq. 1's loss: ``loss.topk``, ``loss.tail``, the cache's temperatures and K)."""
+
+    def __init__(self, loss: LossConfig, num_classes: int, temperatures=None, cache_topk: int = 0):
+        self.num_classes = num_classes
+        self.temperatures = list(temperatures) if temperatures is not None else None
+        self.tail = loss.tail
+        self._dense = CiTLoss(loss, [], num_classes, temperatures=temperatures, cache_topk=cache_topk)
+
+    def log_probs(self, target, tau: float) -> torch.Tensor:
+        return self._dense.teacher_log_probs(target, tau)
+
+    def warn_if_not_cached(self, tau: float, option: str) -> None:
+        """The same warning Eq. 1's loss gives, for a recipe's own temperature option."""
+        if self.temperatures is None or self.tail == "renormalize":
+            return
+        if any(math.isclose(tau, t, rel_tol=1e-6) for t in self.temperatures):
+            return
+        near = self.temperatures[target_model.nearest_temperature(tau, self.temperatures)]
+        warnings.warn(f"{option}={tau:g} is not a temperature the cache holds "
+                      f"({', '.join(f'{t:g}' for t in self.temperatures)}): the teachers' targets are approximate — "
+                      f"the τ={near:g} target with a flat tail tempered by {near:g}/{tau:g} (top-k weights exact, "
+                      f"tail mass off); rebuild the cache with --temperatures including {tau:g} for the exact target",
+                      stacklevel=3)
+
+
+@dataclass
+class Targets:
+    """One batch's targets.  ``teachers``: name -> cached ``(logp, indices, tail)`` or live logits (B, C);
+    ``mix``: how the batch was mixed (``partner_index`` set when cached distributions must be mixed here)."""
+    labels: torch.Tensor
+    teachers: dict
+    mix: MixInfo | None
+    model: TargetModel | None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def log_probs(self, teacher: str, tau: float) -> torch.Tensor:
+        """(B, C) log-probabilities of ``teacher`` at ``tau`` for this batch's (possibly mixed) views."""
+        key = (teacher, tau)
+        if key not in self._memo:
+            log_q = self.model.log_probs(self.teachers[teacher], tau)
+            if self.mix is not None and self.mix.partner_index is not None:     # approx: temper, then mix
+                log_q = mix_log_probs(log_q, self.mix.lam, self.mix.partner_index)
+            self._memo[key] = log_q
+        return self._memo[key]
+
+    def top1(self, teacher: str) -> torch.Tensor:
+        """The teacher's top class per view: the cached first index (the top-k is sorted), the live argmax, or the
+        argmax of the mixed distribution when cached views are mixed here."""
+        target = self.teachers[teacher]
+        if self.mix is not None and self.mix.partner_index is not None:
+            return self.log_probs(teacher, 1.0).argmax(1)
+        if isinstance(target, torch.Tensor):
+            return target.argmax(1)
+        return target[1][:, 0].long()
+
+
+def _mix(batch, keep_partner: bool) -> MixInfo | None:
+    if batch.partner_labels is None:
+        return None
+    return MixInfo(batch.partner_labels, batch.lam, batch.partner_index if keep_partner else None)
+
+
+@dataclass
+class CachedSource:
+    """Each view's cached top-k; in ``approx`` mixing the distributions are mixed after tempering."""
+    teachers: tuple[str, ...]
+    model: TargetModel
+
+    def __call__(self, batch) -> Targets:
+        return Targets(batch.labels, batch.targets(list(self.teachers)), _mix(batch, True), self.model)
+
+
+@dataclass
+class OnlineSource:
+    """Teachers run live on the batch's views (already mixed: they see the student's pixels)."""
+    teachers: torch.nn.Module          # views -> {name: logits}
+    model: TargetModel
+
+    def __call__(self, batch) -> Targets:
+        return Targets(batch.labels, self.teachers(batch.views), _mix(batch, False), self.model)
+
+
+@dataclass
+class NoSource:
+    """Labels only."""
+    model: TargetModel | None = None
+
+    def __call__(self, batch) -> Targets:
+        return Targets(batch.labels, {}, _mix(batch, False), self.model)
