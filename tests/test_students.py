@@ -204,12 +204,12 @@ def test_family_trains_from_the_cache_and_resumes_exactly_after_kill(data, tmp_p
 def test_hard_targets_are_the_cached_top1_and_the_live_argmax(data):
     from shared.augment import to_model_input
     from shared.cache_schema import LogitCache
-    from trainer.data import collate
+    from trainer.data import make_loader
     cfg = train_mod.load_run_config(None, _sets(data, "vit_ti_student", "objective.recipe=\"hard\"",
                                                 "train.epochs=1"))
     p = train_mod.prepare(cfg)
     cache = LogitCache.open(data["cache"])
-    batch = next(iter(torch.utils.data.DataLoader(p.train_set, batch_size=N, collate_fn=collate)))
+    batch = next(iter(make_loader(p.train_set, N, 0, False)))
     targets = p.loss_fn.source(batch)
     rows = batch.rows.numpy()
     for name, t in data["teachers"].items():

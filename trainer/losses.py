@@ -157,12 +157,14 @@ class CiTLoss(torch.nn.Module):
         return target_model.uncached_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
 
     def _constants(self, device: torch.device) -> tuple:
-        """Per-term temperatures (T, 1, 1) and weights (T,) on ``device``, copied there once (not every step)."""
-        if device not in self._on_device:
-            taus = [t.tau for t in self.terms]
+        """Per-term temperatures (T, 1, 1) and weights (T,) on ``device``, copied there once while the terms stay the
+        same (a weight schedule changes them: then once per change)."""
+        taus, weights = tuple(t.tau for t in self.terms), tuple(t.weight for t in self.terms)
+        held = self._on_device.get(device)
+        if held is None or held[0] != (taus, weights):
             tau = taus[0] if len(set(taus)) == 1 else torch.tensor(taus, device=device).view(-1, 1, 1)
-            self._on_device[device] = (tau, torch.tensor([t.weight for t in self.terms], device=device))
-        return self._on_device[device]
+            held = self._on_device[device] = ((taus, weights), (tau, torch.tensor(weights, device=device)))
+        return held[1]
 
     def _keys(self) -> list[tuple[str, float]]:
         """The distinct (teacher, τ) targets of the terms, in term order."""
