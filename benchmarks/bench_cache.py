@@ -172,15 +172,19 @@ def bench_throughput(tmp: str, args) -> dict:
     if device.type == "cuda":
         configs = [(None, None)]                                 # the defaults: workers min(8, cores)
     elif args.quick:
-        configs = [(cores, None)]                                # the defaults: all cores, one render worker
+        configs = [(None, None)]                                 # no flags: the build's own defaults
     else:
-        configs = [(cores, None), (1, 1), (cores, 0)]
+        configs = [(None, None), (1, 1), (cores, 1), (cores, 0)]
+    from cache_builder.build import default_cpu_threads
+    all_threads = torch.get_num_threads()
     baselines: dict = {}
     runs = []
     for threads, workers in configs:
-        key = threads or 0
-        if threads:
-            torch.set_num_threads(threads)
+        # the teachers alone run with the thread count the build will use (no flags: its default)
+        used = threads or (default_cpu_threads(1 if workers is None else workers) if device.type == "cpu"
+                           else all_threads)
+        key = used
+        torch.set_num_threads(used)
         # teacher-only and build side by side (alternating, best of each): other load on the machine hits both
         best_teacher, best_teacher_cpu = baselines.get(key, (0.0, 0.0))
         best_build, best_build_cpu = None, 0.0
@@ -197,7 +201,9 @@ def bench_throughput(tmp: str, args) -> dict:
             if best_build is None or summary.steady_views_per_second > best_build.steady_views_per_second:
                 best_build = summary
         baselines[key] = (best_teacher, best_teacher_cpu)
-        run = {"threads": threads or "default", "workers": "default (1 on CPU)" if workers is None else workers,
+        torch.set_num_threads(all_threads)
+        run = {"threads": threads or f"default ({used})",
+               "workers": "default (1 on CPU)" if workers is None else workers,
                "teacher_views_per_second": best_teacher,
                "build_views_per_second": best_build.steady_views_per_second,
                "build_views_per_second_whole_call": best_build.views_per_second,
