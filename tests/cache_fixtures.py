@@ -61,6 +61,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_moto():
+    """A moto S3 server on 127.0.0.1 at a port the kernel picks when the server binds (no window in which a
+    parallel test worker could take the same port); returns the server and its port."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    return server, server.get_host_and_port()[1]
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cache_builder.cli", *args]
 

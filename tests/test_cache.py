@@ -188,10 +188,8 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
 
 def test_s3_round_trip(world, tmp_path, monkeypatch):
     pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    from tests.cache_fixtures import start_moto
+    server, port = start_moto()
     try:
         env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}

@@ -374,12 +374,8 @@ def test_recompute_works_from_another_folder(shards, teachers, tmp_path, monkeyp
 
 
 def _moto(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    from tests.cache_fixtures import free_port
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    from tests.cache_fixtures import start_moto
+    server, port = start_moto()
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
         monkeypatch.setenv(k, v)
