@@ -100,6 +100,7 @@ def test_grow_refusals_are_one_line(grow_world, tmp_path):
     assert LogitCache.open(url).attrs.views == 2 and not LogitCache.open(url).attrs.growth
 
 
+@pytest.mark.slow
 def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
     w = grow_world
     ref = str(tmp_path / "ref.zarr")
@@ -186,6 +187,7 @@ def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended
     assert growing.action == "refuse" and "being changed by `cit cache extend`" in growing.reason
 
 
+@pytest.mark.slow
 def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path):
     w = grow_world
     small = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
@@ -223,6 +225,7 @@ def test_extend_and_add_teacher_on_an_fsspec_url(grow_world, tmp_path):
     assert LogitCache.open(url).teacher_names == ["conv", "inv"] and LogitCache.open(url).attrs.views == 2
 
 
+@pytest.mark.slow
 def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
     import sys
 
