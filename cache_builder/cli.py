@@ -117,6 +117,7 @@ def _grow_options(f):
 
 
 def _grow_settings(data, device, workers, no_verify_shards, storage_options, no_progress, **extra):
+    """The options every rank of a ``torchrun`` change gets alike."""
     from cache_builder.grow import GrowSettings
     return GrowSettings(data=data, device=device, workers=workers, verify_shards=not no_verify_shards,
                         storage_options=_storage_options(storage_options), progress=not no_progress, **extra)
@@ -132,12 +133,14 @@ def extend(url, views, teachers, **options):
     """Add views E..E2-1 to a complete cache: equals a fresh build with E2 views; old views untouched (resumable)."""
     from cache_builder.build import BuildError
     from cache_builder.grow import extend_cache
+    from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
     try:
         summary = extend_cache(url, views, _grow_settings(teachers=tuple(teachers), **options))
     except (BuildError, CacheError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
-    click.echo(summary.line())
+    if distributed_context()[0] == 0:
+        click.echo(summary.line())
 
 
 @cache.command("add-teacher")
@@ -149,12 +152,14 @@ def add_teacher(url, teachers, test_data, **options):
     """Add teacher groups (in the order given) to a complete cache: equals a fresh build with all the teachers."""
     from cache_builder.build import BuildError
     from cache_builder.grow import add_teachers
+    from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
     try:
         summary = add_teachers(url, list(teachers), _grow_settings(test_data=test_data, **options))
     except (BuildError, CacheError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
-    click.echo(summary.line())
+    if distributed_context()[0] == 0:
+        click.echo(summary.line())
 
 
 @cache.command()

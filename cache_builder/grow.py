@@ -14,7 +14,8 @@ the old views and teachers, whose chunks never change.  Plain-Zarr readers see t
 
 Crash safety: new units are marked in a completion map (``done`` for new views; a temporary ``growth`` map for new
 teachers, removed after the switch) after their data; a rerun of the same command under the store lease skips the
-finished units, so a kill -9 at any point followed by a rerun gives the identical cache.
+finished units, so a kill -9 at any point followed by a rerun gives the identical cache.  Under ``torchrun`` rank 0
+does every check and store change, and each rank computes a contiguous share of the new units.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from cache_builder.build import (BuildError, BuildSummary, TeacherRunner, _probe, _remove_partial_writes,
+from cache_builder.build import (BuildError, BuildSummary, TeacherRunner, _Dist, _probe, _remove_partial_writes,
                                  _run_units, check_shards_readable, data_channels, group_units, load_teachers,
                                  measure_accuracy, parse_teacher_args, resolve_device, write_whole_unit)
 from shared.augment import ViewSpec
@@ -32,7 +33,6 @@ from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache
                                  expected_arrays, normalize_url)
 from shared.io import is_local
 from shared.manifest import Manifest, ManifestError
-from shared.reader import distributed_context
 from shared.store_lock import StoreLock
 
 
@@ -56,6 +56,7 @@ class _Context:
     manifest: Manifest
     spec: ViewSpec
     device: torch.device
+    comm: object = None          # build._Dist under torchrun (rank 0's context), else None
 
 
 def teacher_identity(record: TeacherRecord) -> dict:
@@ -80,16 +81,62 @@ def add_teachers(url: str, teachers, settings: GrowSettings) -> BuildSummary:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _grow(url: str, settings: GrowSettings, change) -> BuildSummary:
-    if distributed_context()[1] > 1:
-        raise BuildError("cit cache extend / add-teacher run in one process (torchrun is not supported for them "
-                         "yet); run it without torchrun")
+    """Rank 0 checks, announces, grows the arrays and switches; under torchrun every rank computes a contiguous
+    share of the new units (rank 0 sends the work order, see ``_run``)."""
+    comm = _Dist()
     caller_threads = torch.get_num_threads()
-    lock = StoreLock(normalize_url(url), settings.storage_options, command="cit cache grow").acquire()
+    lock, error, result = None, None, None
     try:
-        return change(_open(url, settings))
+        if comm.rank != 0:
+            return _follow(comm, url, settings)
+        try:
+            lock = StoreLock(normalize_url(url), settings.storage_options, command="cit cache grow").acquire()
+            ctx = _open(url, settings)
+            ctx.comm = comm
+            result = change(ctx)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            comm.broadcast(("end", None if error is None else f"{type(error).__name__}: {error}",
+                            None if result is None else asdict(result)))
+        return result
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(caller_threads)
+        comm.close()
+
+
+def _follow(comm: _Dist, url: str, settings: GrowSettings) -> BuildSummary:
+    """Ranks > 0: run the share of each work order rank 0 sends, until it says the change ended."""
+    failure = None
+    while True:
+        message = comm.broadcast(None)
+        if message[0] == "end":
+            if failure is not None:
+                raise failure
+            if message[1] is not None:
+                raise BuildError(f"rank 0 stopped the change: {message[1]}")
+            return BuildSummary(**message[2])
+        _, kind, pairs, units, target_json = message
+        failed = built = views_built = 0
+        try:
+            ctx = _open(url, replace(settings, verify_shards=False))   # rank 0 checked the shards' sha256
+            ctx.comm = comm
+            runner = _runner(ctx, pairs)
+            if kind == "extend":
+                sink = write_whole_unit(LogitCache(ctx.cache.root, CacheAttrs.from_json_dict(target_json), url))
+            else:
+                sink = _teacher_sink(ctx)
+            built, views_built = _run_share(ctx, runner, sink, _share(units, comm), settings)
+        except Exception as exc:  # noqa: BLE001 — reported after the collective below, so no rank hangs
+            failed, failure = 1, exc
+        comm.sum(failed), comm.sum(built), comm.sum(views_built)
+
+
+def _share(units: list, comm: _Dist) -> list:
+    return units[comm.rank * len(units) // comm.world:(comm.rank + 1) * len(units) // comm.world]
 
 
 def _open(url: str, settings: GrowSettings) -> _Context:
@@ -127,11 +174,34 @@ def _runner(ctx: _Context, pairs: list[tuple[str, str]]) -> TeacherRunner:
     return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures))
 
 
-def _run(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]], settings: GrowSettings):
+def _run(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]], settings: GrowSettings,
+         kind: str, target: CacheAttrs) -> tuple[int, int]:
+    """Rank 0: compute the pending ``units`` (with torchrun: send the order and compute rank 0's share)."""
+    comm = ctx.comm
+    if comm is None or comm.world == 1:
+        return _run_share(ctx, runner, sink, units, settings)
+    pairs = [(t.name, t.checkpoint) for t in runner.teachers]
+    comm.broadcast(("units", kind, pairs, units, target.to_json_dict()))
+    failed = built = views_built = 0
+    try:
+        built, views_built = _run_share(ctx, runner, sink, _share(units, comm), settings)
+    except BaseException:
+        failed = 1
+        raise
+    finally:
+        failed, built, views_built = comm.sum(failed), comm.sum(built), comm.sum(views_built)
+    if failed:
+        raise BuildError(f"another rank failed; cache {ctx.url} still shows its complete old state (rerun to resume)")
+    return built, views_built
+
+
+def _run_share(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]],
+               settings: GrowSettings) -> tuple[int, int]:
     workers = settings.workers if settings.workers is not None else (1 if ctx.device.type == "cpu" else 4)
     groups = group_units(units)
     return _run_units(sink, runner, ctx.manifest, ctx.spec, ctx.cache.attrs.seed, ctx.cache.attrs, groups,
-                      ctx.cache.attrs.build["batch_size"], min(workers, max(1, len(groups))), settings.progress)
+                      ctx.cache.attrs.build["batch_size"], min(workers, max(1, len(groups))),
+                      settings.progress and (ctx.comm is None or ctx.comm.rank == 0))
 
 
 def _put_attrs(ctx: _Context, attrs: CacheAttrs) -> None:
@@ -180,7 +250,8 @@ def _extend(ctx: _Context, views: int, settings: GrowSettings) -> BuildSummary:
     skipped = target.num_units - len(units)
     writer = LogitCache(ctx.cache.root, target, ctx.url)     # writes units of the target layout
     loop = time.perf_counter()
-    built_units, built_views = _run(ctx, runner, write_whole_unit(writer), units, settings)   # 3. new units
+    built_units, built_views = _run(ctx, runner, write_whole_unit(writer), units, settings,  # 3. new units
+                                    "extend", target)
     if not np.all(ctx.cache.done_map() == 1):
         raise BuildError(f"cache {ctx.url}: some new views are missing after the run; rerun the command")
     _put_attrs(ctx, target)                                                           # 4. switch
@@ -229,7 +300,8 @@ def _add(ctx: _Context, pairs: list[tuple[str, str]], settings: GrowSettings) ->
     growth_done = np.asarray(ctx.cache.array(GROWTH_DONE)[:])
     units = [(c, v) for c in range(attrs.num_chunks) for v in range(attrs.views) if growth_done[v, c] != 1]
     loop = time.perf_counter()
-    built_units, built_views = _run(ctx, runner, _teacher_sink(ctx), units, settings)  # 3. new groups
+    built_units, built_views = _run(ctx, runner, _teacher_sink(ctx), units, settings,  # 3. new groups
+                                    "add-teacher", target)
     if not np.all(np.asarray(ctx.cache.array(GROWTH_DONE)[:]) == 1):
         raise BuildError(f"cache {ctx.url}: some units of the new teachers are missing; rerun the command")
     _put_attrs(ctx, target)                                                           # 4. switch

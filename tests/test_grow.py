@@ -100,6 +100,7 @@ def test_grow_refusals_are_one_line(grow_world, tmp_path):
     assert LogitCache.open(url).attrs.views == 2 and not LogitCache.open(url).attrs.growth
 
 
+@pytest.mark.slow
 def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
     w = grow_world
     ref = str(tmp_path / "ref.zarr")
@@ -186,6 +187,7 @@ def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended
     assert growing.action == "refuse" and "being changed by `cit cache extend`" in growing.reason
 
 
+@pytest.mark.slow
 def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path):
     w = grow_world
     small = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
@@ -221,3 +223,20 @@ def test_extend_and_add_teacher_on_an_fsspec_url(grow_world, tmp_path):
     x, y = store_arrays(ref), store_arrays(url)
     assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
     assert LogitCache.open(url).teacher_names == ["conv", "inv"] and LogitCache.open(url).attrs.views == 2
+
+
+@pytest.mark.slow
+def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
+    import sys
+
+    from tests.cache_fixtures import free_port
+    w = grow_world
+    url = fresh(w, str(tmp_path / "ddp.zarr"), 1, ("conv",))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
+           "-m", "cache_builder.cli", "extend", url, "--views", "3", "--data", w["data"], "--no-progress",
+           "--workers", "0"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("complete") == 1 and "built 6 units" in result.stdout, result.stdout
+    assert_same_cache(fresh(w, str(tmp_path / "three.zarr"), 3, ("conv",)), url)
