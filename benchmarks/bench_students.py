@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import SPEC, make_data, make_teachers, throughput   # noqa: E402
+from bench_train import SPEC, machine_info, make_data, make_teachers, throughput   # noqa: E402
 from shared.io import atomic_write_text                              # noqa: E402
 
 FAMILIES = ("cit_nano", "cit_tiny", "resnet10_student", "mixer_ti_student", "vit_ti_student")
@@ -40,8 +39,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated student archs")
     args = parser.parse_args()
     n, rounds, batch = (128, 1, 16) if args.quick else (512, 2, 32)
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
+    result = {"machine": machine_info(),
               "settings": {"quick": args.quick, "samples": n, "rounds": rounds, "batch_size": batch,
                            "image_size": SPEC.image_size, "threads": torch.get_num_threads(),
                            "command": " ".join(["python", *sys.argv])},

@@ -22,7 +22,6 @@ dataset size per memory curve.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -45,6 +44,12 @@ from shared.io import atomic_write_text                        # noqa: E402
 CONV_TEACHER = ("regnety_002", {"small_input": True})   # default conv teacher: timm name + small-input stem
 INV_TEACHER = ("rednet_small", {})                       # default involution teacher
 SPEC = ViewSpec(image_size=28)
+
+
+def machine_info() -> dict:
+    """Where a throughput run ran (its load at the start: the ratios are paired, the absolute rates are not)."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()}
 
 
 def make_data(folder: str, num_samples: int, shard_size: int = 512, seed: int = 0) -> str:
@@ -203,7 +208,6 @@ def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int)
     import warnings
 
     from trainer.data import make_loader
-    from trainer.engine import make_optimizer
     from trainer.train import prepare
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -495,8 +499,7 @@ def main() -> None:
     n, rounds, batch = (64, 1, 16) if quick else (512, 2, 32)
     sizes = [64] if quick else [1000, 4000, 16000]   # quick: one point per curve (the code path, not the curve)
     archs = ("cit_nano",) if quick else ("cit_nano", "cit_tiny")
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "cuda": torch.cuda.is_available(), "loadavg_start": os.getloadavg()},
+    result = {"machine": machine_info(),
               "settings": {"quick": quick, "samples": n, "rounds": rounds, "batch_size": batch,
                            "memory_workers": args.workers, "threads": torch.get_num_threads(),
                            "teachers": {"conv": CONV_TEACHER[0], "inv": INV_TEACHER[0]}},
