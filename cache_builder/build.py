@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shared import provenance
-from shared.augment import ViewSpec, to_model_input
+from shared.augment import ViewSpec
 from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
                                  normalize_url, open_root, read_attrs)
@@ -478,6 +478,25 @@ class BuildSummary:
                 f"already done; teachers: {acc}")
 
 
+class StoreSession:
+    """One change of a store by every rank: the process group, the store's lease (rank 0 takes it) and the
+    caller's thread count (a build pins its own), all given back on exit, whatever happened."""
+
+    def __init__(self):
+        self.comm = _Dist()
+        self.lock: StoreLock | None = None
+        self._caller_threads = torch.get_num_threads()
+
+    def __enter__(self) -> "StoreSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        torch.set_num_threads(self._caller_threads)
+        self.comm.close()
+
+
 class _Dist:
     """Collectives over a gloo group (works for CPU tensors whatever backend the caller initialised)."""
 
@@ -601,16 +620,14 @@ def run_build(settings: BuildSettings) -> BuildSummary:
                           temperatures=list(temperatures),
                           view_code=dict(VIEW_CODE), provenance=provenance.collect(dev.type))
 
-    comm = _Dist()
-    caller_threads = torch.get_num_threads()     # the build pins its own count; give the caller theirs back
-    lock = None
-    try:
+    with StoreSession() as session:
+        comm = session.comm
         # ---- rank 0: every check that can fail, then create or reopen the store; the others wait for its verdict
         error, attrs_json = None, None
         if comm.rank == 0:
             try:
                 check_out_reachable(out, storage_options)
-                lock = StoreLock(normalize_url(out), storage_options).acquire()   # one writer per store
+                session.lock = StoreLock(normalize_url(out), storage_options).acquire()   # one writer per store
                 attrs = _prepare(replace(settings, spec=spec, workers=workers), manifest, loaded, runner, intended)
                 attrs_json = attrs.to_json_dict()
             except Exception as exc:  # noqa: BLE001 — re-raised below after telling the other ranks
@@ -653,11 +670,6 @@ def run_build(settings: BuildSettings) -> BuildSummary:
         if failed:
             raise BuildError(f"another rank failed; cache {out} is left incomplete (rerun to resume)")
         return summary
-    finally:
-        if lock is not None:
-            lock.release()
-        torch.set_num_threads(caller_threads)
-        comm.close()
 
 
 def group_units(units: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from cache_builder.build import (BuildError, BuildSummary, TeacherRunner, _Dist, _probe, _remove_partial_writes,
-                                 _run_units, check_shards_readable, data_channels, group_units, load_teachers,
+from cache_builder.build import (BuildError, BuildSummary, StoreSession, TeacherRunner, _Dist, _probe,
+                                 _remove_partial_writes, _run_units, check_shards_readable, data_channels, group_units, load_teachers,
                                  measure_accuracy, parse_teacher_args, resolve_device, write_whole_unit)
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
@@ -83,14 +83,14 @@ def add_teachers(url: str, teachers, settings: GrowSettings) -> BuildSummary:
 def _grow(url: str, settings: GrowSettings, change) -> BuildSummary:
     """Rank 0 checks, announces, grows the arrays and switches; under torchrun every rank computes a contiguous
     share of the new units (rank 0 sends the work order, see ``_run``)."""
-    comm = _Dist()
-    caller_threads = torch.get_num_threads()
-    lock, error, result = None, None, None
-    try:
+    error, result = None, None
+    with StoreSession() as session:
+        comm = session.comm
         if comm.rank != 0:
             return _follow(comm, url, settings)
         try:
-            lock = StoreLock(normalize_url(url), settings.storage_options, command="cit cache grow").acquire()
+            session.lock = StoreLock(normalize_url(url), settings.storage_options,
+                                     command="cit cache grow").acquire()
             ctx = _open(url, settings)
             ctx.comm = comm
             result = change(ctx)
@@ -101,11 +101,6 @@ def _grow(url: str, settings: GrowSettings, change) -> BuildSummary:
             comm.broadcast(("end", None if error is None else f"{type(error).__name__}: {error}",
                             None if result is None else asdict(result)))
         return result
-    finally:
-        if lock is not None:
-            lock.release()
-        torch.set_num_threads(caller_threads)
-        comm.close()
 
 
 def _follow(comm: _Dist, url: str, settings: GrowSettings) -> BuildSummary:

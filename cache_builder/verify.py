@@ -160,7 +160,7 @@ def _check_fingerprint(attrs: CacheAttrs, data: str, report: VerifyReport) -> Ma
 
 
 def _check_content(root, attrs: CacheAttrs, spec: ViewSpec, done: np.ndarray, report: VerifyReport) -> None:
-    c, k = attrs.num_classes, attrs.topk
+    c = attrs.num_classes
     before = len(report.problems)
     checked = 0
     for v in range(attrs.views):
