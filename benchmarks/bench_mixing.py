@@ -1,4 +1,4 @@
-"""Issue 6's measurement: Mixup/CutMix with cached teachers — exact cached vs approx cached vs exact online KD.
+"""Mixup/CutMix with cached teachers — exact cached vs approx cached vs exact online KD.
 
 On low-data Fashion-MNIST: reuse (or train) bench_claims.py's conv and involution teachers, build an ``exact`` cache
 (teachers run on the mixed views) and an unmixed cache (same E views, K = 10), then train the same small CiT
