@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_train import SPEC, machine_info, make_data, make_teachers, throughput   # noqa: E402
+from bench_train import SPEC, machine_info, throughput, throughput_world   # noqa: E402
 from shared.io import atomic_write_text                              # noqa: E402
 
 FAMILIES = ("cit_nano", "cit_tiny", "resnet10_student", "mixer_ti_student", "vit_ti_student")
@@ -46,11 +46,7 @@ def main() -> None:
               "families": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        from cache_builder.build import build_cache
-        manifest = make_data(os.path.join(folder, "data"), n)
-        checkpoints = make_teachers(folder)
-        cache = os.path.join(folder, "cache.zarr")
-        build_cache(manifest, checkpoints, cache, views=rounds, topk=10, spec=SPEC, seed=0, progress=False)
+        manifest, checkpoints, cache = throughput_world(folder, n, rounds)
         for arch in args.families.split(","):
             r = throughput(manifest, cache, checkpoints, arch, rounds, batch, ("cached", "online"))
             result["families"][arch] = r

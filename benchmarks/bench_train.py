@@ -46,6 +46,17 @@ INV_TEACHER = ("rednet_small", {})                       # default involution te
 SPEC = ViewSpec(image_size=28)
 
 
+def throughput_world(folder: str, samples: int, views: int, workers: int | None = None) -> tuple[str, dict, str]:
+    """(manifest, teacher checkpoints, cache) in ``folder``: the data, teachers and cache a throughput run trains on."""
+    from cache_builder.build import build_cache
+    manifest = make_data(os.path.join(folder, "data"), samples)
+    checkpoints = make_teachers(folder)
+    cache = os.path.join(folder, "cache.zarr")
+    build_cache(manifest, checkpoints, cache, views=views, topk=10, spec=SPEC, seed=0, progress=False,
+                workers=workers)
+    return manifest, checkpoints, cache
+
+
 def machine_info() -> dict:
     """Where a throughput run ran (its load at the start: the ratios are paired, the absolute rates are not)."""
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -506,12 +517,7 @@ def main() -> None:
               "throughput": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        from cache_builder.build import build_cache
-        manifest = make_data(os.path.join(folder, "data"), n)
-        checkpoints = make_teachers(folder)
-        cache = os.path.join(folder, "cache.zarr")
-        build_cache(manifest, checkpoints, cache, views=rounds, topk=10, spec=SPEC, seed=0, progress=False,
-                    workers=args.workers)
+        manifest, checkpoints, cache = throughput_world(folder, n, rounds, args.workers)
         print(f"data, teachers and cache ready ({time.perf_counter() - started:.0f} s)", flush=True)
         for arch in archs:
             modes = ("none", "cached", "online")

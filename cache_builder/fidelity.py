@@ -44,18 +44,13 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def sample_rows(cache: LogitCache, m: int, seed: int) -> list[tuple[int, int]]:
-    """Up to ``m`` distinct (view, row) pairs drawn uniformly from the written units, sorted by (view, row)."""
-    attrs = cache.attrs
-    done = cache.done_map()
-    rows = []
-    for v, chunk in np.argwhere(done == 1):
-        lo, hi = attrs.chunk_rows_range(int(chunk))
-        rows.extend((int(v), r) for r in range(lo, hi))
-    if not rows:
+    """Up to ``m`` distinct random (view, row) pairs of the written units (``verify``'s picker: no list of every
+    row, which at ImageNet scale would not fit), sorted by (view, row)."""
+    from cache_builder.verify import pick_views
+    picks = pick_views(cache.attrs, cache.done_map(), m, seed)
+    if not picks:
         raise CacheError(f"cache {cache.url}: no written units to sample")
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(rows), size=min(m, len(rows)), replace=False)
-    return sorted(rows[i] for i in picks)
+    return sorted(picks)
 
 
 def read_rows(cache: LogitCache, teacher: str, picks: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray,

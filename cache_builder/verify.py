@@ -218,7 +218,7 @@ def _check_block(name, where, logp, indices, tail, attrs: CacheAttrs, report) ->
                            f"{total[np.argmax(np.abs(total - 1.0))]:.4f})")
 
 
-def _pick_views(attrs: CacheAttrs, done: np.ndarray, m: int, seed: int) -> list[tuple[int, int]]:
+def pick_views(attrs: CacheAttrs, done: np.ndarray, m: int, seed: int) -> list[tuple[int, int]]:
     """``m`` random distinct (view, row) among written units, deterministic in ``seed``, sorted by row."""
     rng = np.random.default_rng(seed)
     units = np.argwhere(done == 1)
@@ -242,7 +242,7 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
         return
     renderer = make_renderer(spec, attrs.seed, manifest)
     if sample > 0:
-        picks = _pick_views(attrs, done, sample, seed)
+        picks = pick_views(attrs, done, sample, seed)
     else:
         picks = [(v, row) for row in range(attrs.num_samples) for v in range(attrs.views)
                  if done[v, row // attrs.chunk_rows] == 1]
@@ -298,7 +298,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     if precision == "bf16" and dev.type != "cuda":
         precision = "fp32"     # compare with the looser bf16 tolerance below
     runner = TeacherRunner(loaded, dev, precision, attrs.topk, tuple(attrs.temperatures))
-    picks = _pick_views(attrs, done, m, seed)
+    picks = pick_views(attrs, done, m, seed)
     if not picks:
         report.problem("recompute", "no written units to recompute")
         return
