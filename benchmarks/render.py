@@ -38,6 +38,7 @@ FIELDS: dict[str, list[str]] = {
                "summary.exact_cached.acc_cls_mean", "summary.exact_cached.acc_cls_std",
                "summary.approx_cached.acc_cls_mean", "summary.exact_online.acc_cls_mean",
                "exact_cache_cost.build_time_ratio", "exact_cache_cost.bytes_ratio"],
+    "grow": ["settings.command", "extend.ratio_vs_fresh", "add_teacher.ratio_vs_fresh"],
     "claims": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds", "teachers",
                "summary.cit.acc_cls_mean", "summary.cit.acc_cls_std", "summary.cit.acc_mean_heads_mean",
                "summary.no_kd.acc_cls_mean", "robustness.sets"],
@@ -129,6 +130,7 @@ def speed_section(r: dict) -> list[str]:
                      f"{lo['breakdown']['images_per_cpu_second']:,.0f} images per CPU-second in one process; "
                      "DataLoader wall images/s per worker: " + ", ".join(
                          f"{d['workers']} workers {d['steady_images_per_s_per_worker']:,.0f}" for d in lo["dataloader"])))
+    rows += users_wait_rows(r)
     if r.get("imagenet"):
         im = r["imagenet"]
         rows.append(("ImageNet-shaped synthetic run (JPEG, 224 px, 1000 classes)", "python benchmarks/bench_imagenet.py",
@@ -136,6 +138,44 @@ def speed_section(r: dict) -> list[str]:
     lines = ["| what | command | result |", "| --- | --- | --- |"]
     lines += [f"| {a} | `{b}` | {c} |" if b != "same" else f"| {a} | same | {c} |" for a, b, c in rows]
     return lines
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def users_wait_rows(r: dict) -> list[tuple[str, str, str]]:
+    """Where a user waits: the training loader's join, the 224 px step, growing a cache, the demo."""
+    rows = []
+    if r.get("train_join"):
+        j = r["train_join"]["join"]
+        rows.append(("training loader with cached KD ÷ without, images per CPU-second, paired (goal ≥ 0.97); "
+                     "step cached KD ÷ no KD, paired median (goal ≥ 0.99)", r["train_join"]["settings"]["command"],
+                     ", ".join(f"loader {px} px {v['cached_over_none']:.3f}" for px, v in j["loader"].items())
+                     + "; " + ", ".join(f"step {m} {v['step_cached_over_none']:.3f}" for m, v in j["step"].items())))
+    if r.get("train_paper224"):
+        p = r["train_paper224"]["paper224"]
+        cells = []
+        for name, run in p["runs"].items():
+            g = run["goal"]
+            cells.append(f"{name}: cached ÷ online {g['cached_over_online']:.2f}× vs goal {g['0.95_x_none_over_online']:.2f}× "
+                         f"(student-only ÷ online {run['none_over_online_paired_median']:.2f}×; FLOPs projection "
+                         f"{run['flops']['projected_cached_over_online']:.2f}×)")
+        rows.append((f"the paper's setting at 224 px: {p['student']} student, C = 1000, batch {p['batch_size']}, per-step "
+                     "paired (goal: cached ÷ online ≥ 0.95 × student-only ÷ online)",
+                     r["train_paper224"]["settings"]["command"], "; ".join(cells)))
+    if r.get("grow"):
+        g = r["grow"]
+        rows.append(("growing a complete cache, time ÷ a fresh build of the same final cache (bit-identical results)",
+                     g["settings"]["command"], f"extend E → 2E views {g['extend']['ratio_vs_fresh']:.2f}, add one "
+                     f"teacher to one {g['add_teacher']['ratio_vs_fresh']:.2f} (the new work is half the final cache)"))
+    if r.get("demo"):
+        d = r["demo"]
+        loads = ", ".join(f"{run['loadavg_start'][0]:.1f}" for run in d["runs"])
+        rows.append(("`cit demo` from an empty folder, wall time (goal ≤ 4 min on 2 idle cores)",
+                     d["settings"]["command"], ", ".join(minutes(w) for w in d["wall_seconds"])
+                     + f" (load average at start {loads})"))
+    return rows
 
 
 def imagenet_summary(im: dict) -> str:
