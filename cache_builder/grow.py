@@ -135,7 +135,8 @@ def _share(units: list, comm: _Dist) -> list:
 
 
 def _open(url: str, settings: GrowSettings) -> _Context:
-    cache = LogitCache.open(url, "r+", storage_options=settings.storage_options)   # refuses an incomplete cache
+    cache = LogitCache.open(url, "r+", storage_options=settings.storage_options,   # refuses an incomplete cache
+                            allow_view_range=True)
     attrs = cache.attrs
     try:
         manifest = Manifest.load(settings.data)
@@ -293,11 +294,11 @@ def _add(ctx: _Context, pairs: list[tuple[str, str]], settings: GrowSettings) ->
     create_arrays(ctx.cache.root, target, ctx.spec.num_params, paths=missing)        # 2. new, empty arrays
     ctx.cache._arrays.clear()
     growth_done = np.asarray(ctx.cache.array(GROWTH_DONE)[:])
-    units = [(c, v) for c in range(attrs.num_chunks) for v in range(attrs.views) if growth_done[v, c] != 1]
+    units = [(c, v) for c in range(attrs.num_chunks) for v in attrs.view_range if growth_done[v, c] != 1]
     loop = time.perf_counter()
     built_units, built_views = _run(ctx, runner, _teacher_sink(ctx), units, settings,  # 3. new groups
                                     "add-teacher", target)
-    if not np.all(np.asarray(ctx.cache.array(GROWTH_DONE)[:]) == 1):
+    if not np.all(np.asarray(ctx.cache.array(GROWTH_DONE)[attrs.first_view:]) == 1):
         raise BuildError(f"cache {ctx.url}: some units of the new teachers are missing; rerun the command")
     _put_attrs(ctx, target)                                                           # 4. switch
     _drop_growth_map(ctx)                                                             # 5. tidy up
