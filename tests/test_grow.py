@@ -18,8 +18,8 @@ from cache_builder import BuildError, build_cache
 from cache_builder.cli import cache as cache_cli
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
-from shared.cache_schema import LogitCache
-from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher
+from shared.cache_schema import CacheError, LogitCache
+from tests.cache_fixtures import REPO, assert_bit_identical, cli_command
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -28,13 +28,10 @@ SPEC = ViewSpec.from_dict(AUG)
 
 
 @pytest.fixture(scope="module")
-def grow_world(tmp_path_factory):
+def grow_world(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("grow")
     data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="gr", seed=3)
-    w = {"root": root, "data": data.path,
-         "conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
-         "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
-    return w
+    return {"root": root, "data": data.path, "conv": tiny_teachers["conv"], "inv": tiny_teachers["inv"]}
 
 
 def fresh(w, out: str, views: int, names: tuple[str, ...]) -> str:
@@ -240,3 +237,46 @@ def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("complete") == 1 and "built 6 units" in result.stdout, result.stdout
     assert_same_cache(fresh(w, str(tmp_path / "three.zarr"), 3, ("conv",)), url)
+
+
+def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path):
+    """Views 0..1 built here, views 2..3 "on another machine" (`build --views-from 2`): merged, a fresh 4-view
+    build; an overlap is joined only where both agree bit for bit; a gap is refused naming the missing views."""
+    w = grow_world
+    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
+    b = str(tmp_path / "b.zarr")
+    runner = CliRunner()
+    r = runner.invoke(cache_cli, ["build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "4",
+                                  "--views-from", "2", "--out", b, "--topk", str(K), "--seed", "5", "--batch-size",
+                                  str(BATCH), "--workers", "0", "--threads", "1", "--no-progress",
+                                  *[f"--set=augment.{k}={v}" for k, v in AUG.items()]])
+    assert r.exit_code == 0 and "built 6 units" in r.output, r.output
+    stored = zarr.open_group(b, mode="r")
+    assert stored.attrs["first_view"] == 2 and not np.any(stored["done"][:2]) and np.all(stored["done"][2:] == 1)
+    with pytest.raises(CacheError, match=r"holds views 2\.\.3 only \(a view range\).*cit cache merge"):
+        LogitCache.open(b)                       # what a training opens: a range is refused
+    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv",))
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 0 and "E=4" in r.output, r.output
+    assert_same_cache(full, str(tmp_path / "ab.zarr"))
+    # an overlap (view 1 in both) that agrees bit for bit is joined
+    r = runner.invoke(cache_cli, ["export", full, "--views-from", "1", "--out", str(tmp_path / "r13.zarr")])
+    assert r.exit_code == 0 and "views 1..3 (a range)" in r.output, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "r13.zarr"), "--out", str(tmp_path / "ov.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(full, str(tmp_path / "ov.zarr"))
+    # an overlap that differs stops the merge at the first different unit; the result is never complete
+    tampered = shutil.copytree(str(tmp_path / "r13.zarr"), str(tmp_path / "bad13.zarr"))
+    logp = zarr.open_group(tampered, mode="r+")["conv/logp"]
+    logp[1, 25] = logp[1, 25] - np.float16(0.5)
+    r = runner.invoke(cache_cli, ["merge", a, tampered, "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "disagree on conv/logp at view 1, rows 20..40" in r.output, r.output
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache.open(str(tmp_path / "bad.zarr"))
+    # a gap: views 0..1 and 3..3 leave view 2 in neither
+    r = runner.invoke(cache_cli, ["export", full, "--views-from", "3", "--out", str(tmp_path / "r3.zarr")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "r3.zarr"), "--out", str(tmp_path / "gap.zarr")])
+    assert r.exit_code == 2 and "views 2 are in neither" in r.output and "--views-from 2 --views 3" in r.output, \
+        r.output
+    assert not os.path.exists(str(tmp_path / "gap.zarr"))        # refused before anything is written
