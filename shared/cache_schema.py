@@ -324,7 +324,8 @@ class LogitCache:
             except KeyError:
                 done = 0
             raise CacheError(f"cache {url} is incomplete ({done} of {attrs.num_units} chunks "
-                             "written); finish it by rerunning `cit cache build` with the same options "
+                             "written); finish it by rerunning the command that wrote it (`cit cache build`, "
+                             "`merge` or `export`) with the same options "
                              "(in Python, LogitCache.open(url, allow_incomplete=True) reads the finished part)")
         if attrs.first_view and not (allow_view_range or allow_incomplete):
             raise CacheError(f"cache {url} holds views {attrs.first_view}..{attrs.views - 1} only (a view range); "

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cache_builder import BuildError, build_cache
 from cache_builder.cli import cache as cache_cli
+from cache_builder.assemble import export_cache, merge_caches
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheError, LogitCache
@@ -280,3 +281,53 @@ def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path
     assert r.exit_code == 2 and "views 2 are in neither" in r.output and "--views-from 2 --views 3" in r.output, \
         r.output
     assert not os.path.exists(str(tmp_path / "gap.zarr"))        # refused before anything is written
+
+
+FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=3, workers=0, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fine_caches(grow_world, tmp_path_factory):
+    """Caches of 3-row chunks (20 chunks x 4 views): copying them takes long enough to be killed in the middle."""
+    w = grow_world
+    root = tmp_path_factory.mktemp("fine")
+    out = {name: str(root / f"{name}.zarr") for name in ("conv", "inv", "both")}
+    for name in ("conv", "inv"):
+        build_cache(w["data"], [f"{name}={w[name]}"], out[name], views=4, **FINE)
+    merge_caches(out["conv"], out["inv"], out["both"])      # equal to a fresh build (tested above)
+    return out
+
+
+def _kill_in_the_middle(args: list[str], out: str) -> None:
+    """Start ``cit cache ARGS`` writing ``out``, kill -9 it once a few units are done; a reader in between is
+    refused (the result is being written), and after the kill too (incomplete: rerun)."""
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    marks = os.path.join(out, "done", "c")
+    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
+        time.sleep(0.002)
+    with pytest.raises(CacheError, match="is being built by pid"):
+        LogitCache.open(out)
+    assert proc.poll() is None, f"{args[0]} finished before it could be killed: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(CacheError, match=r"incomplete .*rerunning the command that wrote it"):
+        LogitCache.open(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["merge", "export"])
+def test_kill_9_during_merge_and_export_then_rerun_is_identical(fine_caches, tmp_path, op):
+    c = fine_caches
+    out, ref = str(tmp_path / f"{op}.zarr"), str(tmp_path / f"{op}-uninterrupted.zarr")
+    if op == "merge":
+        args, ref = ["merge", c["conv"], c["inv"], "--out", out], c["both"]
+    else:
+        args = ["export", c["both"], "--views-from", "1", "--out", out]
+        export_cache(c["both"], ref, first_view=1)
+    _kill_in_the_middle(args, out)
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    skipped = int(r.output.split(" units were already done")[0].rsplit(" ", 1)[1])
+    assert 3 <= skipped < LogitCache.open(ref, allow_view_range=True).attrs.num_units, r.output
+    assert_same_cache(ref, out)
