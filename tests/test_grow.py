@@ -2,10 +2,12 @@
 kill -9 during a change and a rerun give the same; readers see the old complete cache until the switch."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -283,12 +285,12 @@ def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path
     assert not os.path.exists(str(tmp_path / "gap.zarr"))        # refused before anything is written
 
 
-FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=3, workers=0, threads=1, progress=False)
+FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
 
 
 @pytest.fixture(scope="module")
 def fine_caches(grow_world, tmp_path_factory):
-    """Caches of 3-row chunks (20 chunks x 4 views): copying them takes long enough to be killed in the middle."""
+    """Caches of 5-row chunks (12 chunks x 4 views): copying them takes long enough to be killed in the middle."""
     w = grow_world
     root = tmp_path_factory.mktemp("fine")
     out = {name: str(root / f"{name}.zarr") for name in ("conv", "inv", "both")}
@@ -331,3 +333,53 @@ def test_kill_9_during_merge_and_export_then_rerun_is_identical(fine_caches, tmp
     skipped = int(r.output.split(" units were already done")[0].rsplit(" ", 1)[1])
     assert 3 <= skipped < LogitCache.open(ref, allow_view_range=True).attrs.num_units, r.output
     assert_same_cache(ref, out)
+
+
+GROW_BOTH = """
+import sys
+from cache_builder.grow import GrowSettings, add_teachers, extend_cache
+url, data, inv = sys.argv[1:4]
+settings = GrowSettings(data=data, workers=0, progress=False)
+extend_cache(url, 4, settings)
+add_teachers(url, [f"inv={inv}"], settings)
+"""
+
+
+def start_readers(url: str, reference: str, stop: str, count: int, options: str | None = None) -> list:
+    readers = [subprocess.Popen([sys.executable, "-m", "tests.grow_reader", url, reference, stop,
+                                 *([options] if options else [])], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    for reader in readers:
+        assert reader.stdout.readline().strip() == "ready", reader.communicate()
+    return readers
+
+
+def reader_reports(readers: list, stop: str) -> list[dict]:
+    open(stop, "w").close()
+    reports = []
+    for reader in readers:
+        out, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err[-2000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+@pytest.mark.slow
+def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_complete_cache(grow_world, tmp_path):
+    """Three reader processes read one cache (each view against a fresh build of the final cache, bit for bit)
+    while another process extends it 2 -> 4 views and then adds a teacher: each sees only complete states, in
+    order, and never a wrong value."""
+    w = grow_world
+    url, stop = fresh(w, str(tmp_path / "shared.zarr"), 2, ("conv",)), str(tmp_path / "stop")
+    reference = fresh(w, str(tmp_path / "final.zarr"), 4, ("conv", "inv"))
+    readers = start_readers(url, reference, stop, 3)
+    change = subprocess.run([sys.executable, "-c", GROW_BOTH, url, w["data"], w["inv"]],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert change.returncode == 0, change.stderr[-2000:]
+    reports = reader_reports(readers, stop)
+    old, extended, final = [2, ["conv"]], [4, ["conv"]], [4, ["conv", "inv"]]
+    for report in reports:
+        assert report["wrong"] == [] and report["refusals"] == [], report
+        assert report["states"][0] == old and report["states"][-1] == final, report
+        assert all(s in (old, extended, final) for s in report["states"]), report
+    assert sum(r["during_change"] for r in reports) > 0, reports    # the readers did read while it changed
