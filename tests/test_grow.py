@@ -383,3 +383,63 @@ def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_comp
         assert report["states"][0] == old and report["states"][-1] == final, report
         assert all(s in (old, extended, final) for s in report["states"]), report
     assert sum(r["during_change"] for r in reports) > 0, reports    # the readers did read while it changed
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """One moto S3 server for this module's s3:// tests, with a bucket ``cit-grow``; yields the storage options."""
+    pytest.importorskip("s3fs")
+    from tests.cache_fixtures import start_moto
+    server, port = start_moto()
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            import s3fs
+            s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("cit-grow")
+            yield options
+    finally:
+        server.stop()
+
+
+def test_extend_add_teacher_export_and_merge_on_s3(grow_world, s3_options, tmp_path):
+    import s3fs
+    w, o = grow_world, s3_options
+    url = "s3://cit-grow/c.zarr"
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=1, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
+                workers=0, threads=1, progress=False, storage_options=o)
+    extend_cache(url, 2, settings(w, storage_options=o))
+    add_teachers(url, [f"inv={w['inv']}"], settings(w, storage_options=o))
+    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+
+    def same(cache_url: str) -> None:
+        assert_bit_identical(ref, cache_url, o)
+        attrs = dict(zarr.open_group(cache_url, mode="r", storage_options=o).attrs)
+        attrs.pop("provenance")
+        assert attrs == public_attrs(ref)
+    same(url)
+    for name in ("conv", "inv"):
+        export_cache(url, f"s3://cit-grow/{name}.zarr", teachers=[name], storage_options=o)
+    merge_caches("s3://cit-grow/conv.zarr", "s3://cit-grow/inv.zarr", "s3://cit-grow/m.zarr", storage_options=o)
+    same("s3://cit-grow/m.zarr")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **o)
+    assert not [p for p in fs.ls("cit-grow") if p.endswith(".lock")]        # every lease given back
+
+
+def test_an_s3_lease_is_a_conditional_put(s3_options, monkeypatch):
+    """Two takers that both found no lease: the second's conditional put fails, it is refused at once (without the
+    condition both would write, and the later one would read its own token back and also hold the store)."""
+    from shared import store_lock
+    first = store_lock.StoreLock("s3://cit-grow/race.zarr", s3_options).acquire()
+    real, calls = store_lock.read_lease, []
+
+    def missed_the_first(*args, **kwargs):      # the second taker looked before the first one's lease was there
+        calls.append(1)
+        return None if len(calls) == 1 else real(*args, **kwargs)
+    monkeypatch.setattr(store_lock, "read_lease", missed_the_first)
+    try:
+        with pytest.raises(store_lock.StoreLockedError, match=f"being built by pid {os.getpid()}"):
+            store_lock.StoreLock("s3://cit-grow/race.zarr", s3_options).acquire()
+    finally:
+        first.release()
+    assert store_lock.read_lease("s3://cit-grow/race.zarr", s3_options) is None
