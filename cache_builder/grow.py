@@ -16,6 +16,9 @@ Crash safety: new units are marked in a completion map (``done`` for new views; 
 teachers, removed after the switch) after their data; a rerun of the same command under the store lease skips the
 finished units, so a kill -9 at any point followed by a rerun gives the identical cache.  Under ``torchrun`` rank 0
 does every check and store change, and each rank computes a contiguous share of the new units.
+
+A view range cache (views F..E-1, ``first_view`` F) grows the same way: ``extend`` adds views E..E2-1 and
+``add_teachers`` computes the new teachers on views F..E-1 only.
 """
 from __future__ import annotations
 
