@@ -283,6 +283,9 @@ def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path
     assert r.exit_code == 2 and "views 2 are in neither" in r.output and "--views-from 2 --views 3" in r.output, \
         r.output
     assert not os.path.exists(str(tmp_path / "gap.zarr"))        # refused before anything is written
+    r = runner.invoke(cache_cli, ["build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "4",
+                                  "--views-from", "4", "--out", str(tmp_path / "none.zarr")])
+    assert r.exit_code == 2 and "--views-from 4 must be in 0..3" in r.output and r.output.count("\n") == 1, r.output
 
 
 FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
@@ -443,3 +446,15 @@ def test_an_s3_lease_is_a_conditional_put(s3_options, monkeypatch):
     finally:
         first.release()
     assert store_lock.read_lease("s3://cit-grow/race.zarr", s3_options) is None
+
+
+def test_a_view_range_grows_like_a_cache(grow_world, tmp_path):
+    """add-teacher on a range computes the new teacher on its views only; extend adds views after its end."""
+    w = grow_world
+    url = str(tmp_path / "range.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=3, first_view=2, topk=K, spec=SPEC, seed=5,
+                batch_size=BATCH, workers=0, threads=1, progress=False)
+    assert add_teachers(url, [f"inv={w['inv']}"], settings(w)).units_built == N // SHARD
+    assert extend_cache(url, 4, settings(w)).units_built == N // SHARD
+    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv", "inv"))
+    assert_same_cache(export_cache(full, str(tmp_path / "full24.zarr"), first_view=2).url, url)
