@@ -2,7 +2,7 @@
 every block it reads bit for bit against a reference store (plain zarr: a fresh build of the final cache), and
 prints one JSON line of what it saw.
 
-    python -m tests.grow_reader URL REFERENCE STOP_FILE [STORAGE_OPTIONS_JSON]
+    python -m tests.grow_reader URL REFERENCE STOP_FILE [STORAGE_OPTIONS_JSON [PAUSE_SECONDS]]
 
 Two handles: one opened at the start and kept (a training that opened the cache before the change) and one opened
 anew for every read (a training started during the change).  It reads until STOP_FILE exists, then once more.
@@ -33,7 +33,7 @@ def read_and_check(cache: LogitCache, ref: zarr.Group, view: int) -> list[str]:
             if not np.array_equal(_bits(b), _bits(np.asarray(ref[p][view, 0:n])))]
 
 
-def main(url: str, reference: str, stop: str, options: dict | None) -> dict:
+def main(url: str, reference: str, stop: str, options: dict | None, pause: float = 0.05) -> dict:
     ref = zarr.open_group(reference, mode="r")
     held = LogitCache.open(url, storage_options=options)
     report = {"states": [], "reads": 0, "during_change": 0, "refusals": [], "wrong": []}
@@ -57,9 +57,10 @@ def main(url: str, reference: str, stop: str, options: dict | None) -> dict:
             report["reads"] += 1
         if last:
             return report
-        time.sleep(0.05)        # a training between steps: leaves the cores to the change
+        time.sleep(pause)       # a training between steps: leaves the cores (and the S3 server) to the change
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    print(json.dumps(main(args[0], args[1], args[2], json.loads(args[3]) if len(args) > 3 else None)), flush=True)
+    print(json.dumps(main(args[0], args[1], args[2], json.loads(args[3]) if len(args) > 3 else None,
+                          float(args[4]) if len(args) > 4 else 0.05)), flush=True)
