@@ -1,5 +1,7 @@
-"""Growing a cache: extend views and add teachers give, array by array, what a fresh build of the final cache gives;
-kill -9 during a change and a rerun give the same; readers see the old complete cache until the switch."""
+"""Growing a cache: extend views, add teachers, merge (teachers and view ranges) and export give, array by array, what
+a fresh build of the final cache gives, locally and on s3; kill -9 during a change, a merge or an export and a rerun
+give the same; reader processes see only the documented states (old or new complete cache, or the refusals) and
+correct values while a cache changes."""
 from __future__ import annotations
 
 import json
@@ -339,7 +341,8 @@ def test_kill_9_during_merge_and_export_then_rerun_is_identical(fine_caches, tmp
 
 
 def start_readers(url: str, reference: str, stop: str, count: int, *extra: str) -> list:
-    readers = [subprocess.Popen([sys.executable, "-m", "tests.grow_reader", url, reference, stop, *extra], cwd=REPO, stdout=subprocess.PIPE,
+    readers = [subprocess.Popen([sys.executable, "-m", "tests.grow_reader", url, reference, stop, *extra],
+                                cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(count)]
     for reader in readers:
         assert reader.stdout.readline().strip() == "ready", reader.communicate()
