@@ -1,12 +1,18 @@
-"""Caches made from other caches, without running a teacher: ``merge`` (teachers of two caches of the same data,
-views and build settings) and ``export`` (some teachers and the first views of one cache, to share).
+"""Caches made from other caches, without running a teacher: ``merge`` (the teachers and view ranges of two caches
+of the same data and build settings) and ``export`` (some teachers and a range of views of one cache, to share).
 
-Both verify what they join before writing anything — every identity field but the teachers and E must agree (the
-first that differs is named) — and, while copying, that arrays two sources both hold (params records, pixel
-digests, a teacher present in both) are equal bit for bit.  The result is the cache a fresh build with the final
-teachers (merge: A's in A's order, then B's new ones; export: in the order asked) and views would write.  Writing
-goes through the build's states (creating -> building -> complete) and ``done`` map under the store lease, so a
-killed merge or export resumes where it stopped when rerun.
+A cache holds views ``first_view``..``views``-1 (0..E-1 unless it was built with ``--views-from``), always at
+their own view index.  ``merge A B`` gives the views from min(first_view) to max(views)-1 and A's teachers, then
+B's others; it refuses, before writing anything, caches whose identity differs in anything but the teachers and
+the view range (the first field that differs is named), a gap between the two ranges (the missing views are
+named) and a teacher that would lack some views.  Views both inputs hold (an overlap; params records, pixel
+digests, a teacher in both) are compared bit for bit while copying: the first difference stops the merge naming
+the array, view and rows, and the result is never marked complete.  The result is the cache a fresh build with
+the final teachers and views would write.
+
+Writing goes through the build's states (creating -> building -> complete) and ``done`` map under the store lease:
+a reader of the result sees the "being built" refusal while it is written, an "incomplete, rerun" refusal after a
+kill, and the complete cache after the (resumed) command; a killed merge or export resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -30,9 +36,11 @@ class AssembleSummary:
     seconds: float
     teachers: list[str]
     views: int
+    first_view: int = 0
 
     def line(self) -> str:
-        return (f"cache {self.url}: complete; E={self.views}, teachers {', '.join(self.teachers)}; copied "
+        shown = f"E={self.views}" if not self.first_view else f"views {self.first_view}..{self.views - 1} (a range)"
+        return (f"cache {self.url}: complete; {shown}, teachers {', '.join(self.teachers)}; copied "
                 f"{self.units_copied} units in {self.seconds:.1f}s; {self.units_skipped} units were already done")
 
 
@@ -40,22 +48,21 @@ class AssembleSummary:
 class _Plan:
     target: CacheAttrs
     sources: list[LogitCache]
-    shared_from: list[int]               # params/digest: the sources holding each view, first one is copied
-    teacher_from: dict[str, list[int]]   # teacher -> the sources holding it (first copied, the others compared)
+
+    def holders(self, view: int, teacher: str | None = None) -> list[int]:
+        """The sources holding ``view`` (and ``teacher``): the first is copied, the others compared with it."""
+        return [i for i, s in enumerate(self.sources)
+                if view in s.attrs.view_range and (teacher is None or teacher in s.teacher_names)]
 
 
 def merge_caches(a: str, b: str, out: str, *, force: bool = False,
                  storage_options: dict | None = None) -> AssembleSummary:
-    """C = A's teachers + B's other teachers (same data, spec, seed, E, K and build settings)."""
+    """C = A's teachers + B's other teachers over the union of their view ranges (see the module doc)."""
     sa, sb = _open(a, storage_options), _open(b, storage_options)
     diff = _diff(sa.attrs, sb.attrs)
     if diff:
         raise BuildError(f"cannot merge {a} and {b}: they differ in {diff[0]}" +
                          (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
-    if sa.attrs.views != sb.attrs.views:
-        raise BuildError(f"cannot merge {a} (E={sa.attrs.views}) and {b} (E={sb.attrs.views}): every teacher must "
-                         f"cover the same views; `cit cache extend` the smaller one to E="
-                         f"{max(sa.attrs.views, sb.attrs.views)} first")
     teachers = list(sa.attrs.teachers)
     names = [t.name for t in teachers]
     for record in sb.attrs.teachers:
@@ -65,14 +72,29 @@ def merge_caches(a: str, b: str, out: str, *, force: bool = False,
                                  "one (checkpoint or settings differ); export one of them without it first")
         else:
             teachers.append(record)
-    target = replace(sa.attrs, teachers=teachers, growth={}, status=STATUS_CREATING)
-    holders = {t.name: [i for i, s in enumerate((sa, sb)) if t.name in s.teacher_names] for t in teachers}
-    return _assemble(_Plan(target, [sa, sb], [0, 1], holders), out, force, storage_options)
+    first, end = min(sa.attrs.first_view, sb.attrs.first_view), max(sa.attrs.views, sb.attrs.views)
+    missing = [v for v in range(first, end) if not any(v in s.attrs.view_range for s in (sa, sb))]
+    if missing:
+        raise BuildError(f"cannot merge {a} (views {_span(sa.attrs.view_range)}) and {b} (views "
+                         f"{_span(sb.attrs.view_range)}): views {_span(missing)} are in neither; build them with "
+                         f"`cit cache build ... --views-from {missing[0]} --views {missing[-1] + 1}` and merge that "
+                         "too")
+    for record in teachers:
+        lacking = [v for v in range(first, end)
+                   if not any(v in s.attrs.view_range and record.name in s.teacher_names for s in (sa, sb))]
+        if lacking:
+            raise BuildError(f"cannot merge {a} and {b}: every teacher must cover the same views, but teacher "
+                             f"{record.name} has no views {_span(lacking)} there; `cit cache extend` or `add-teacher` "
+                             "the input that lacks them first")
+    target = replace(sa.attrs, teachers=teachers, first_view=first, views=end, growth={}, status=STATUS_CREATING)
+    return _assemble(_Plan(target, [sa, sb]), out, force, storage_options)
 
 
 def export_cache(src: str, out: str, *, teachers: list[str] | None = None, views: int | None = None,
-                 force: bool = False, storage_options: dict | None = None) -> AssembleSummary:
-    """A smaller cache: the ``teachers`` named (in that order; default all) and views 0..views-1 (default all)."""
+                 first_view: int | None = None, force: bool = False,
+                 storage_options: dict | None = None) -> AssembleSummary:
+    """A smaller cache: the ``teachers`` named (in that order; default all) and views first_view..views-1 (default
+    the source's range); ``first_view`` > 0 makes a view range cache."""
     source = _open(src, storage_options)
     attrs = source.attrs
     names = list(teachers) if teachers else source.teacher_names
@@ -82,17 +104,24 @@ def export_cache(src: str, out: str, *, teachers: list[str] | None = None, views
         if name not in source.teacher_names:
             raise BuildError(f"cache {src} has no teacher {name!r} (it has {source.teacher_names})")
     views = attrs.views if views is None else views
-    if not 1 <= views <= attrs.views:
-        raise BuildError(f"--views {views}: cache {src} has views 0..{attrs.views - 1}; export 1..{attrs.views}")
-    target = replace(attrs, teachers=[attrs.teacher(n) for n in names], views=views, growth={},
-                     status=STATUS_CREATING)
-    return _assemble(_Plan(target, [source], [0], {n: [0] for n in names}), out, force, storage_options)
+    first_view = attrs.first_view if first_view is None else first_view
+    if not attrs.first_view <= first_view < views <= attrs.views:
+        raise BuildError(f"--views-from {first_view} --views {views}: cache {src} has views "
+                         f"{_span(attrs.view_range)}; export a range F..E-1 inside it")
+    target = replace(attrs, teachers=[attrs.teacher(n) for n in names], first_view=first_view, views=views,
+                     growth={}, status=STATUS_CREATING)
+    return _assemble(_Plan(target, [source]), out, force, storage_options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 def _open(url: str, storage_options: dict | None) -> LogitCache:
-    return LogitCache.open(url, storage_options=storage_options)
+    return LogitCache.open(url, storage_options=storage_options, allow_view_range=True)
+
+
+def _span(views) -> str:
+    views = list(views)
+    return f"{views[0]}..{views[-1]}" if len(views) > 1 else str(views[0])
 
 
 def _teacher_id(record) -> dict:
@@ -101,10 +130,10 @@ def _teacher_id(record) -> dict:
 
 
 def _diff(a: CacheAttrs, b: CacheAttrs) -> list[str]:
-    """Identity fields (but teachers and E) that differ, readable."""
+    """Identity fields (but the teachers and the view range) that differ, readable."""
     x, y = a.identity(), b.identity()
     return [f"{k} ({_show(x.get(k))} vs {_show(y.get(k))})" for k in sorted(set(x) | set(y))
-            if k not in ("teachers", "views") and x.get(k) != y.get(k)]
+            if k not in ("teachers", "views", "first_view") and x.get(k) != y.get(k)]
 
 
 def _show(value) -> str:
@@ -122,13 +151,13 @@ def _assemble(plan: _Plan, out: str, force: bool, storage_options: dict | None) 
         cache = _prepare_out(plan, out, force, storage_options)
         done = cache.done_map()
         target = plan.target
-        units = [(v, c) for v in range(target.views) for c in range(target.num_chunks) if done[v, c] != 1]
+        units = [(v, c) for v in target.view_range for c in range(target.num_chunks) if done[v, c] != 1]
         for v, c in units:
             _copy_unit(plan, cache, v, c)
         if not cache.mark_complete():
             raise BuildError(f"cache {out}: some units are missing after the copy; rerun the command")
         return AssembleSummary(out, len(units), target.num_units - len(units), time.perf_counter() - started,
-                               [t.name for t in target.teachers], target.views)
+                               [t.name for t in target.teachers], target.views, target.first_view)
     finally:
         lock.release()
 
@@ -154,25 +183,41 @@ def _prepare_out(plan: _Plan, out: str, force: bool, storage_options: dict | Non
 
 
 def _copy_unit(plan: _Plan, cache: LogitCache, view: int, chunk: int) -> None:
-    """Copy one (view, chunk) unit into every array of the result (comparing duplicates), then mark it done."""
+    """Copy one (view, chunk) unit into every array of the result (comparing duplicates), then mark it done.  Each
+    source's blocks are read in one concurrent call and the result's written in one (a round trip each on an
+    object store, instead of one per array)."""
     lo, hi = plan.target.chunk_rows_range(chunk)
-    where = f"view {view}, rows {lo}..{hi}"
-    for path in ("params", "digest"):
-        cache.array(path)[view, lo:hi] = _agreed(plan, plan.shared_from, path, view, lo, hi, where)
-    for record in plan.target.teachers:
-        for leaf in TEACHER_ARRAYS:
-            path = f"{record.name}/{leaf}"
-            cache.array(path)[view, lo:hi] = _agreed(plan, plan.teacher_from[record.name], path, view, lo, hi, where)
-    cache.array("done")[view, chunk] = 1
+    paths = ["params", "digest"] + [f"{t.name}/{leaf}" for t in plan.target.teachers for leaf in TEACHER_ARRAYS]
+    holders = {p: plan.holders(view, None if p in ("params", "digest") else p.split("/")[0]) for p in paths}
+    read: dict[tuple[int, str], np.ndarray] = {}
+    for i, source in enumerate(plan.sources):
+        mine = [p for p in paths if i in holders[p]]
+        if mine:
+            read.update({(i, p): block for p, block in zip(mine, source.read_rows(mine, view, lo, hi))})
+    blocks = {p: _agreed(plan, holders[p], p, read, f"view {view}, rows {lo}..{hi}") for p in paths}
+    _write_rows(cache, blocks, view, lo, hi)
+    cache.array("done")[view, chunk] = 1                  # last: a kill before it leaves the unit undone
 
 
-def _agreed(plan: _Plan, holders: list[int], path: str, view: int, lo: int, hi: int, where: str) -> np.ndarray:
-    blocks = [np.asarray(plan.sources[i].array(path)[view, lo:hi]) for i in holders]
-    for i, block in zip(holders[1:], blocks[1:]):
-        if not np.array_equal(_bits(block), _bits(blocks[0])):
+def _write_rows(cache: LogitCache, blocks: dict[str, np.ndarray], view: int, lo: int, hi: int) -> None:
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    arrays = {p: cache.array(p).async_array for p in blocks}      # opened here: no sync call inside the loop
+
+    async def put():
+        await asyncio.gather(*(arrays[p].setitem((view, slice(lo, hi)), b) for p, b in blocks.items()))
+    sync(put())
+
+
+def _agreed(plan: _Plan, holders: list[int], path: str, read: dict, where: str) -> np.ndarray:
+    first = read[holders[0], path]
+    for i in holders[1:]:
+        if not np.array_equal(_bits(read[i, path]), _bits(first)):
             raise BuildError(f"{plan.sources[holders[0]].url} and {plan.sources[i].url} disagree on {path} at "
                              f"{where}: they were not built from the same views/teacher; nothing more is copied")
-    return blocks[0]
+    return first
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -542,6 +542,7 @@ class BuildSettings:
     teachers: list = field(default_factory=list)   # ["NAME=CHECKPOINT", ...] or {name: path}
     out: str = ""
     views: int = 1
+    first_view: int = 0                         # build views first_view..views-1 only (a view range)
     topk: int = 10
     spec: ViewSpec | dict | None = None
     temperatures: tuple[float, ...] | list[float] | str = (1.0,)
@@ -580,6 +581,8 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     spec = spec if isinstance(spec, ViewSpec) else ViewSpec.from_dict(spec or {})
     if views < 1:
         raise BuildError(f"--views must be >= 1, got {views}")
+    if not 0 <= b.first_view < views:
+        raise BuildError(f"--views-from {b.first_view} must be in 0..{views - 1} (the range is views-from..views-1)")
     if topk < 1:
         raise BuildError(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
@@ -612,7 +615,8 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     loaded = load_teachers(pairs, manifest.num_classes, dev, view_size=spec.image_size)
     runner = TeacherRunner(loaded, dev, precision, topk, temperatures)
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
-                          num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,
+                          num_classes=manifest.num_classes, views=views, first_view=b.first_view, topk=topk,
+                          seed=seed,
                           augment=spec.to_dict(), chunk_rows=chunk_rows, teachers=[t.record for t in loaded],
                           status=STATUS_CREATING,
                           build={"batch_size": batch_size, "precision": precision, "device": dev.type,

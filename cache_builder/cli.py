@@ -45,6 +45,9 @@ def cache():
 @click.option("--teacher", "teachers", multiple=True, required=True, metavar="NAME=CHECKPOINT",
               help="A teacher to cache; repeat for several.  NAME becomes its group in the store.")
 @click.option("--views", "-E", "views", type=int, required=True, help="Views per sample (E).")
+@click.option("--views-from", "first_view", type=int, default=0, show_default=True, metavar="F",
+              help="Build only views F..E-1 of the E-view cache (e.g. on a second machine); `cit cache merge` "
+              "joins it with the cache of views 0..F-1.")
 @click.option("--topk", "-K", "topk", type=int, default=10, show_default=True, help="Logits kept per view (K).")
 @click.option("--out", required=True, help="Output URL: a path, file://, s3://, memory://.")
 @click.option("--temperatures", default="1", show_default=True, metavar="T1,T2,...",
@@ -75,7 +78,8 @@ def cache():
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
-          precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
+          precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress,
+          first_view):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
     from cache_builder.build import BuildError, BuildSettings, build_cache
     from shared.augment import ViewSpec
@@ -94,7 +98,8 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
                                  temperatures=temperatures, batch_size=batch_size, workers=workers, device=device,
                                  precision=precision, chunk_rows=chunk_rows, threads=threads, test_data=test_data,
                                  min_teacher_acc=min_teacher_acc, force=force, verify_shards=not no_verify_shards,
-                                 storage_options=_storage_options(storage_options), progress=not no_progress)
+                                 storage_options=_storage_options(storage_options), progress=not no_progress,
+                                 first_view=first_view)
         summary = build_cache(settings)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
@@ -169,7 +174,7 @@ def add_teacher(url, teachers, test_data, **options):
 @click.option("--force", is_flag=True, help="Replace whatever is at --out.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
 def merge(a, b, out, force, storage_options):
-    """Join the teachers of two caches of the same data, views and settings (checked) into one, without teachers."""
+    """Join the teachers and view ranges of two caches of the same data and settings (checked), without teachers."""
     from cache_builder.assemble import merge_caches
     from cache_builder.build import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
@@ -183,18 +188,20 @@ def merge(a, b, out, force, storage_options):
 @cache.command()
 @click.argument("src")
 @click.option("--teachers", default=None, metavar="NAME1,NAME2", help="Teachers to keep, in this order [all].")
-@click.option("--views", "-E", "views", type=int, default=None, help="Keep views 0..E-1 [all].")
+@click.option("--views", "-E", "views", type=int, default=None, help="Keep views up to E-1 [all].")
+@click.option("--views-from", "first_view", type=int, default=None, metavar="F",
+              help="Keep views from F on (F > 0: a view range cache) [the source's first view, 0].")
 @click.option("--out", required=True, help="The exported cache (URL).")
 @click.option("--force", is_flag=True, help="Replace whatever is at --out.")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE")
-def export(src, teachers, views, out, force, storage_options):
-    """A smaller cache for sharing: some teachers and the first views; equals a fresh build of those."""
+def export(src, teachers, views, first_view, out, force, storage_options):
+    """A smaller cache for sharing: some teachers and a range of views; equals a fresh build of those."""
     from cache_builder.assemble import export_cache
     from cache_builder.build import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
     names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers else None
     try:
-        summary = export_cache(src, out, teachers=names, views=views, force=force,
+        summary = export_cache(src, out, teachers=names, views=views, first_view=first_view, force=force,
                                storage_options=_storage_options(storage_options))
     except (BuildError, CacheError) as exc:
         raise _fail(exc) from None

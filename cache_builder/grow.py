@@ -16,6 +16,9 @@ Crash safety: new units are marked in a completion map (``done`` for new views; 
 teachers, removed after the switch) after their data; a rerun of the same command under the store lease skips the
 finished units, so a kill -9 at any point followed by a rerun gives the identical cache.  Under ``torchrun`` rank 0
 does every check and store change, and each rank computes a contiguous share of the new units.
+
+A view range cache (views F..E-1, ``first_view`` F) grows the same way: ``extend`` adds views E..E2-1 and
+``add_teachers`` computes the new teachers on views F..E-1 only.
 """
 from __future__ import annotations
 
@@ -135,7 +138,8 @@ def _share(units: list, comm: _Dist) -> list:
 
 
 def _open(url: str, settings: GrowSettings) -> _Context:
-    cache = LogitCache.open(url, "r+", storage_options=settings.storage_options)   # refuses an incomplete cache
+    cache = LogitCache.open(url, "r+", storage_options=settings.storage_options,   # refuses an incomplete cache
+                            allow_view_range=True)
     attrs = cache.attrs
     try:
         manifest = Manifest.load(settings.data)
@@ -293,11 +297,11 @@ def _add(ctx: _Context, pairs: list[tuple[str, str]], settings: GrowSettings) ->
     create_arrays(ctx.cache.root, target, ctx.spec.num_params, paths=missing)        # 2. new, empty arrays
     ctx.cache._arrays.clear()
     growth_done = np.asarray(ctx.cache.array(GROWTH_DONE)[:])
-    units = [(c, v) for c in range(attrs.num_chunks) for v in range(attrs.views) if growth_done[v, c] != 1]
+    units = [(c, v) for c in range(attrs.num_chunks) for v in attrs.view_range if growth_done[v, c] != 1]
     loop = time.perf_counter()
     built_units, built_views = _run(ctx, runner, _teacher_sink(ctx), units, settings,  # 3. new groups
                                     "add-teacher", target)
-    if not np.all(np.asarray(ctx.cache.array(GROWTH_DONE)[:]) == 1):
+    if not np.all(np.asarray(ctx.cache.array(GROWTH_DONE)[attrs.first_view:]) == 1):
         raise BuildError(f"cache {ctx.url}: some units of the new teachers are missing; rerun the command")
     _put_attrs(ctx, target)                                                           # 4. switch
     _drop_growth_map(ctx)                                                             # 5. tidy up

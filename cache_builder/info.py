@@ -31,7 +31,7 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     fs, path = fsspec.core.url_to_fs(normalize_url(url), **(storage_options or {}))
     path = path.rstrip("/")
     total = _du(fs, path)
-    e, n = attrs.views, attrs.num_samples
+    e, n = attrs.views - attrs.first_view, attrs.num_samples     # e: the views stored
     teachers = []
     for t in attrs.teachers:
         size = _du(fs, f"{path}/{t.name}")
@@ -48,7 +48,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "units_done": units_done, "units_total": attrs.num_units,
         "growth": attrs.growth,
         "dataset_fingerprint": attrs.dataset_fingerprint, "num_samples": n, "num_classes": attrs.num_classes,
-        "views": e, "topk": attrs.topk, "temperatures": attrs.temperatures, "seed": attrs.seed,
+        "views": attrs.views, "first_view": attrs.first_view, "topk": attrs.topk,
+        "temperatures": attrs.temperatures, "seed": attrs.seed,
         "chunk_rows": attrs.chunk_rows,
         "num_params": ViewSpec.from_dict(attrs.augment).num_params, "augment": attrs.augment, "build": attrs.build,
         "view_code": attrs.view_code, "provenance": attrs.provenance,
@@ -77,7 +78,9 @@ def format_info(info: dict) -> str:
            "finishes)"] if info.get("growth") else []),
         f"dataset      N={info['num_samples']} samples, C={info['num_classes']} classes, "
         f"fingerprint {info['dataset_fingerprint']}",
-        f"views        E={info['views']}, seed {info['seed']}, {info['num_params']} params per view; "
+        f"views        E={info['views']}"
+        + (f" (a range: views {info['first_view']}..{info['views'] - 1} only)" if info.get("first_view") else "")
+        + f", seed {info['seed']}, {info['num_params']} params per view; "
         f"K={info['topk']}; exact targets at τ = {', '.join(f'{t:g}' for t in info['temperatures'])}; "
         f"chunk {info['chunk_rows']} rows; build {info['build']}",
         f"size         {_size(info['size_bytes'])} on disk; {info['bytes_per_view_per_teacher']:.2f} B per view "

@@ -32,6 +32,12 @@ C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.
 A complete cache grows (``cache_builder.grow``) behind the attribute ``growth``: readers keep seeing the complete
 cache the other attributes describe until one attribute write switches them to the grown one.
 
+A *view range* cache (``first_view`` F > 0, built with ``cit cache build --views-from F --views E``) holds views
+F..E-1 of the E-view cache of its identity, at their own indices (the view axis is always the true view index, so
+view = epoch mod E holds for every cache a trainer reads); views < F are never written (their ``done`` elements
+stay 0, their chunks absent).  ``LogitCache.open`` refuses a range cache unless ``allow_view_range`` (or
+``allow_incomplete``): ``cit cache merge`` joins it with the cache of the views before it.
+
 Status goes ``creating`` (attributes written, arrays being made) -> ``building`` -> ``complete`` (only after every
 ``done`` element is 1).  ``LogitCache.open`` refuses a cache that is not complete unless ``allow_incomplete``.
 
@@ -95,6 +101,7 @@ class CacheAttrs:
     growth: dict = field(default_factory=dict)      # a change under way ({"op": "extend", "views": E2} or
     #   {"op": "add-teacher", "teachers": [records]}): readers keep seeing the complete cache described by the
     #   other attributes; the change becomes visible in one attribute write when it is finished; {} otherwise
+    first_view: int = 0   # views first_view..views-1 are stored (a view range, see the module doc); 0: all views
 
     @property
     def num_chunks(self) -> int:
@@ -102,7 +109,12 @@ class CacheAttrs:
 
     @property
     def num_units(self) -> int:
-        return self.views * self.num_chunks
+        return (self.views - self.first_view) * self.num_chunks
+
+    @property
+    def view_range(self) -> range:
+        """The views this cache stores."""
+        return range(self.first_view, self.views)
 
     def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.chunk_rows
@@ -292,7 +304,7 @@ class LogitCache:
 
     @classmethod
     def open(cls, url: str, mode: str = "r", allow_incomplete: bool = False,
-             storage_options: dict | None = None) -> "LogitCache":
+             storage_options: dict | None = None, allow_view_range: bool = False) -> "LogitCache":
         try:
             root = open_root(url, mode, storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
@@ -312,8 +324,13 @@ class LogitCache:
             except KeyError:
                 done = 0
             raise CacheError(f"cache {url} is incomplete ({done} of {attrs.num_units} chunks "
-                             "written); finish it by rerunning `cit cache build` with the same options "
+                             "written); finish it by rerunning the command that wrote it (`cit cache build`, "
+                             "`merge` or `export`) with the same options "
                              "(in Python, LogitCache.open(url, allow_incomplete=True) reads the finished part)")
+        if attrs.first_view and not (allow_view_range or allow_incomplete):
+            raise CacheError(f"cache {url} holds views {attrs.first_view}..{attrs.views - 1} only (a view range); "
+                             f"join it with a cache of views 0..{attrs.first_view - 1} (`cit cache merge A {url} "
+                             "--out C`) and train from the result")
         return cls(root, attrs, url)
 
     @property
@@ -349,7 +366,11 @@ class LogitCache:
         return np.asarray(self.array("digest")[view, lo:hi])
 
     def done_map(self) -> np.ndarray:
-        return np.asarray(self.array("done")[:])
+        """1 where no work is left: the unit is written, or its view is below ``first_view`` (not this cache's;
+        its stored ``done`` element stays 0)."""
+        done = np.asarray(self.array("done")[:])
+        done[:self.attrs.first_view] = 1
+        return done
 
     def write_unit(self, view: int, chunk: int, params: np.ndarray, outputs: dict[str, TopK], *,
                    digests: np.ndarray) -> None:

@@ -6,8 +6,12 @@ it.  A lease is stale — and taken over — when its holder's pid is dead on th
 lock behind for ever, and two builds started on one store cannot both run: the second is refused with one line.
 
 The lease lives *beside* the store, not inside it: creating a store (Zarr ``mode="w"``) empties its folder.
-Local files are created with ``O_EXCL``; object stores have no portable exclusive create, so a taker writes its
-record, waits a moment and reads it back — the last writer wins and every other taker sees a foreign token.
+Local files are created with ``O_EXCL``; on S3 a new lease is a conditional put (``If-None-Match: *``, s3fs's
+mode ``"xb"``), so of two takers that both found no lease exactly one creates it.  Then (and on other object
+stores, and when a stale lease is taken over, which is an overwrite) the taker waits a moment and reads the lease
+back: the last writer wins and every other taker sees a foreign token — this also covers S3-compatible stores that
+ignore the condition.  Two takers of one *stale* lease on an object store can still both win if one's read-back
+comes before the other's write (a window of ``SETTLE_SECONDS``).
 """
 from __future__ import annotations
 
@@ -106,7 +110,8 @@ class StoreLock:
         if is_local(self.url):
             self._acquire_local(current)
         else:
-            self._write(self.lease)
+            if current is not None or not self._exclusive_create():   # a takeover, or no conditional put
+                self._write(self.lease)
             time.sleep(SETTLE_SECONDS)
             now = read_lease(self.store_url, self.options)
             if now is None or now.token != self.lease.token:
@@ -129,6 +134,20 @@ class StoreLock:
             raise self._refusal(read_lease(self.store_url, self.options)) from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(asdict(self.lease)))
+
+    def _exclusive_create(self) -> bool:
+        """Create the lease object only if there is none (S3 conditional put); False: this store has no such put.
+        Raises the refusal when another taker created it first."""
+        fs, path = fsspec.core.url_to_fs(self.url, **self.options)
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not protocols & {"s3", "s3a"}:
+            return False
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(json.dumps(asdict(self.lease)).encode())
+        except FileExistsError:
+            raise self._refusal(read_lease(self.store_url, self.options)) from None
+        return True
 
     def _refusal(self, holder: Lease | None) -> StoreLockedError:
         who = holder.holder() if holder is not None else "another process"

@@ -1,11 +1,15 @@
-"""Growing a cache: extend views and add teachers give, array by array, what a fresh build of the final cache gives;
-kill -9 during a change and a rerun give the same; readers see the old complete cache until the switch."""
+"""Growing a cache: extend views, add teachers, merge (teachers and view ranges) and export give, array by array, what
+a fresh build of the final cache gives, locally and on s3; kill -9 during a change, a merge or an export and a rerun
+give the same; reader processes see only the documented states (old or new complete cache, or the refusals) and
+correct values while a cache changes."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,10 +20,11 @@ from click.testing import CliRunner
 
 from cache_builder import BuildError, build_cache
 from cache_builder.cli import cache as cache_cli
+from cache_builder.assemble import export_cache, merge_caches
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
-from shared.cache_schema import LogitCache
-from tests.cache_fixtures import REPO, assert_bit_identical, cli_command, make_teacher
+from shared.cache_schema import CacheError, LogitCache
+from tests.cache_fixtures import REPO, assert_bit_identical, cli_command
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -28,13 +33,10 @@ SPEC = ViewSpec.from_dict(AUG)
 
 
 @pytest.fixture(scope="module")
-def grow_world(tmp_path_factory):
+def grow_world(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("grow")
     data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="gr", seed=3)
-    w = {"root": root, "data": data.path,
-         "conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
-         "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
-    return w
+    return {"root": root, "data": data.path, "conv": tiny_teachers["conv"], "inv": tiny_teachers["inv"]}
 
 
 def fresh(w, out: str, views: int, names: tuple[str, ...]) -> str:
@@ -240,3 +242,217 @@ def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("complete") == 1 and "built 6 units" in result.stdout, result.stdout
     assert_same_cache(fresh(w, str(tmp_path / "three.zarr"), 3, ("conv",)), url)
+
+
+def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path):
+    """Views 0..1 built here, views 2..3 "on another machine" (`build --views-from 2`): merged, a fresh 4-view
+    build; an overlap is joined only where both agree bit for bit; a gap is refused naming the missing views."""
+    w = grow_world
+    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
+    b = str(tmp_path / "b.zarr")
+    runner = CliRunner()
+    r = runner.invoke(cache_cli, ["build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "4",
+                                  "--views-from", "2", "--out", b, "--topk", str(K), "--seed", "5", "--batch-size",
+                                  str(BATCH), "--workers", "0", "--threads", "1", "--no-progress",
+                                  *[f"--set=augment.{k}={v}" for k, v in AUG.items()]])
+    assert r.exit_code == 0 and "built 6 units" in r.output, r.output
+    stored = zarr.open_group(b, mode="r")
+    assert stored.attrs["first_view"] == 2 and not np.any(stored["done"][:2]) and np.all(stored["done"][2:] == 1)
+    with pytest.raises(CacheError, match=r"holds views 2\.\.3 only \(a view range\).*cit cache merge"):
+        LogitCache.open(b)                       # what a training opens: a range is refused
+    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv",))
+    r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
+    assert r.exit_code == 0 and "E=4" in r.output, r.output
+    assert_same_cache(full, str(tmp_path / "ab.zarr"))
+    # an overlap (view 1 in both) that agrees bit for bit is joined
+    r = runner.invoke(cache_cli, ["export", full, "--views-from", "1", "--out", str(tmp_path / "r13.zarr")])
+    assert r.exit_code == 0 and "views 1..3 (a range)" in r.output, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "r13.zarr"), "--out", str(tmp_path / "ov.zarr")])
+    assert r.exit_code == 0, r.output
+    assert_same_cache(full, str(tmp_path / "ov.zarr"))
+    # an overlap that differs stops the merge at the first different unit; the result is never complete
+    tampered = shutil.copytree(str(tmp_path / "r13.zarr"), str(tmp_path / "bad13.zarr"))
+    logp = zarr.open_group(tampered, mode="r+")["conv/logp"]
+    logp[1, 25] = logp[1, 25] - np.float16(0.5)
+    r = runner.invoke(cache_cli, ["merge", a, tampered, "--out", str(tmp_path / "bad.zarr")])
+    assert r.exit_code == 2 and "disagree on conv/logp at view 1, rows 20..40" in r.output, r.output
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache.open(str(tmp_path / "bad.zarr"))
+    # a gap: views 0..1 and 3..3 leave view 2 in neither
+    r = runner.invoke(cache_cli, ["export", full, "--views-from", "3", "--out", str(tmp_path / "r3.zarr")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "r3.zarr"), "--out", str(tmp_path / "gap.zarr")])
+    assert r.exit_code == 2 and "views 2 are in neither" in r.output and "--views-from 2 --views 3" in r.output, \
+        r.output
+    assert not os.path.exists(str(tmp_path / "gap.zarr"))        # refused before anything is written
+    r = runner.invoke(cache_cli, ["build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "4",
+                                  "--views-from", "4", "--out", str(tmp_path / "none.zarr")])
+    assert r.exit_code == 2 and "--views-from 4 must be in 0..3" in r.output and r.output.count("\n") == 1, r.output
+
+
+FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fine_caches(grow_world, tmp_path_factory):
+    """Caches of 5-row chunks (12 chunks x 4 views): copying them takes long enough to be killed in the middle."""
+    w = grow_world
+    root = tmp_path_factory.mktemp("fine")
+    out = {name: str(root / f"{name}.zarr") for name in ("conv", "inv", "both")}
+    for name in ("conv", "inv"):
+        build_cache(w["data"], [f"{name}={w[name]}"], out[name], views=4, **FINE)
+    merge_caches(out["conv"], out["inv"], out["both"])      # equal to a fresh build (tested above)
+    return out
+
+
+def _kill_in_the_middle(args: list[str], out: str) -> None:
+    """Start ``cit cache ARGS`` writing ``out``, kill -9 it once a few units are done; a reader in between is
+    refused (the result is being written), and after the kill too (incomplete: rerun)."""
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 90
+    marks = os.path.join(out, "done", "c")
+    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
+        time.sleep(0.002)
+    with pytest.raises(CacheError, match="is being built by pid"):
+        LogitCache.open(out)
+    assert proc.poll() is None, f"{args[0]} finished before it could be killed: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(CacheError, match=r"incomplete .*rerunning the command that wrote it"):
+        LogitCache.open(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["merge", "export"])
+def test_kill_9_during_merge_and_export_then_rerun_is_identical(fine_caches, tmp_path, op):
+    c = fine_caches
+    out, ref = str(tmp_path / f"{op}.zarr"), str(tmp_path / f"{op}-uninterrupted.zarr")
+    if op == "merge":
+        args, ref = ["merge", c["conv"], c["inv"], "--out", out], c["both"]
+    else:
+        args = ["export", c["both"], "--views-from", "1", "--out", out]
+        export_cache(c["both"], ref, first_view=1)
+    _kill_in_the_middle(args, out)
+    r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
+    assert r.exit_code == 0, r.output
+    skipped = int(r.output.split(" units were already done")[0].rsplit(" ", 1)[1])
+    assert 3 <= skipped < LogitCache.open(ref, allow_view_range=True).attrs.num_units, r.output
+    assert_same_cache(ref, out)
+
+
+def start_readers(url: str, reference: str, stop: str, count: int, *extra: str) -> list:
+    readers = [subprocess.Popen([sys.executable, "-m", "tests.grow_reader", url, reference, stop, *extra],
+                                cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    for reader in readers:
+        assert reader.stdout.readline().strip() == "ready", reader.communicate()
+    return readers
+
+
+def reader_reports(readers: list, stop: str) -> list[dict]:
+    open(stop, "w").close()
+    reports = []
+    for reader in readers:
+        out, err = reader.communicate(timeout=60)
+        assert reader.returncode == 0, err[-2000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+@pytest.mark.slow
+def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_complete_cache(grow_world, tmp_path):
+    """Three reader processes read one cache (each view against a fresh build of the final cache, bit for bit)
+    while this process extends it 2 -> 4 views and then adds a teacher: each sees only complete states, in
+    order, and never a wrong value."""
+    w = grow_world
+    url, stop = fresh(w, str(tmp_path / "shared.zarr"), 2, ("conv",)), str(tmp_path / "stop")
+    reference = fresh(w, str(tmp_path / "final.zarr"), 4, ("conv", "inv"))
+    readers = start_readers(url, reference, stop, 3)
+    extend_cache(url, 4, settings(w))                          # the change, in this process
+    add_teachers(url, [f"inv={w['inv']}"], settings(w))
+    reports = reader_reports(readers, stop)
+    old, extended, final = [2, ["conv"]], [4, ["conv"]], [4, ["conv", "inv"]]
+    for report in reports:
+        assert report["wrong"] == [] and report["refusals"] == [], report
+        assert report["states"][0] == old and report["states"][-1] == final, report
+        assert all(s in (old, extended, final) for s in report["states"]), report
+    assert sum(r["during_change"] for r in reports) > 0, reports    # the readers did read while it changed
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """One moto S3 server for this module's s3:// tests, with a bucket ``cit-grow``; yields the storage options."""
+    pytest.importorskip("s3fs")
+    from tests.cache_fixtures import start_moto
+    server, port = start_moto()
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            import s3fs
+            s3fs.S3FileSystem(skip_instance_cache=True, **options).mkdir("cit-grow")
+            yield options
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_extend_add_teacher_export_and_merge_on_s3(grow_world, s3_options, tmp_path):
+    import s3fs
+    w, o = grow_world, s3_options
+    url = "s3://cit-grow/c.zarr"
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=1, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
+                workers=0, threads=1, progress=False, storage_options=o)
+    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+    stop = str(tmp_path / "stop")
+    readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.3")     # trainings reading the s3 cache meanwhile
+    extend_cache(url, 2, settings(w, storage_options=o))
+    add_teachers(url, [f"inv={w['inv']}"], settings(w, storage_options=o))
+    for report in reader_reports(readers, stop):
+        assert report["wrong"] == [] and report["refusals"] == [], report
+        assert report["states"][0] == [1, ["conv"]] and report["states"][-1] == [2, ["conv", "inv"]], report
+        assert all(s in ([1, ["conv"]], [2, ["conv"]], [2, ["conv", "inv"]]) for s in report["states"]), report
+
+    def same(cache_url: str) -> None:
+        assert_bit_identical(ref, cache_url, o)
+        attrs = dict(zarr.open_group(cache_url, mode="r", storage_options=o).attrs)
+        attrs.pop("provenance")
+        assert attrs == public_attrs(ref)
+    same(url)
+    for name in ("conv", "inv"):
+        export_cache(url, f"s3://cit-grow/{name}.zarr", teachers=[name], storage_options=o)
+    merge_caches("s3://cit-grow/conv.zarr", "s3://cit-grow/inv.zarr", "s3://cit-grow/m.zarr", storage_options=o)
+    same("s3://cit-grow/m.zarr")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **o)
+    assert not [p for p in fs.ls("cit-grow") if p.endswith(".lock")]        # every lease given back
+
+
+def test_an_s3_lease_is_a_conditional_put(s3_options, monkeypatch):
+    """Two takers that both found no lease: the second's conditional put fails, it is refused at once (without the
+    condition both would write, and the later one would read its own token back and also hold the store)."""
+    from shared import store_lock
+    first = store_lock.StoreLock("s3://cit-grow/race.zarr", s3_options).acquire()
+    real, calls = store_lock.read_lease, []
+
+    def missed_the_first(*args, **kwargs):      # the second taker looked before the first one's lease was there
+        calls.append(1)
+        return None if len(calls) == 1 else real(*args, **kwargs)
+    monkeypatch.setattr(store_lock, "read_lease", missed_the_first)
+    try:
+        with pytest.raises(store_lock.StoreLockedError, match=f"being built by pid {os.getpid()}"):
+            store_lock.StoreLock("s3://cit-grow/race.zarr", s3_options).acquire()
+    finally:
+        first.release()
+    assert store_lock.read_lease("s3://cit-grow/race.zarr", s3_options) is None
+
+
+def test_a_view_range_grows_like_a_cache(grow_world, tmp_path):
+    """add-teacher on a range computes the new teacher on its views only; extend adds views after its end."""
+    w = grow_world
+    url = str(tmp_path / "range.zarr")
+    build_cache(w["data"], [f"conv={w['conv']}"], url, views=3, first_view=2, topk=K, spec=SPEC, seed=5,
+                batch_size=BATCH, workers=0, threads=1, progress=False)
+    assert add_teachers(url, [f"inv={w['inv']}"], settings(w)).units_built == N // SHARD
+    assert extend_cache(url, 4, settings(w)).units_built == N // SHARD
+    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv", "inv"))
+    assert_same_cache(export_cache(full, str(tmp_path / "full24.zarr"), first_view=2).url, url)
