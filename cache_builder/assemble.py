@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cache_builder.build import BuildError, inspect_out, remove_store
+from cache_builder.errors import BuildError
+from cache_builder.store import inspect_out, remove_store
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, TEACHER_ARRAYS, CacheAttrs,
                                  LogitCache, create_arrays, normalize_url, open_root)
 from shared.augment import ViewSpec

@@ -77,7 +77,8 @@ def cache():
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
           precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
-    from cache_builder.build import BuildError, BuildSettings, build_cache
+    from cache_builder.build import BuildSettings, build_cache
+    from cache_builder.errors import BuildError
     from shared.augment import ViewSpec
     from shared.config import load_config, section
     from shared.reader import distributed_context
@@ -131,7 +132,7 @@ def _grow_settings(data, device, workers, no_verify_shards, storage_options, no_
 @_grow_options
 def extend(url, views, teachers, **options):
     """Add views E..E2-1 to a complete cache: equals a fresh build with E2 views; old views untouched (resumable)."""
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     from cache_builder.grow import extend_cache
     from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
@@ -150,7 +151,7 @@ def extend(url, views, teachers, **options):
 @_grow_options
 def add_teacher(url, teachers, test_data, **options):
     """Add teacher groups (in the order given) to a complete cache: equals a fresh build with all the teachers."""
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     from cache_builder.grow import add_teachers
     from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
@@ -171,7 +172,7 @@ def add_teacher(url, teachers, test_data, **options):
 def merge(a, b, out, force, storage_options):
     """Join the teachers of two caches of the same data, views and settings (checked) into one, without teachers."""
     from cache_builder.assemble import merge_caches
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
     try:
         summary = merge_caches(a, b, out, force=force, storage_options=_storage_options(storage_options))
@@ -190,7 +191,7 @@ def merge(a, b, out, force, storage_options):
 def export(src, teachers, views, out, force, storage_options):
     """A smaller cache for sharing: some teachers and the first views; equals a fresh build of those."""
     from cache_builder.assemble import export_cache
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
     names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers else None
     try:
@@ -228,7 +229,8 @@ def info(url, as_json, storage_options, fidelity, sample, teachers, data, png, d
 
 
 def _fidelity(url, as_json, storage_options, sample, teachers, data, png, device, seed) -> None:
-    from cache_builder.build import BuildError, parse_teacher_args
+    from cache_builder.errors import BuildError
+    from cache_builder.teachers import parse_teacher_args
     from cache_builder.fidelity import FidelityOptions, cache_fidelity, fidelity_png, format_fidelity, public
     try:
         pairs = dict(parse_teacher_args(teachers)) if teachers else {}

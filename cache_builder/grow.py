@@ -25,9 +25,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from cache_builder.build import (BuildError, BuildSummary, StoreSession, TeacherRunner, _Dist, _probe,
-                                 _remove_partial_writes, _run_units, check_shards_readable, data_channels, group_units, load_teachers,
-                                 measure_accuracy, parse_teacher_args, resolve_device, write_whole_unit)
+from cache_builder.build import BuildSummary, _probe
+from cache_builder.errors import BuildError
+from cache_builder.plan import group_units
+from cache_builder.runner import _run_units, write_whole_unit
+from cache_builder.store import StoreSession, _Dist, _remove_partial_writes
+from cache_builder.streams import check_shards_readable, data_channels, measure_accuracy
+from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
                                  expected_arrays, normalize_url)

@@ -271,8 +271,9 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
 
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
-    from cache_builder.build import (BuildError, TeacherRunner, load_teachers, parse_teacher_args, render_rows,
-                                     resolve_device)
+    from cache_builder.errors import BuildError
+    from cache_builder.streams import render_rows
+    from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
     from shared.views import LoadedRows, make_renderer
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
