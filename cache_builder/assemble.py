@@ -17,7 +17,7 @@ import numpy as np
 
 from cache_builder.errors import BuildError
 from cache_builder.store import inspect_out, remove_store
-from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, TEACHER_ARRAYS, CacheAttrs,
+from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, create_arrays, normalize_url, open_root)
 from shared.augment import ViewSpec
 from shared.store_lock import StoreLock
@@ -161,7 +161,7 @@ def _copy_unit(plan: _Plan, cache: LogitCache, view: int, chunk: int) -> None:
     for path in ("params", "digest"):
         cache.array(path)[view, lo:hi] = _agreed(plan, plan.shared_from, path, view, lo, hi, where)
     for record in plan.target.teachers:
-        for leaf in TEACHER_ARRAYS:
+        for leaf in plan.target.teacher_arrays():
             path = f"{record.name}/{leaf}"
             cache.array(path)[view, lo:hi] = _agreed(plan, plan.teacher_from[record.name], path, view, lo, hi, where)
     cache.array("done")[view, chunk] = 1

@@ -38,6 +38,7 @@ from shared import provenance
 from shared.augment import ViewSpec
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, LogitCache,
                                  create_arrays, normalize_url, open_root)
+from shared.features import FEATURE_KINDS
 from shared.manifest import Manifest, ManifestError
 from shared.store_lock import StoreLock
 from shared.views import VIEW_CODE, LoadedRows, make_renderer
@@ -116,6 +117,7 @@ class BuildSettings:
     verify_shards: bool = True
     storage_options: dict | None = None
     progress: bool = True
+    features: str = ""                          # "pooled": store each teacher's pooled features too
 
 
 def build_cache(data: "str | BuildSettings", teachers=None, out: str = "", **options) -> BuildSummary:
@@ -149,6 +151,9 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     if min_teacher_acc is not None and not test_data:
         raise BuildError("--min-teacher-acc needs --test-data to measure the teachers on")
     temperatures = parse_temperatures(temperatures)
+    features = b.features or ""
+    if features and features not in FEATURE_KINDS:
+        raise BuildError(f"--features {features!r}: the cache can store {' or '.join(FEATURE_KINDS)} features")
     pairs = parse_teacher_args(teachers)
     dev = resolve_device(device)
     if workers is None:   # CPU: one worker renders ~25x faster than a teacher infers; GPU: keep the device fed
@@ -168,14 +173,14 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     if chunk_rows < 1:
         raise BuildError(f"--chunk-rows must be >= 1, got {chunk_rows}")
     loaded = load_teachers(pairs, manifest.num_classes, dev, view_size=spec.image_size)
-    runner = TeacherRunner(loaded, dev, precision, topk, temperatures)
+    runner = TeacherRunner(loaded, dev, precision, topk, temperatures, features)
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
                           num_classes=manifest.num_classes, views=views, topk=topk, seed=seed,
                           augment=spec.to_dict(), chunk_rows=chunk_rows, teachers=[t.record for t in loaded],
                           status=STATUS_CREATING,
                           build={"batch_size": batch_size, "precision": precision, "device": dev.type,
                                  "cpu_threads": threads if dev.type == "cpu" else None},
-                          temperatures=list(temperatures),
+                          temperatures=list(temperatures), features=features,
                           view_code=dict(VIEW_CODE), provenance=provenance.collect(dev.type))
 
     with StoreSession() as session:
@@ -337,3 +342,26 @@ def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
             if not ok.all():
                 raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on sample "
                                  f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")
+            if runner.features:
+                _probe_features(runner, teacher, views, keys)
+
+
+def _probe_features(runner: TeacherRunner, teacher, views: torch.Tensor, keys: list[str]) -> None:
+    """The pooled features of the probe views: (n, feature_dim), finite, and the logits beside them those of
+    ``model(x)`` (one ``forward_features`` pass gives both only for a timm-style ``forward``)."""
+    try:
+        logits, pooled = runner.logits_and_pooled(teacher, views)
+    except (RuntimeError, TypeError) as exc:
+        raise BuildError(f"teacher {teacher.name} ({teacher.checkpoint}): cannot compute its pooled features "
+                         f"(forward_head(forward_features(x), pre_logits=True)): {exc}") from None
+    dim = teacher.record.feature_dim
+    if pooled.ndim != 2 or pooled.shape[1] != dim:
+        raise BuildError(f"teacher {teacher.name}: pooled features of shape {tuple(pooled.shape)}, expected "
+                         f"(batch, {dim}) (its num_features)")
+    if not torch.equal(logits, runner.logits(teacher, views)):
+        raise BuildError(f"teacher {teacher.name}: forward_head(forward_features(x)) is not its forward(x), so its "
+                         "features and logits cannot come from one pass; build without --features")
+    ok = torch.isfinite(pooled).all(dim=1).cpu().numpy()
+    if not ok.all():
+        raise BuildError(f"teacher {teacher.name} produced non-finite features (NaN/Inf) on sample "
+                         f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")

@@ -74,8 +74,12 @@ def cache():
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--features", type=click.Choice(["none", "pooled"]), default="none", show_default=True,
+              help="Also store each teacher's pooled penultimate features per view (for feature / relation KD; "
+                   "uint8 codes + a per-view scale, ~1 B per feature dimension).")
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
-          precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress):
+          precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress,
+          features):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
     from cache_builder.build import BuildSettings, build_cache
     from cache_builder.errors import BuildError
@@ -95,7 +99,8 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
                                  temperatures=temperatures, batch_size=batch_size, workers=workers, device=device,
                                  precision=precision, chunk_rows=chunk_rows, threads=threads, test_data=test_data,
                                  min_teacher_acc=min_teacher_acc, force=force, verify_shards=not no_verify_shards,
-                                 storage_options=_storage_options(storage_options), progress=not no_progress)
+                                 storage_options=_storage_options(storage_options), progress=not no_progress,
+                                 features="" if features == "none" else features)
         summary = build_cache(settings)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None

@@ -170,7 +170,8 @@ def _runner(ctx: _Context, pairs: list[tuple[str, str]]) -> TeacherRunner:
         if t.in_chans is not None and t.in_chans != channels:
             raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
                              f"of {ctx.manifest.path} have {channels} channel(s)")
-    return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures))
+    return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures),
+                         attrs.features)
 
 
 def _run(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]], settings: GrowSettings,
@@ -326,9 +327,7 @@ def _teacher_sink(ctx: _Context):
                              "was built (another Pillow/numpy, or changed shards); a new teacher would see other "
                              "pixels than the cached ones — add it where the cache was built")
         for name, out in outputs.items():
-            cache.array(f"{name}/logp")[view, lo:hi] = out.logp
-            cache.array(f"{name}/indices")[view, lo:hi] = out.indices
-            cache.array(f"{name}/tail")[view, lo:hi] = out.tail
+            cache.write_teacher(name, view, lo, hi, out)
         cache.array(GROWTH_DONE)[view, chunk] = 1
     return sink
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cache_builder.streams import UnitStream, make_loader
-from cache_builder.teachers import TeacherRunner, check_finite, unpack_topk
+from cache_builder.teachers import TeacherRunner, check_finite, unpack_features, unpack_topk
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheAttrs, LogitCache
 from shared.manifest import Manifest
@@ -23,25 +23,31 @@ class _Unit:
     view: int
     chunk: int
     nbatches: int
-    parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
+    parts: dict = field(default_factory=dict)   # batch -> (host tensors, event, params, digests, keys)
 
 
-def _write(sink, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
-    """Assemble a finished unit and hand it to ``sink(view, chunk, params, outputs, digests)`` (a store write)."""
-    packed, params, digests, keys = [], [], [], []
+def _write(sink, unit: _Unit, names: list[str], topk: int, num_classes: int, dims: list[int] | None = None) -> None:
+    """Assemble a finished unit and hand it to ``sink(view, chunk, params, outputs, digests)`` (a store write).
+    ``dims``: the teachers' feature widths when the unit carries features (``TeacherRunner.outputs``)."""
+    hosts, params, digests, keys = [], [], [], []
     for b in range(unit.nbatches):
         host, event, p, d, k = unit.parts[b]
         if event is not None:
             event.synchronize()
-        packed.append(host.numpy())
+        hosts.append([h.numpy() for h in host])
         params.append(p.numpy())
         digests.append(d.numpy().view(np.uint32))
         keys.extend(k)
-    packed = np.concatenate(packed)
+    packed, *features = (np.concatenate(column) for column in zip(*hosts))
     outputs = {}
+    where = f"view {unit.view}, chunk {unit.chunk}"
     for i, name in enumerate(names):
         out = unpack_topk(packed, i, topk, num_classes)
-        check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
+        check_finite(out, name, keys, where)
+        if features:
+            codes, scale, ok = unpack_features(*features, i, dims)
+            check_finite((out[0], ok), name, keys, where, what="features")
+            out[0].features, out[0].feature_scale = codes, scale
         outputs[name] = out[0]
     sink(unit.view, unit.chunk, np.concatenate(params), outputs, np.concatenate(digests))
 
@@ -59,6 +65,7 @@ def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, 
         return 0, 0
     device = runner.device
     names = [t.name for t in runner.teachers]
+    dims = [t.record.feature_dim for t in runner.teachers] if runner.features else None
     total = sum((min((c + 1) * attrs.chunk_rows, attrs.num_samples) - c * attrs.chunk_rows) * len(vs)
                 for c, vs in groups)
     stream = UnitStream(manifest, spec, seed, attrs.chunk_rows, batch_size, groups)
@@ -77,15 +84,16 @@ def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, 
             with torch.inference_mode():
                 for item in loader:
                     views = item["images"].to(device, non_blocking=True)
-                    packed = runner.packed_topk(views)
+                    outputs = runner.outputs(views)
                     event = None
                     if cuda:
-                        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                        host.copy_(packed, non_blocking=True)
+                        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in outputs)
+                        for h, t in zip(host, outputs):
+                            h.copy_(t, non_blocking=True)
                         event = torch.cuda.Event()
                         event.record()
                     else:
-                        host = packed
+                        host = outputs
                     key = (item["view"], item["chunk"])
                     unit = units.setdefault(key, _Unit(item["view"], item["chunk"], item["nbatches"]))
                     unit.parts[item["batch"]] = (host, event, item["params"], item["digests"], item["keys"])
@@ -95,7 +103,8 @@ def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, 
                         bar.update(rows)
                     if len(unit.parts) == unit.nbatches:
                         del units[key]
-                        futures.append(writer.submit(_write, sink, unit, names, attrs.topk, attrs.num_classes))
+                        futures.append(writer.submit(_write, sink, unit, names, attrs.topk, attrs.num_classes,
+                                                     dims))
                         built_units += 1
                     while futures and (futures[0].done() or len(futures) > 8):
                         futures.popleft().result()      # re-raises a writer error (NaN, storage) here

@@ -11,6 +11,7 @@ import torch
 
 from cache_builder.errors import BuildError
 from shared.cache_schema import RESERVED_NAMES, TeacherRecord, TopK
+from shared.features import FEATURE_DTYPE, FeatureError, encode_features, feature_dim, logits_and_pooled
 from shared.io import is_local, local_path
 from shared.targets import encode_logits
 
@@ -121,9 +122,18 @@ class TeacherRunner:
     """Runs every teacher on a uint8 batch on the device; returns device tensors, never syncs with the host."""
 
     def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int,
-                 temperatures: tuple[float, ...] = (1.0,)):
+                 temperatures: tuple[float, ...] = (1.0,), features: str = ""):
         self.teachers, self.device, self.precision, self.topk = teachers, device, precision, topk
         self.temperatures = tuple(temperatures)
+        self.features = features        # "pooled": every teacher's pooled features too ("": none)
+        if features:
+            for teacher in teachers:        # the width is part of the cache's identity (and of the layout)
+                try:
+                    teacher.record.feature_dim = feature_dim(teacher.model)
+                except FeatureError as exc:
+                    raise BuildError(f"teacher {teacher.name} ({teacher.checkpoint}): --features {features} needs "
+                                     f"its pooled features, but {exc}") from None
+                teacher.record.feature_dtype = FEATURE_DTYPE
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = False      # same algorithm for the same shapes: reproducible bits
             torch.backends.cudnn.deterministic = True
@@ -149,16 +159,35 @@ class TeacherRunner:
             out = out[0]
         return out.float()
 
+    def logits_and_pooled(self, teacher: Teacher, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 views -> float32 (logits (B, classes), pooled features (B, D)) from one pass of the teacher."""
+        with self._autocast():
+            logits, pooled = logits_and_pooled(teacher.model, self.normalise(teacher, views))
+        return logits.float(), pooled.float()
+
+    def _pack(self, logits: torch.Tensor) -> torch.Tensor:
+        logp, indices, tail = encode_logits(logits, self.topk, self.temperatures)
+        finite = torch.isfinite(logits).all(dim=1, keepdim=True).float()
+        return torch.cat([logp, indices.float(), tail, finite], dim=1)
+
     def packed_topk(self, views: torch.Tensor) -> torch.Tensor:
         """float32 (B, T, 2K+S+1): per teacher [top-k log-probs, their indices, tail log-mass at each cached τ,
         a finiteness flag of the full logits]: all from the full fp32 logits on the device (``shared.targets``)."""
-        parts = []
+        return torch.stack([self._pack(self.logits(teacher, views)) for teacher in self.teachers], dim=1)
+
+    def outputs(self, views: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a batch stores: ``(packed_topk,)``, or with features ``(packed_topk, uint8 codes (B, ΣD), float32
+        (lo, step) (B, T, 2))`` of every teacher's pooled features (``shared.features``), encoded on the device."""
+        if not self.features:
+            return (self.packed_topk(views),)
+        parts, codes, scales = [], [], []
         for teacher in self.teachers:
-            logits = self.logits(teacher, views)
-            logp, indices, tail = encode_logits(logits, self.topk, self.temperatures)
-            finite = torch.isfinite(logits).all(dim=1, keepdim=True).float()
-            parts.append(torch.cat([logp, indices.float(), tail, finite], dim=1))
-        return torch.stack(parts, dim=1)
+            logits, pooled = self.logits_and_pooled(teacher, views)
+            parts.append(self._pack(logits))
+            code, scale = encode_features(pooled)
+            codes.append(code)
+            scales.append(scale)
+        return torch.stack(parts, dim=1), torch.cat(codes, dim=1), torch.stack(scales, dim=1)
 
 
 def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, num_classes: int) -> tuple[TopK, np.ndarray]:
@@ -169,10 +198,20 @@ def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, num_classes: 
     return TopK.from_float(logp, block[:, topk:2 * topk], tail, num_classes), ok
 
 
-def check_finite(out: tuple[TopK, np.ndarray], teacher: str, keys: list[str], where: str) -> None:
+def unpack_features(codes: np.ndarray, scales: np.ndarray, teacher_index: int,
+                    dims: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One teacher's feature codes (B, D) and (lo, step) (B, 2), and the per-row finiteness of its features."""
+    start = sum(dims[:teacher_index])
+    scale = np.ascontiguousarray(scales[:, teacher_index])
+    return (np.ascontiguousarray(codes[:, start:start + dims[teacher_index]]), scale,
+            np.isfinite(scale).all(axis=1))
+
+
+def check_finite(out: tuple[TopK, np.ndarray], teacher: str, keys: list[str], where: str,
+                 what: str = "logits") -> None:
     bad = ~out[1]
     if bad.any():
         first = int(np.argmax(bad))
-        raise BuildError(f"teacher {teacher} produced non-finite logits (NaN/Inf) on sample {keys[first]!r} "
+        raise BuildError(f"teacher {teacher} produced non-finite {what} (NaN/Inf) on sample {keys[first]!r} "
                          f"({where}; {int(bad.sum())} of {len(keys)} samples in that batch); nothing was stored "
                          "for it")
