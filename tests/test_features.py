@@ -109,3 +109,118 @@ def test_a_teacher_without_pooled_features_is_refused_before_anything_is_written
         build_cache(world["data"], [f"t={path}"], str(out), views=1, topk=K, spec=SPEC, seed=5, workers=0,
                     threads=1, progress=False, features="pooled")
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Feature and relation KD in the trainer, from the cache built above
+
+TINY_CIT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}
+
+
+def run_config(w, *extra: str, mode: str = "cached"):
+    import json
+
+    from trainer.config import load_run_config
+    sets = [f"data.train={json.dumps(w['data'])}", f"data.cache={json.dumps(w['cache'])}", "data.view_seed=5",
+            "data.num_workers=0", "augment.image_size=16", "augment.erase_prob=0.5", "augment.mean=[0.4]",
+            "augment.std=[0.3]", "train.epochs=2", "train.batch_size=10", "train.progress=false",
+            f"kd.mode={mode}", 'kd.conv_teacher="conv"', 'kd.inv_teacher="inv"',
+            *(f"student.options.{k}={v}" for k, v in TINY_CIT.items()), *extra]
+    return load_run_config(None, sets)
+
+
+def first_batch(p):
+    p.train_set.set_epoch(0)
+    return next(iter(p.train_set))
+
+
+def test_cached_feature_kd_equals_online_feature_kd_on_the_same_views(world):
+    """The same batch through both sources: the cached (decoded) teacher features are the live ones to the stored
+    rounding; the loss of one student output against both agrees to that rounding's tolerance; and against the
+    live features rounded like the cache it is the same to float32 precision."""
+    from shared.features import decode_features, encode_features
+    from trainer import train as train_mod
+    extra = ("objective.feature_weight=1.0", "objective.relation_weight=2.0")
+    cached = train_mod.prepare(run_config(world, *extra))
+    online = train_mod.prepare(run_config(world, *extra, mode="online"))
+    batch = first_batch(cached)
+    assert torch.equal(batch.views, first_batch(online).views)
+    a, b = cached.loss_fn.source(batch), online.loss_fn.source(batch)
+    for name in ("conv", "inv"):
+        live = b.pooled(name)
+        codes, scale = encode_features(live)
+        assert torch.allclose(a.pooled(name), decode_features(codes, scale), rtol=1e-6, atol=1e-6)
+        assert torch.all((a.pooled(name) - live).abs() <= scale[:, 1:] / 2 * 1.001 + 1e-6)
+    student = cached.student.train()
+    outputs = student(to_model_input(batch.views, (0.4,), (0.3,)))
+    la, pa = cached.loss_fn.objective(outputs, a, 0)
+    lb, pb = online.loss_fn.objective(outputs, b, 0)
+    for key in ("feat_conv", "feat_inv", "rel_conv", "rel_inv", "kd_conv", "kd_inv"):
+        assert pa[key].item() == pytest.approx(pb[key].item(), rel=1e-2, abs=1e-5), key
+    assert la.item() == pytest.approx(lb.item(), rel=1e-3)
+    assert set(dict(student.named_parameters())) >= {"projections.conv.weight", "projections.inv.weight"}
+
+
+def test_relation_kd_is_the_mse_of_the_batch_cosine_matrices():
+    from trainer.objectives import relation_kd
+    rng = np.random.default_rng(0)
+    s, f = rng.normal(size=(6, 5)), np.abs(rng.normal(size=(6, 7)))
+    cos = lambda x: (x @ x.T) / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(x, axis=1))  # noqa: E731
+    expected = ((cos(s) - cos(f)) ** 2).mean()
+    got = relation_kd(torch.from_numpy(s).float(), torch.from_numpy(f).float())
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_features_are_refused_with_one_clear_line(world, tmp_path):
+    from click.testing import CliRunner
+
+    from shared.cli import main as cit
+    from shared.config import ConfigError
+    from trainer import train as train_mod
+    plain = build(world, str(tmp_path / "plain.zarr"), views=2, features="")
+    args = ["train", "--data", world["data"], "--cache", plain, "--out", str(tmp_path / "run"),
+            "--conv-teacher", "conv", "--inv-teacher", "inv", "--set", "objective.feature_weight=1",
+            "--set", "data.view_seed=5", "--set", "augment.image_size=16", "--set", "augment.erase_prob=0.5",
+            "--set", "augment.mean=[0.4]", "--set", "augment.std=[0.3]", "--set", "train.epochs=2"]
+    result = CliRunner().invoke(cit, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    line = [x for x in result.output.splitlines() if x.startswith("Error:")]
+    assert len(line) == 1 and f"cache {plain} stores no teacher features" in line[0]
+    assert "--features pooled" in line[0]
+    with pytest.raises(ConfigError, match="not defined with augment.mix=approx"):
+        train_mod.prepare(run_config(world, "objective.relation_weight=1", "augment.mix=\"approx\""))
+    with pytest.warns(UserWarning, match="ignored"), pytest.raises(ConfigError, match="kd.mode=none has no teacher"):
+        train_mod.prepare(run_config(world, "objective.feature_weight=1", mode="none"))
+
+
+def test_feature_kd_projection_resumes_exactly_after_kill(world, tmp_path):
+    """kill -9 mid-run with feature + relation KD: the resumed run's student, projections and optimiser state equal
+    an uninterrupted run's bit for bit."""
+    import json
+    import multiprocessing
+    import signal
+
+    from trainer import train as train_mod
+    from trainer.engine import load_state
+    extra = ("objective.feature_weight=0.5", "objective.relation_weight=1.0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_mod.train(run_config(world, *extra), str(tmp_path / "full"))
+        child = multiprocessing.get_context("fork").Process(
+            target=train_mod.train, args=(run_config(world, *extra, "train.debug_kill_at_step=6"),
+                                          str(tmp_path / "cut")), daemon=True)
+        child.start()
+        child.join(120)
+        assert child.exitcode == -signal.SIGKILL                # 4 steps per epoch: died inside epoch 1
+        train_mod.train(run_config(world, *extra), str(tmp_path / "cut"), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_state(str(tmp_path / run / "state.safetensors"))[0] for run in ("full", "cut"))
+    assert any(k.startswith("model.projections.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in open(tmp_path / "cut/metrics.jsonl")]
+    assert all(r["train_feat_conv"] > 0 and r["train_rel_inv"] > 0 for r in lines)
+    from shared import checkpoint
+    model, _ = checkpoint.load_checkpoint(str(tmp_path / "cut/student.safetensors"), expect_classes=10)
+    assert set(model.forward_heads(torch.zeros(1, 1, 16, 16))) == {"cls", "conv", "inv"}
