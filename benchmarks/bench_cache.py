@@ -544,13 +544,14 @@ def bench_features(tmp: str, args) -> dict:
     stored form."""
     from shared.models import create_model
     from shared.models.normalize import teacher_input
-    n, steps = (1024, 60) if args.quick else (2048, 200)
+    n, steps = (256, 20) if args.quick else (2048, 200)
+    teachers = {"conv": TINY} if args.quick else TEACHERS      # --quick: the script's path, not its numbers
     chunk_rows = 1024
     images, labels, source = fmnist_images(n)
     data = write_dataset(os.path.join(tmp, "features"), images, labels, 10, chunk_rows)
     views = render_all(data, 1, 0)
     rows = []
-    for name, (arch, kw) in TEACHERS.items():
+    for name, (arch, kw) in teachers.items():
         torch.manual_seed(1)
         model = create_model(arch, num_classes=10, in_chans=1, **kw)
         acc = train_briefly(model, images, labels, steps=steps)
