@@ -85,11 +85,28 @@ def test_extend_of_a_features_cache_equals_a_fresh_build(world, tmp_path):
     assert_bit_identical(grown, world["cache"])
 
 
+def test_add_teacher_and_merge_carry_the_features(world, tmp_path):
+    from cache_builder import add_teachers, merge_caches
+    one = {}
+    for name in ("conv", "inv"):
+        one[name] = str(tmp_path / f"{name}.zarr")
+        build_cache(world["data"], [f"{name}={world[name]}"], one[name], views=2, topk=K, spec=SPEC, seed=5,
+                    batch_size=BATCH, workers=0, threads=1, chunk_rows=CHUNK, progress=False, features="pooled")
+    merged = str(tmp_path / "merged.zarr")
+    merge_caches(one["conv"], one["inv"], merged)
+    assert_bit_identical(merged, world["cache"])
+    add_teachers(one["conv"], [f"inv={world['inv']}"], GrowSettings(data=world["data"], workers=0, progress=False))
+    assert_bit_identical(one["conv"], world["cache"])
+
+
 def test_a_features_cache_and_a_plain_one_are_never_confused(world, tmp_path):
     out = build(world, str(tmp_path / "plain.zarr"), views=1, features="")
     with pytest.raises(BuildError, match=r"already holds a different cache \(.*features: \"\" vs \"pooled\""):
         build(world, out, views=1)
     a, b = LogitCache.open(out).attrs, LogitCache.open(world["cache"]).attrs
+    from cache_builder import merge_caches
+    with pytest.raises(BuildError, match="they differ in features"):
+        merge_caches(out, world["cache"], str(tmp_path / "never.zarr"))
     assert "features" in " ".join(a.identity_diff(b))
     info = cache_info(world["cache"])
     assert info["features"] == "pooled" and info["feature_bytes_per_view"] > 0
