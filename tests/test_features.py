@@ -68,6 +68,23 @@ def test_stored_features_are_the_live_pooled_features_to_the_stored_rounding(wor
             assert rel.max() < 0.01
 
 
+def test_verify_recomputes_the_features_and_finds_a_changed_one(world, tmp_path):
+    import shutil
+
+    from cache_builder import verify_cache
+    report = verify_cache(world["cache"], data=world["data"], recompute=6)
+    assert report.ok and "pooled features match" in " ".join(report.passed)
+    copy = str(tmp_path / "changed.zarr")
+    shutil.copytree(world["cache"], copy)
+    g = zarr.open_group(copy, mode="r+")
+    codes = np.asarray(g["inv/features"][...])
+    codes[:, :, 0] = 255 - codes[:, :, 0]           # every view's first feature, far from the teacher's
+    g["inv/features"][...] = codes
+    report = verify_cache(copy, data=world["data"], recompute=4)
+    assert not report.ok and "teacher inv" in " ".join(report.problems) and "pooled features differ" in \
+        " ".join(report.problems)
+
+
 def test_the_targets_beside_the_features_are_those_of_a_build_without(world, tmp_path):
     plain = store_arrays(build(world, str(tmp_path / "plain.zarr"), views=2, features=""))
     with_features = store_arrays(world["cache"])
