@@ -192,7 +192,38 @@ def test_cached_feature_kd_equals_online_feature_kd_on_the_same_views(world):
     for key in ("feat_conv", "feat_inv", "rel_conv", "rel_inv", "kd_conv", "kd_inv"):
         assert pa[key].item() == pytest.approx(pb[key].item(), rel=1e-2, abs=1e-5), key
     assert la.item() == pytest.approx(lb.item(), rel=1e-3)
+    import dataclasses
+    rounded = dataclasses.replace(b, features={n: decode_features(*encode_features(b.pooled(n))) for n in b.features},
+                                  _memo={})
+    _, pr = online.loss_fn.objective(outputs, rounded, 0)
+    for key in ("feat_conv", "feat_inv", "rel_conv", "rel_inv"):    # rounded like the cache: the same terms
+        assert pr[key].item() == pytest.approx(pa[key].item(), rel=1e-5, abs=1e-7), key
     assert set(dict(student.named_parameters())) >= {"projections.conv.weight", "projections.inv.weight"}
+
+
+def test_the_join_reads_the_features_in_its_one_block_read_per_piece(world):
+    from trainer import train as train_mod
+    from trainer.data import Batch
+    p = train_mod.prepare(run_config(world, "objective.feature_weight=1.0"))
+    p.train_set.set_epoch(1)
+    p.train_set.reads = 0
+    batch = Batch.cat(list(p.train_set))
+    assert p.train_set.reads == len(p.train_set.stream.pieces()) * (2 + 2 * 5)   # params, digests + 5 per teacher
+    cache = LogitCache.open(world["cache"])
+    got = batch.teacher_features(["conv", "inv"], [128, 128])
+    for name in ("conv", "inv"):
+        assert torch.equal(got[name], torch.from_numpy(cache.read_features(name, 1, 0, N))[batch.rows])
+
+
+def test_feature_terms_compose_with_one_head_kd_on_the_class_token(world):
+    from trainer import train as train_mod
+    p = train_mod.prepare(run_config(world, 'objective.recipe="kd"', "objective.feature_weight=1.0",
+                                     "objective.relation_weight=1.0"))
+    assert p.student.pairs == [("conv", "cls"), ("inv", "cls")]
+    loss, parts = p.loss_fn(p.student.train(), first_batch(p))
+    assert torch.isfinite(loss) and {"ce", "kd", "feat_conv", "feat_inv", "rel_conv", "rel_inv"} <= set(parts)
+    loss.backward()
+    assert p.student.projections["inv"].weight.grad.abs().sum() > 0
 
 
 def test_relation_kd_is_the_mse_of_the_batch_cosine_matrices():

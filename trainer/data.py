@@ -2,7 +2,8 @@
 
 Epoch t uses view v = t mod E.  ``ShardStream`` hands each DataLoader worker contiguous *pieces* (rows [lo, hi) of
 one shard) whose samples arrive together, so the join reads one block per piece, view and teacher (one Zarr
-call per array) and serves the piece's samples from it — never one Zarr call per sample.  With
+call per array) and serves the piece's samples from it — never one Zarr call per sample.  With feature KD the
+same block read carries the teachers' pooled-feature codes; they are decoded on the device (``Batch``).  With
 ``verify_views`` (the default) each replayed view's params record and pixel digest are compared with the ones
 the cache builder stored, so a replay that drifted from what the teacher saw (a shard changed after the build,
 another Pillow/numpy) fails loudly instead of silently training on mismatched logits.
