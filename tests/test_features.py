@@ -289,3 +289,20 @@ def test_feature_kd_projection_resumes_exactly_after_kill(world, tmp_path):
     from shared import checkpoint
     model, _ = checkpoint.load_checkpoint(str(tmp_path / "cut/student.safetensors"), expect_classes=10)
     assert set(model.forward_heads(torch.zeros(1, 1, 16, 16))) == {"cls", "conv", "inv"}
+
+
+@pytest.mark.parametrize("flag, stored", [(["--features", "pooled"], "pooled"), ([], "")])
+def test_the_cli_flag_reaches_the_build_settings(monkeypatch, tmp_path, flag, stored):
+    from click.testing import CliRunner
+
+    import cache_builder.build
+    from cache_builder.cli import cache as cache_cli
+    seen = []
+
+    def capture(settings):
+        seen.append(settings)
+        raise BuildError("captured")
+    monkeypatch.setattr(cache_builder.build, "build_cache", capture)
+    result = CliRunner().invoke(cache_cli, ["build", "--data", "d.json", "--teacher", "t=t.pt", "--views", "1",
+                                            "--out", str(tmp_path / "c.zarr"), *flag])
+    assert seen and seen[0].features == stored and "captured" in result.output
