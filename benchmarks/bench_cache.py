@@ -8,6 +8,8 @@
    stored layout (fp16 top-k log-probs + fp16 tail log-mass per τ) and of alternatives (bf16 / fp32, an offset per
    τ instead of the tail mass, and format 1's fp16 logits + lse).  Goals: <= 30 B at one τ, <= 6 B per extra τ,
    tail-mass error <= 1e-3.
+4. features: the pooled penultimate features of briefly trained teachers on real views, stored as fp32, fp16,
+   bf16 or uint8 with a per-view scale: bytes per view and relative error of each (``--features pooled``).
 
     .venv/bin/python benchmarks/bench_cache.py --out benchmarks/results/cache.json [--quick] [--part targets]
 """
@@ -496,13 +498,96 @@ def bench_bytes(tmp: str, args) -> dict:
                     "raw = the plain fp16 / int / fp16 record, 42 B at C=1000, K=10."}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 4. pooled teacher features
+
+def _feature_variants(f: np.ndarray) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Stored forms of (N, D) float32 features: name -> ({array: stored values}, decoded float32)."""
+    from shared.features import decode_features, encode_features
+    half = f.astype(np.float16)
+    bf = torch.from_numpy(f).to(torch.bfloat16)
+    codes, scale = (x.numpy() for x in encode_features(torch.from_numpy(f)))     # the cache's stored form
+    return {"float32": ({"values": f}, f),
+            "float16": ({"values": half}, half.astype(np.float32)),
+            "bfloat16": ({"values": bf.view(torch.int16).numpy().view(np.uint16)}, bf.float().numpy()),
+            "uint8 + float32 (lo, step) per view [stored]": ({"features": codes, "feature_scale": scale},
+                                                            decode_features(codes, scale))}
+
+
+def _stored_bytes(arrays: dict[str, np.ndarray], chunk_rows: int) -> float:
+    """Chunk bytes per row with the cache's codecs (Blosc/zstd 7, byte shuffle, crc32c), all arrays summed."""
+    import zarr
+
+    from shared.cache_schema import _codecs
+    folder = tempfile.mkdtemp(prefix="features-")
+    try:
+        root = zarr.open_group(folder, mode="w")
+        total = 0
+        for name, a in arrays.items():
+            a = a.reshape(1, a.shape[0], -1)
+            arr = root.create_array(name, shape=a.shape, chunks=(1, chunk_rows, a.shape[2]), dtype=a.dtype,
+                                    **_codecs(a.dtype))
+            arr[...] = a
+            total += _chunk_bytes(os.path.join(folder, name))
+        return total / arrays[next(iter(arrays))].shape[0]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cosine_matrix(f: np.ndarray) -> np.ndarray:
+    g = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return g @ g.T
+
+
+def bench_features(tmp: str, args) -> dict:
+    """Pooled penultimate features of briefly trained teachers on real views: bytes per view and error of each
+    stored form."""
+    from shared.models import create_model
+    from shared.models.normalize import teacher_input
+    n, steps = (256, 20) if args.quick else (2048, 200)
+    teachers = {"conv": TINY} if args.quick else TEACHERS      # --quick: the script's path, not its numbers
+    chunk_rows = 1024
+    images, labels, source = fmnist_images(n)
+    data = write_dataset(os.path.join(tmp, "features"), images, labels, 10, chunk_rows)
+    views = render_all(data, 1, 0)
+    rows = []
+    for name, (arch, kw) in teachers.items():
+        torch.manual_seed(1)
+        model = create_model(arch, num_classes=10, in_chans=1, **kw)
+        acc = train_briefly(model, images, labels, steps=steps)
+        model.eval()
+        with torch.inference_mode():
+            feats = torch.cat([model.forward_head(model.forward_features(
+                teacher_input(views[a:a + 256], SPEC.mean, SPEC.std)), pre_logits=True)
+                for a in range(0, len(views), 256)]).float().numpy()
+        ref_rel = _cosine_matrix(feats[:256])
+        for variant, (stored, decoded) in _feature_variants(feats).items():
+            err = np.linalg.norm(decoded - feats, axis=1) / np.maximum(np.linalg.norm(feats, axis=1), 1e-12)
+            row = {"teacher": name, "arch": arch, "train_acc": acc, "dim": int(feats.shape[1]),
+                   "non_negative": bool((feats >= 0).all()), "zero_fraction": float((feats == 0).mean()),
+                   "stored": variant, "bytes_per_view": _stored_bytes(stored, chunk_rows),
+                   "rel_l2_error_mean": float(err.mean()), "rel_l2_error_max": float(err.max()),
+                   "relation_abs_error_max": float(np.abs(_cosine_matrix(decoded[:256]) - ref_rel).max())}
+            rows.append(row)
+            print(f"  {name} D={row['dim']} {variant:<44}: {row['bytes_per_view']:8.1f} B/view, rel. error mean "
+                  f"{row['rel_l2_error_mean']:.1e} max {row['rel_l2_error_max']:.1e}, cosine-matrix error "
+                  f"{row['relation_abs_error_max']:.1e}", flush=True)
+    return {"data": source, "samples": n, "chunk_rows": chunk_rows, "train_steps": steps, "quick": args.quick,
+            "results": rows,
+            "note": "features = forward_head(forward_features(x), pre_logits=True) of each teacher (trained "
+                    "train_steps SGD steps) on one augmented view of each sample; bytes_per_view = chunk files with "
+                    "the cache's codecs / N (metadata excluded); rel_l2_error = |f_stored - f| / |f| per view; "
+                    "relation_abs_error_max = max |cos-sim matrix (256 views) of the stored minus of the exact "
+                    "features|."}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/cache.json")
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 minute")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--part", choices=["all", "throughput", "bytes", "targets"], default="all",
+    parser.add_argument("--part", choices=["all", "throughput", "bytes", "targets", "features"], default="all",
                         help="run one part and merge it into an existing --out")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-cache-")
@@ -518,12 +603,17 @@ def main() -> None:
         if args.part in ("all", "targets"):
             print("targets (C=1000, K=10)", flush=True)
             result["targets"] = bench_targets(args)
+        if args.part in ("all", "features"):
+            print("pooled teacher features", flush=True)
+            result["features"] = bench_features(tmp, args)
         if args.part in ("all", "throughput"):
             print("throughput", flush=True)
             result["throughput"] = bench_throughput(tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result.update({"benchmark": "cache", "quick": args.quick,
+    if args.part == "all" or "quick" not in result:      # one part's run does not relabel the others
+        result["quick"] = args.quick
+    result.update({"benchmark": "cache",
                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}})
     result.setdefault("commands", {})[args.part] = {"command": " ".join(sys.argv), "seconds": time.time() - started}

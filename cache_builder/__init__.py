@@ -8,7 +8,8 @@ Python API (the CLI ``cit cache ...`` calls exactly these):
     info = cache_info("cache.zarr"); report = verify_cache("cache.zarr", data="data/train.json", recompute=32)
 """
 from cache_builder.assemble import export_cache, merge_caches
-from cache_builder.build import BuildError, BuildSettings, BuildSummary, build_cache
+from cache_builder.build import BuildSettings, BuildSummary, build_cache
+from cache_builder.errors import BuildError
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from cache_builder.info import cache_info, format_info
 from cache_builder.verify import VerifyReport, verify_cache

@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cache_builder.build import BuildError, inspect_out, remove_store
-from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, TEACHER_ARRAYS, CacheAttrs,
+from cache_builder.errors import BuildError
+from cache_builder.store import inspect_out, remove_store
+from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
                                  LogitCache, create_arrays, normalize_url, open_root)
 from shared.augment import ViewSpec
 from shared.store_lock import StoreLock
@@ -187,7 +188,7 @@ def _copy_unit(plan: _Plan, cache: LogitCache, view: int, chunk: int) -> None:
     source's blocks are read in one concurrent call and the result's written in one (a round trip each on an
     object store, instead of one per array)."""
     lo, hi = plan.target.chunk_rows_range(chunk)
-    paths = ["params", "digest"] + [f"{t.name}/{leaf}" for t in plan.target.teachers for leaf in TEACHER_ARRAYS]
+    paths = ["params", "digest"] + [f"{t.name}/{leaf}" for t in plan.target.teachers for leaf in plan.target.teacher_arrays()]
     holders = {p: plan.holders(view, None if p in ("params", "digest") else p.split("/")[0]) for p in paths}
     read: dict[tuple[int, str], np.ndarray] = {}
     for i, source in enumerate(plan.sources):

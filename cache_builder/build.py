@@ -19,91 +19,31 @@ resumed or multi-process build computes every unit exactly as an uninterrupted s
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import logging
 import os
-import re
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
-import fsspec
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cache_builder.errors import BuildError
+from cache_builder.plan import group_units, plan_build
+from cache_builder.runner import _run_units, write_whole_unit
+from cache_builder.store import StoreSession, _remove_partial_writes, check_out_reachable, inspect_out, remove_store
+from cache_builder.streams import (check_shards_readable, data_channels, default_chunk_rows, measure_accuracy,
+                                   read_rows, render_rows)
+from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device, resolve_precision
 from shared import provenance
 from shared.augment import ViewSpec
-from shared.cache_schema import (CACHE_FORMAT, STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
-                                 LogitCache, RESERVED_NAMES, TeacherRecord, TopK, create_arrays,
-                                 normalize_url, open_root, read_attrs)
-from shared.errors import CitUserError
-from shared.io import is_local, local_path
-from shared.manifest import Manifest, ManifestError, check_shards
-from shared.reader import RawSample, distributed_context, pieces_for_rows, read_piece, seed_worker
-from shared.shards import ShardError
+from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, LogitCache,
+                                 create_arrays, normalize_url, open_root)
+from shared.features import FEATURE_KINDS
+from shared.manifest import Manifest, ManifestError
 from shared.store_lock import StoreLock
-from shared.targets import encode_logits
-from shared.views import VIEW_CODE, LoadedRows, PlainRenderer, make_renderer, render_eval
+from shared.views import VIEW_CODE, LoadedRows, make_renderer
 
 log = logging.getLogger(__name__)
-
-MAX_DEFAULT_CHUNK_ROWS = 4096
-
-
-class BuildError(CitUserError):
-    """Bad input for a cache build (or a teacher misbehaving); the message names the culprit."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Teachers
-
-@dataclass
-class Teacher:
-    name: str
-    checkpoint: str
-    model: torch.nn.Module
-    record: TeacherRecord
-    in_chans: int | None
-
-
-def _meta(meta, *names, default=None):
-    for name in names:
-        if isinstance(meta, dict) and name in meta:
-            return meta[name]
-        if not isinstance(meta, dict) and hasattr(meta, name):
-            return getattr(meta, name)
-    return default
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
-
-
-def parse_teacher_args(items) -> list[tuple[str, str]]:
-    """``["conv=ckpt.pt", ...]`` or a dict -> [(name, path)], names checked (valid group names, unique)."""
-    pairs = list(items.items()) if isinstance(items, dict) else []
-    if not isinstance(items, dict):
-        for item in items:
-            if isinstance(item, (tuple, list)):
-                pairs.append((str(item[0]), str(item[1])))
-                continue
-            if "=" not in item:
-                raise BuildError(f"--teacher {item!r} must look like NAME=CHECKPOINT")
-            name, path = item.split("=", 1)
-            pairs.append((name.strip(), path.strip()))
-    if not pairs:
-        raise BuildError("at least one --teacher NAME=CHECKPOINT is needed")
-    seen = set()
-    for name, _ in pairs:
-        if not _NAME.match(name) or name in RESERVED_NAMES:
-            raise BuildError(f"teacher name {name!r} is not allowed: use letters, digits, '_' and '-', and not "
-                             f"{' or '.join(RESERVED_NAMES)}")
-        if name in seen:
-            raise BuildError(f"teacher name {name!r} is given twice")
-        seen.add(name)
-    return pairs
 
 
 def parse_temperatures(items) -> tuple[float, ...]:
@@ -118,126 +58,6 @@ def parse_temperatures(items) -> tuple[float, ...]:
     return tuple(values)
 
 
-def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device,
-                  view_size: int | None = None) -> list[Teacher]:
-    """``view_size``: the side of the views; a teacher built for another input size gets them resized."""
-    from shared.checkpoint import load_checkpoint
-    teachers = []
-    for name, path in pairs:
-        try:
-            model, meta = load_checkpoint(path, expect_classes=num_classes)
-        except FileNotFoundError:
-            raise BuildError(f"teacher {name}: checkpoint {path} does not exist") from None
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise BuildError(f"teacher {name}: cannot use checkpoint {path}: {exc}") from None
-        classes = int(_meta(meta, "num_classes"))
-        if classes != num_classes:   # load_checkpoint checks too; never trust a single guard
-            raise BuildError(f"teacher {name} ({path}) predicts {classes} classes but the data has {num_classes}")
-        mean, std = _meta(meta, "mean", "input_mean"), _meta(meta, "std", "input_std")
-        if mean is None or std is None:
-            raise BuildError(f"teacher {name}: checkpoint {path} does not record its input normalisation")
-        kind = str(_meta(meta, "kind", default="other") or "other")
-        record = TeacherRecord(name=name, kind=kind, arch=str(_meta(meta, "arch", default="?")),
-                               checkpoint_sha256=str(_meta(meta, "sha256", "checkpoint_sha256", default="")),
-                               num_classes=classes, mean=[float(x) for x in mean], std=[float(x) for x in std],
-                               extra={"checkpoint": os.path.abspath(local_path(path)) if is_local(path) else str(path)})
-        record.input_size, record.interpolation = meta.resize_for(view_size)
-        acc = _meta(meta, "test_accuracy", "accuracy")
-        if acc is not None:
-            record.extra["checkpoint_test_accuracy"] = float(acc)
-        model = model.to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        in_chans = _meta(meta, "in_chans")
-        teachers.append(Teacher(name, str(path), model, record, int(in_chans) if in_chans is not None else None))
-    return teachers
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise BuildError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision == "bf16" and device.type != "cuda":
-        raise BuildError("bf16 autocast is only used on CUDA; use --precision fp32 (or auto) on CPU")
-    return precision
-
-
-class TeacherRunner:
-    """Runs every teacher on a uint8 batch on the device; returns device tensors, never syncs with the host."""
-
-    def __init__(self, teachers: list[Teacher], device: torch.device, precision: str, topk: int,
-                 temperatures: tuple[float, ...] = (1.0,)):
-        self.teachers, self.device, self.precision, self.topk = teachers, device, precision, topk
-        self.temperatures = tuple(temperatures)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = False      # same algorithm for the same shapes: reproducible bits
-            torch.backends.cudnn.deterministic = True
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
-
-    def normalise(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
-        """The teacher's own input size (resized on the device, when it differs) and normalisation."""
-        from shared.models.normalize import teacher_input   # here: importing timm slows every `cit` command
-        record = teacher.record
-        return teacher_input(views, record.mean, record.std, record.input_size, record.interpolation)
-
-    def logits(self, teacher: Teacher, views: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) on the device -> float32 logits (B, classes)."""
-        with self._autocast():
-            out = teacher.model(self.normalise(teacher, views))
-        if isinstance(out, dict):       # models with several heads: the class head
-            out = out["cls"]
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        return out.float()
-
-    def packed_topk(self, views: torch.Tensor) -> torch.Tensor:
-        """float32 (B, T, 2K+S+1): per teacher [top-k log-probs, their indices, tail log-mass at each cached τ,
-        a finiteness flag of the full logits]: all from the full fp32 logits on the device (``shared.targets``)."""
-        parts = []
-        for teacher in self.teachers:
-            logits = self.logits(teacher, views)
-            logp, indices, tail = encode_logits(logits, self.topk, self.temperatures)
-            finite = torch.isfinite(logits).all(dim=1, keepdim=True).float()
-            parts.append(torch.cat([logp, indices.float(), tail, finite], dim=1))
-        return torch.stack(parts, dim=1)
-
-
-def unpack_topk(packed: np.ndarray, teacher_index: int, topk: int, num_classes: int) -> tuple[TopK, np.ndarray]:
-    """The stored record of one teacher and the per-row finiteness of its logits."""
-    block = packed[:, teacher_index]
-    logp, tail = block[:, :topk], block[:, 2 * topk:-1]
-    ok = (block[:, -1] == 1) & np.isfinite(logp).all(axis=1) & ~np.isnan(tail).any(axis=1)
-    return TopK.from_float(logp, block[:, topk:2 * topk], tail, num_classes), ok
-
-
-def check_finite(out: tuple[TopK, np.ndarray], teacher: str, keys: list[str], where: str) -> None:
-    bad = ~out[1]
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise BuildError(f"teacher {teacher} produced non-finite logits (NaN/Inf) on sample {keys[first]!r} "
-                         f"({where}; {int(bad.sum())} of {len(keys)} samples in that batch); nothing was stored "
-                         "for it")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Data: units of work rendered in DataLoader workers
-
 def default_cpu_threads(workers: int) -> int:
     """A new CPU cache's intra-op threads: the cores the render workers leave to the teachers (chosen by
     measurement on 2 cores: 1 thread + 1 worker reached 0.98x the teachers' in-memory inference, 2 threads + 1 worker
@@ -245,210 +65,6 @@ def default_cpu_threads(workers: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(torch.get_num_threads(), cores - workers))
 
-
-def default_chunk_rows(manifest: Manifest) -> int:
-    counts = collections.Counter(s.samples for s in manifest.shards if s.samples > 0)
-    if not counts:
-        return 1
-    common = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
-    return max(1, min(common, MAX_DEFAULT_CHUNK_ROWS))
-
-
-def read_rows(manifest: Manifest, lo: int, hi: int) -> list[RawSample]:
-    samples = []
-    for piece in pieces_for_rows(manifest, lo, hi):
-        samples.extend(read_piece(manifest, piece))
-    if len(samples) != hi - lo:
-        raise ShardError(f"rows {lo}..{hi} of {manifest.path}: read {len(samples)} samples, expected {hi - lo}")
-    return samples
-
-
-def batch_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
-
-
-def chunk_read_range(manifest: Manifest, spec: ViewSpec, lo: int, hi: int) -> tuple[int, int]:
-    """Rows to load to render rows [lo, hi) (with exact mixing: plus their partners' windows)."""
-    return make_renderer(spec, 0, manifest).rows_to_load(lo, hi)
-
-
-def render_rows(renderer: PlainRenderer, view: int, rows: LoadedRows, a: int,
-                z: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """uint8 views (z-a, C, H, W), params records and uint32 pixel digests of rows [a, z) for view ``view``;
-    ``rows`` holds every row ``renderer.rows_to_load(a, z)`` asks for."""
-    rendered = [renderer.render(view, rows, row) for row in range(a, z)]
-    return (torch.stack([r.pixels for r in rendered]), np.stack([r.params for r in rendered]),
-            np.asarray([r.digest for r in rendered], dtype=np.uint32))
-
-
-class UnitStream(IterableDataset):
-    """Yields one rendered batch at a time: for each chunk group, for each fixed batch of rows, for each view.
-    A worker reads a chunk's rows in one pass, decodes each image once and renders all of its pending views."""
-
-    def __init__(self, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int, batch_size: int,
-                 groups: list[tuple[int, list[int]]]):
-        self.manifest, self.spec, self.seed = manifest, spec, seed
-        self.chunk_rows, self.batch_size, self.groups = chunk_rows, batch_size, groups
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        n = self.manifest.num_samples
-        renderer = make_renderer(self.spec, self.seed, self.manifest)
-        for i, (chunk, views) in enumerate(self.groups):
-            if i % workers != worker:
-                continue
-            lo, hi = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, n)
-            first, last = renderer.rows_to_load(lo, hi)
-            samples = read_rows(self.manifest, first, last)
-            bounds = batch_bounds(lo, hi, self.batch_size)
-            for b, (a, z) in enumerate(bounds):
-                need_lo, need_hi = renderer.rows_to_load(a, z)
-                rows = LoadedRows(samples[need_lo - first:need_hi - first], keep_images=True)   # decode once
-                keys = [raw.key for raw in samples[a - first:z - first]]
-                for view in views:
-                    tensors, records, digests = render_rows(renderer, view, rows, a, z)
-                    yield {"view": view, "chunk": chunk, "batch": b, "nbatches": len(bounds), "images": tensors,
-                           "params": torch.from_numpy(records), "digests": torch.from_numpy(digests.view(np.int32)),
-                           "keys": keys}
-
-
-class EvalStream(IterableDataset):
-    """Evaluation views (whole image resized) of a manifest with labels, in fixed batches."""
-
-    def __init__(self, manifest: Manifest, spec: ViewSpec, batch_size: int, chunk_rows: int):
-        self.manifest, self.spec, self.batch_size, self.chunk_rows = manifest, spec, batch_size, chunk_rows
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        n = self.manifest.num_samples
-        for i, lo in enumerate(range(0, n, self.chunk_rows)):
-            if i % workers != worker:
-                continue
-            samples = read_rows(self.manifest, lo, min(lo + self.chunk_rows, n))
-            for a in range(0, len(samples), self.batch_size):
-                raws = samples[a:a + self.batch_size]
-                yield {"images": torch.stack([render_eval(self.spec, r) for r in raws]),
-                       "labels": torch.tensor([r.label for r in raws], dtype=torch.int64),
-                       "keys": [r.key for r in raws]}
-
-
-def make_loader(dataset: IterableDataset, workers: int, device: torch.device) -> DataLoader:
-    kwargs = {"prefetch_factor": 4, "worker_init_fn": seed_worker} if workers > 0 else {}
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Teacher accuracy (eval views of the test set)
-
-def measure_accuracy(runner: TeacherRunner, test: Manifest, spec: ViewSpec, batch_size: int, workers: int,
-                     progress: bool = False) -> dict[str, float]:
-    """Top-1 accuracy of every teacher on the eval views of ``test``; raises naming teacher and key on NaN."""
-    device = runner.device
-    correct = {t.name: torch.zeros((), dtype=torch.int64, device=device) for t in runner.teachers}
-    finite = {t.name: [] for t in runner.teachers}
-    keys: list[str] = []
-    stream = EvalStream(test, spec, batch_size, max(batch_size, default_chunk_rows(test)))
-    with torch.inference_mode():
-        for item in _progress(make_loader(stream, workers, device), progress, "teacher accuracy", None):
-            views = item["images"].to(device, non_blocking=True)
-            labels = item["labels"].to(device, non_blocking=True)
-            keys.extend(item["keys"])
-            for teacher in runner.teachers:
-                logits = runner.logits(teacher, views)
-                finite[teacher.name].append(torch.isfinite(logits).all(dim=1))
-                correct[teacher.name] += (logits.argmax(dim=1) == labels).sum()
-    out = {}
-    for teacher in runner.teachers:
-        ok = torch.cat(finite[teacher.name]).cpu().numpy() if finite[teacher.name] else np.ones(0, bool)
-        if not ok.all():
-            key = keys[int(np.argmin(ok))]
-            raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on test sample {key!r} "
-                             f"of {test.path} ({int((~ok).sum())} of {len(ok)} test samples)")
-        out[teacher.name] = int(correct[teacher.name].item()) / max(1, test.num_samples)
-    return out
-
-
-def _progress(iterable, enabled: bool, desc: str, total, unit: str = "batch"):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output location
-
-def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs | None]:
-    """("absent" | "empty" | "cache" | "old format" | "foreign", attrs): what ``url`` holds now."""
-    url = normalize_url(url)
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if not fs.exists(path):
-        return "absent", None
-    if fs.isfile(path):
-        return "foreign", None
-    if not fs.ls(path, detail=False):
-        return "empty", None
-    try:
-        root = open_root(url, "r", storage_options)
-    except Exception:  # noqa: BLE001 — any failure to read it as a cit cache means "something else is there"
-        return "foreign", None
-    data = dict(root.attrs)
-    if "dataset_fingerprint" in data and data.get("format") != CACHE_FORMAT:
-        return "old format", None        # a cit cache of another format: replaced only with --force
-    try:
-        return "cache", read_attrs(root, url)
-    except Exception:  # noqa: BLE001
-        return "foreign", None
-
-
-def check_out_reachable(url: str, storage_options: dict | None) -> None:
-    """An object-store ``--out``: its bucket exists and these credentials can list it — before anything is written
-    (writing is then proven by the store's lock, the first object the build puts)."""
-    if is_local(url):
-        return
-    fs, path = fsspec.core.url_to_fs(normalize_url(url), **(storage_options or {}))
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & {"s3", "s3a", "gs", "gcs", "az", "abfs", "adl"}:    # no buckets (memory://, ...)
-        return
-    bucket = path.split("/", 1)[0]
-    try:
-        fs.info(bucket)     # not fs.exists: it answers False for an endpoint that cannot be reached
-    except PermissionError as exc:
-        raise BuildError(f"--out {url}: access to bucket {bucket!r} denied ({exc}); check the credentials "
-                         "(AWS_* variables or --storage-option key=... secret=...)") from None
-    except FileNotFoundError:
-        raise BuildError(f"--out {url}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
-                         "create it or fix --out / --storage-option endpoint_url=...")
-
-
-def remove_store(url: str, storage_options: dict | None) -> None:
-    url = normalize_url(url)
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-def check_shards_readable(manifest: Manifest, verify: bool) -> None:
-    """Every listed shard exists and has its recorded size (and, with ``verify``, its recorded sha256) — before
-    any work is written."""
-    try:
-        check_shards(manifest, sha256=verify)
-    except ManifestError as exc:
-        raise BuildError(str(exc)) from None
-
-
-def data_channels(manifest: Manifest) -> int:
-    """The manifest's channel count (1: L, 3: RGB): every image is decoded to it."""
-    try:
-        return manifest.require_channels()
-    except ManifestError as exc:
-        raise BuildError(str(exc)) from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Build
 
 @dataclass
 class BuildSummary:
@@ -478,63 +94,6 @@ class BuildSummary:
                 f"already done; teachers: {acc}")
 
 
-class StoreSession:
-    """One change of a store by every rank: the process group, the store's lease (rank 0 takes it) and the
-    caller's thread count (a build pins its own), all given back on exit, whatever happened."""
-
-    def __init__(self):
-        self.comm = _Dist()
-        self.lock: StoreLock | None = None
-        self._caller_threads = torch.get_num_threads()
-
-    def __enter__(self) -> "StoreSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-        torch.set_num_threads(self._caller_threads)
-        self.comm.close()
-
-
-class _Dist:
-    """Collectives over a gloo group (works for CPU tensors whatever backend the caller initialised)."""
-
-    def __init__(self):
-        self.rank, self.world = distributed_context()
-        self.owned = False
-        self.group = None
-        if self.world > 1:
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self.owned = True
-            elif dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def sum(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, group=self.group)
-        return int(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.group)
-
-    def close(self) -> None:
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @dataclass
 class BuildSettings:
     """Everything ``cit cache build`` is told (the CLI fills it; ``build_cache`` takes the same as keywords)."""
@@ -559,6 +118,7 @@ class BuildSettings:
     verify_shards: bool = True
     storage_options: dict | None = None
     progress: bool = True
+    features: str = ""                          # "pooled": store each teacher's pooled features too
 
 
 def build_cache(data: "str | BuildSettings", teachers=None, out: str = "", **options) -> BuildSummary:
@@ -594,6 +154,9 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     if min_teacher_acc is not None and not test_data:
         raise BuildError("--min-teacher-acc needs --test-data to measure the teachers on")
     temperatures = parse_temperatures(temperatures)
+    features = b.features or ""
+    if features and features not in FEATURE_KINDS:
+        raise BuildError(f"--features {features!r}: the cache can store {' or '.join(FEATURE_KINDS)} features")
     pairs = parse_teacher_args(teachers)
     dev = resolve_device(device)
     if workers is None:   # CPU: one worker renders ~25x faster than a teacher infers; GPU: keep the device fed
@@ -613,7 +176,7 @@ def run_build(settings: BuildSettings) -> BuildSummary:
     if chunk_rows < 1:
         raise BuildError(f"--chunk-rows must be >= 1, got {chunk_rows}")
     loaded = load_teachers(pairs, manifest.num_classes, dev, view_size=spec.image_size)
-    runner = TeacherRunner(loaded, dev, precision, topk, temperatures)
+    runner = TeacherRunner(loaded, dev, precision, topk, temperatures, features)
     intended = CacheAttrs(dataset_fingerprint=manifest.fingerprint, num_samples=manifest.num_samples,
                           num_classes=manifest.num_classes, views=views, first_view=b.first_view, topk=topk,
                           seed=seed,
@@ -621,7 +184,7 @@ def run_build(settings: BuildSettings) -> BuildSummary:
                           status=STATUS_CREATING,
                           build={"batch_size": batch_size, "precision": precision, "device": dev.type,
                                  "cpu_threads": threads if dev.type == "cpu" else None},
-                          temperatures=list(temperatures),
+                          temperatures=list(temperatures), features=features,
                           view_code=dict(VIEW_CODE), provenance=provenance.collect(dev.type))
 
     with StoreSession() as session:
@@ -674,68 +237,6 @@ def run_build(settings: BuildSettings) -> BuildSummary:
         if failed:
             raise BuildError(f"another rank failed; cache {out} is left incomplete (rerun to resume)")
         return summary
-
-
-def group_units(units: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
-    """[(chunk, view)] in chunk order -> [(chunk, [views])]: a worker reads a chunk's rows once for all its views."""
-    groups: list[tuple[int, list[int]]] = []
-    for c, v in units:
-        if groups and groups[-1][0] == c:
-            groups[-1][1].append(v)
-        else:
-            groups.append((c, [v]))
-    return groups
-
-
-@dataclass
-class BuildPlan:
-    """What a build does at ``--out``: ``create`` | ``resume`` | ``replace`` | ``refuse`` (``reason`` says why and what
-    to run instead; growing a complete cache is ``cit cache extend`` / ``add-teacher``)."""
-    action: str
-    reason: str = ""
-
-
-def plan_build(state: str, existing: CacheAttrs | None, intended: CacheAttrs, force: bool, out: str) -> BuildPlan:
-    """Pure: the action from what ``out`` holds (``inspect_out``) and the cache intended."""
-    if state == "foreign":
-        return BuildPlan("refuse", f"--out {out} already holds something that is not a cit cache; refusing to touch "
-                                   "it (choose another location or delete it yourself)")
-    if state == "old format":
-        return BuildPlan("replace") if force else BuildPlan(
-            "refuse", f"--out {out} holds a cit cache of an older format (this cit writes format {CACHE_FORMAT}); "
-                      "pass --force to rebuild it there, or choose another --out")
-    if state in ("absent", "empty"):
-        return BuildPlan("create")
-    if force:
-        return BuildPlan("replace")
-    if existing.growth:
-        return BuildPlan("refuse", f"--out {out} is being changed by `cit cache {existing.growth.get('op')}` "
-                                   "(interrupted or running); rerun that command to finish it, or pass --force to "
-                                   "rebuild the cache")
-    diff = existing.identity_diff(intended)
-    if not diff:
-        return BuildPlan("resume")
-    grow = _growth_hint(existing, intended, out)
-    return BuildPlan("refuse", f"--out {out} already holds a different cache ({'; '.join(diff[:4])}); "
-                               + (grow or "pass --force to replace it, or choose another --out"))
-
-
-def _growth_hint(existing: CacheAttrs, intended: CacheAttrs, out: str) -> str:
-    """When the intended cache only adds views or teachers to a complete one: the command that grows it."""
-    if existing.status != STATUS_COMPLETE:
-        return ""
-    a, b = existing.identity(), intended.identity()
-    others = [k for k in a if k not in ("views", "teachers") and a[k] != b.get(k)]
-    if others:
-        return ""
-    if a["teachers"] == b["teachers"] and b["views"] > a["views"]:
-        return (f"to add views without recomputing the others: `cit cache extend {out} --views {b['views']} --data "
-                "MANIFEST` (or --force to rebuild it)")
-    if a["views"] == b["views"] and b["teachers"][:len(a["teachers"])] == a["teachers"]:
-        new = [t.name for t in intended.teachers[len(existing.teachers):]]
-        return (f"to add teachers without recomputing the others: `cit cache add-teacher {out} "
-                f"{' '.join(n + '=CHECKPOINT' for n in new)} --data MANIFEST` (or --force to rebuild it)")
-    return ""
 
 
 def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheAttrs) -> CacheAttrs:
@@ -824,21 +325,6 @@ def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheA
     return attrs
 
 
-def _remove_partial_writes(url: str) -> None:
-    """A killed local build can leave Zarr's temporary ``*.partial`` files (its writes are write + rename); they are
-    never read, but do not let them pile up on disk."""
-    url = normalize_url(url)
-    if "://" in url:
-        return
-    for folder, _, files in os.walk(url):
-        for name in files:
-            if name.endswith(".partial"):
-                try:
-                    os.remove(os.path.join(folder, name))
-                except OSError:
-                    pass
-
-
 def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int, chunk_rows: int) -> None:
     """Run every teacher on a few real views before anything is written: shapes and finiteness."""
     n = min(8, manifest.num_samples, chunk_rows)
@@ -860,96 +346,26 @@ def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
             if not ok.all():
                 raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on sample "
                                  f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")
+            if runner.features:
+                _probe_features(runner, teacher, views, keys)
 
 
-@dataclass
-class _Unit:
-    view: int
-    chunk: int
-    nbatches: int
-    parts: dict = field(default_factory=dict)   # batch -> (packed host tensor, event, params, keys)
-
-
-def _write(sink, unit: _Unit, names: list[str], topk: int, num_classes: int) -> None:
-    """Assemble a finished unit and hand it to ``sink(view, chunk, params, outputs, digests)`` (a store write)."""
-    packed, params, digests, keys = [], [], [], []
-    for b in range(unit.nbatches):
-        host, event, p, d, k = unit.parts[b]
-        if event is not None:
-            event.synchronize()
-        packed.append(host.numpy())
-        params.append(p.numpy())
-        digests.append(d.numpy().view(np.uint32))
-        keys.extend(k)
-    packed = np.concatenate(packed)
-    outputs = {}
-    for i, name in enumerate(names):
-        out = unpack_topk(packed, i, topk, num_classes)
-        check_finite(out, name, keys, f"view {unit.view}, chunk {unit.chunk}")
-        outputs[name] = out[0]
-    sink(unit.view, unit.chunk, np.concatenate(params), outputs, np.concatenate(digests))
-
-
-def write_whole_unit(cache: LogitCache):
-    """The sink of a build: every array of the unit, then its ``done`` element."""
-    return lambda view, chunk, params, outputs, digests: cache.write_unit(view, chunk, params, outputs,
-                                                                         digests=digests)
-
-
-def _run_units(sink, runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
-               attrs: CacheAttrs, groups, batch_size: int, workers: int, progress: bool) -> tuple[int, int]:
-    """Run the teachers over the units of ``groups`` ([(chunk, [views])]) and give each finished unit to ``sink``."""
-    if not groups:
-        return 0, 0
-    device = runner.device
-    names = [t.name for t in runner.teachers]
-    total = sum((min((c + 1) * attrs.chunk_rows, attrs.num_samples) - c * attrs.chunk_rows) * len(vs)
-                for c, vs in groups)
-    stream = UnitStream(manifest, spec, seed, attrs.chunk_rows, batch_size, groups)
-    loader = make_loader(stream, min(workers, len(groups)), device)
-    units: dict[tuple[int, int], _Unit] = {}
-    futures: collections.deque = collections.deque()
-    built_units = built_views = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="cache build", unit="view", unit_scale=True, dynamic_ncols=True,
-                   file=sys.stderr, smoothing=0.05)
-    cuda = device.type == "cuda"
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
-        try:
-            with torch.inference_mode():
-                for item in loader:
-                    views = item["images"].to(device, non_blocking=True)
-                    packed = runner.packed_topk(views)
-                    event = None
-                    if cuda:
-                        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                        host.copy_(packed, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record()
-                    else:
-                        host = packed
-                    key = (item["view"], item["chunk"])
-                    unit = units.setdefault(key, _Unit(item["view"], item["chunk"], item["nbatches"]))
-                    unit.parts[item["batch"]] = (host, event, item["params"], item["digests"], item["keys"])
-                    rows = len(item["keys"])
-                    built_views += rows
-                    if bar is not None:
-                        bar.update(rows)
-                    if len(unit.parts) == unit.nbatches:
-                        del units[key]
-                        futures.append(writer.submit(_write, sink, unit, names, attrs.topk, attrs.num_classes))
-                        built_units += 1
-                    while futures and (futures[0].done() or len(futures) > 8):
-                        futures.popleft().result()      # re-raises a writer error (NaN, storage) here
-            while futures:
-                futures.popleft().result()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-    return built_units, built_views
+def _probe_features(runner: TeacherRunner, teacher, views: torch.Tensor, keys: list[str]) -> None:
+    """The pooled features of the probe views: (n, feature_dim), finite, and the logits beside them those of
+    ``model(x)`` (one ``forward_features`` pass gives both only for a timm-style ``forward``)."""
+    try:
+        logits, pooled = runner.logits_and_pooled(teacher, views)
+    except (RuntimeError, TypeError) as exc:
+        raise BuildError(f"teacher {teacher.name} ({teacher.checkpoint}): cannot compute its pooled features "
+                         f"(forward_head(forward_features(x), pre_logits=True)): {exc}") from None
+    dim = teacher.record.feature_dim
+    if pooled.ndim != 2 or pooled.shape[1] != dim:
+        raise BuildError(f"teacher {teacher.name}: pooled features of shape {tuple(pooled.shape)}, expected "
+                         f"(batch, {dim}) (its num_features)")
+    if not torch.equal(logits, runner.logits(teacher, views)):
+        raise BuildError(f"teacher {teacher.name}: forward_head(forward_features(x)) is not its forward(x), so its "
+                         "features and logits cannot come from one pass; build without --features")
+    ok = torch.isfinite(pooled).all(dim=1).cpu().numpy()
+    if not ok.all():
+        raise BuildError(f"teacher {teacher.name} produced non-finite features (NaN/Inf) on sample "
+                         f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")

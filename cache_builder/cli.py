@@ -77,11 +77,15 @@ def cache():
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for --out (e.g. endpoint_url=http://host:port); env vars work too.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--features", type=click.Choice(["none", "pooled"]), default="none", show_default=True,
+              help="Also store each teacher's pooled penultimate features per view (for feature / relation KD; "
+                   "uint8 codes + a per-view scale, ~1 B per feature dimension).")
 def build(data, teachers, views, topk, out, temperatures, config_path, overrides, seed, batch_size, workers, device,
           precision, chunk_rows, threads, test_data, min_teacher_acc, force, no_verify_shards, storage_options, no_progress,
-          first_view):
+          first_view, features):
     """Run the teachers over E replayable views of every sample and store their top-k targets (resumable)."""
-    from cache_builder.build import BuildError, BuildSettings, build_cache
+    from cache_builder.build import BuildSettings, build_cache
+    from cache_builder.errors import BuildError
     from shared.augment import ViewSpec
     from shared.config import load_config, section
     from shared.reader import distributed_context
@@ -99,7 +103,7 @@ def build(data, teachers, views, topk, out, temperatures, config_path, overrides
                                  precision=precision, chunk_rows=chunk_rows, threads=threads, test_data=test_data,
                                  min_teacher_acc=min_teacher_acc, force=force, verify_shards=not no_verify_shards,
                                  storage_options=_storage_options(storage_options), progress=not no_progress,
-                                 first_view=first_view)
+                                 first_view=first_view, features="" if features == "none" else features)
         summary = build_cache(settings)
     except (BuildError, CacheError, ConfigError, ManifestError, ValueError) as exc:
         raise _fail(exc) from None
@@ -136,7 +140,7 @@ def _grow_settings(data, device, workers, no_verify_shards, storage_options, no_
 @_grow_options
 def extend(url, views, teachers, **options):
     """Add views E..E2-1 to a complete cache: equals a fresh build with E2 views; old views untouched (resumable)."""
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     from cache_builder.grow import extend_cache
     from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
@@ -155,7 +159,7 @@ def extend(url, views, teachers, **options):
 @_grow_options
 def add_teacher(url, teachers, test_data, **options):
     """Add teacher groups (in the order given) to a complete cache: equals a fresh build with all the teachers."""
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     from cache_builder.grow import add_teachers
     from shared.reader import distributed_context
     set_resume_hint(f"finished units in {url} are kept: rerun the same command to resume")
@@ -176,7 +180,7 @@ def add_teacher(url, teachers, test_data, **options):
 def merge(a, b, out, force, storage_options):
     """Join the teachers and view ranges of two caches of the same data and settings (checked), without teachers."""
     from cache_builder.assemble import merge_caches
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
     try:
         summary = merge_caches(a, b, out, force=force, storage_options=_storage_options(storage_options))
@@ -197,7 +201,7 @@ def merge(a, b, out, force, storage_options):
 def export(src, teachers, views, first_view, out, force, storage_options):
     """A smaller cache for sharing: some teachers and a range of views; equals a fresh build of those."""
     from cache_builder.assemble import export_cache
-    from cache_builder.build import BuildError
+    from cache_builder.errors import BuildError
     set_resume_hint(f"units copied to {out} are kept: rerun the same command to resume")
     names = [n.strip() for n in teachers.split(",") if n.strip()] if teachers else None
     try:
@@ -235,7 +239,8 @@ def info(url, as_json, storage_options, fidelity, sample, teachers, data, png, d
 
 
 def _fidelity(url, as_json, storage_options, sample, teachers, data, png, device, seed) -> None:
-    from cache_builder.build import BuildError, parse_teacher_args
+    from cache_builder.errors import BuildError
+    from cache_builder.teachers import parse_teacher_args
     from cache_builder.fidelity import FidelityOptions, cache_fidelity, fidelity_png, format_fidelity, public
     try:
         pairs = dict(parse_teacher_args(teachers)) if teachers else {}

@@ -111,7 +111,9 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
             ) -> dict[str, dict[float, np.ndarray]]:
     """KL(softmax(z/τ) ‖ cached target at τ) per row, for each teacher given a checkpoint, at each cached τ.
     The views are re-rendered with the builder's ``render_rows`` and run with its ``TeacherRunner``."""
-    from cache_builder.build import BuildError, TeacherRunner, load_teachers, render_rows, resolve_device
+    from cache_builder.errors import BuildError
+    from cache_builder.streams import render_rows
+    from cache_builder.teachers import TeacherRunner, load_teachers, resolve_device
     from cache_builder.verify import _read_rows
     from shared.manifest import Manifest, ManifestError
     from shared.targets import target_log_probs

@@ -28,9 +28,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from cache_builder.build import (BuildError, BuildSummary, StoreSession, TeacherRunner, _Dist, _probe,
-                                 _remove_partial_writes, _run_units, check_shards_readable, data_channels, group_units, load_teachers,
-                                 measure_accuracy, parse_teacher_args, resolve_device, write_whole_unit)
+from cache_builder.build import BuildSummary, _probe
+from cache_builder.errors import BuildError
+from cache_builder.plan import group_units
+from cache_builder.runner import _run_units, write_whole_unit
+from cache_builder.store import StoreSession, _Dist, _remove_partial_writes
+from cache_builder.streams import check_shards_readable, data_channels, measure_accuracy
+from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
                                  expected_arrays, normalize_url)
@@ -170,7 +174,8 @@ def _runner(ctx: _Context, pairs: list[tuple[str, str]]) -> TeacherRunner:
         if t.in_chans is not None and t.in_chans != channels:
             raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
                              f"of {ctx.manifest.path} have {channels} channel(s)")
-    return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures))
+    return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures),
+                         attrs.features)
 
 
 def _run(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]], settings: GrowSettings,
@@ -326,9 +331,7 @@ def _teacher_sink(ctx: _Context):
                              "was built (another Pillow/numpy, or changed shards); a new teacher would see other "
                              "pixels than the cached ones — add it where the cache was built")
         for name, out in outputs.items():
-            cache.array(f"{name}/logp")[view, lo:hi] = out.logp
-            cache.array(f"{name}/indices")[view, lo:hi] = out.indices
-            cache.array(f"{name}/tail")[view, lo:hi] = out.tail
+            cache.write_teacher(name, view, lo, hi, out)
         cache.array(GROWTH_DONE)[view, chunk] = 1
     return sink
 

@@ -6,7 +6,8 @@ import numpy as np
 
 from shared import provenance
 from shared.augment import ViewSpec
-from shared.cache_schema import STATUS_COMPLETE, TEACHER_ARRAYS, normalize_url, open_root, read_attrs, CacheError
+from shared.cache_schema import (FEATURE_ARRAYS, STATUS_COMPLETE, CacheError, normalize_url, open_root,
+                                 read_attrs)
 
 
 def _du(fs, path: str) -> int:
@@ -35,11 +36,13 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
     teachers = []
     for t in attrs.teachers:
         size = _du(fs, f"{path}/{t.name}")
-        arrays = {leaf: _du(fs, f"{path}/{t.name}/{leaf}") for leaf in TEACHER_ARRAYS}
+        arrays = {leaf: _du(fs, f"{path}/{t.name}/{leaf}") for leaf in attrs.teacher_arrays()}
+        feature_bytes = sum(arrays.get(leaf, 0) for leaf in FEATURE_ARRAYS)
         teachers.append({"name": t.name, "kind": t.kind, "arch": t.arch, "num_classes": t.num_classes,
                          "test_accuracy": t.test_accuracy, "checkpoint_sha256": t.checkpoint_sha256,
                          "checkpoint": t.extra.get("checkpoint"), "bytes": size,
-                         "bytes_per_view": size / (e * n), "bytes_per_view_by_array": {
+                         "bytes_per_view": size / (e * n), "feature_dim": t.feature_dim,
+                         "feature_bytes_per_view": feature_bytes / (e * n), "bytes_per_view_by_array": {
                              k: v / (e * n) for k, v in arrays.items()}})
     params_bytes = _du(fs, f"{path}/params")
     return {
@@ -57,6 +60,8 @@ def cache_info(url: str, storage_options: dict | None = None) -> dict:
         "teachers": teachers, "size_bytes": total, "params_bytes": params_bytes,
         "bytes_per_view_per_teacher": (sum(t["bytes"] for t in teachers) / (e * n * len(teachers))
                                        if teachers else 0.0),
+        "features": attrs.features,
+        "feature_bytes_per_view": sum(t["feature_bytes_per_view"] for t in teachers),
         "bytes_per_view_total": total / (e * n),
     }
 
@@ -84,7 +89,11 @@ def format_info(info: dict) -> str:
         f"K={info['topk']}; exact targets at τ = {', '.join(f'{t:g}' for t in info['temperatures'])}; "
         f"chunk {info['chunk_rows']} rows; build {info['build']}",
         f"size         {_size(info['size_bytes'])} on disk; {info['bytes_per_view_per_teacher']:.2f} B per view "
-        f"per teacher (targets), {info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
+        f"per teacher (targets{' + features' if info.get('features') else ''}), "
+        f"{info['bytes_per_view_total']:.2f} B per view in all (incl. params)",
+        "features     " + (f"{info['features']}: {info['feature_bytes_per_view']:.2f} B per view (all teachers; "
+                            "uint8 codes + per-view scale)" if info.get("features") else
+                            "none (`cit cache build --features pooled` stores them)"),
         f"view code    {info['view_code']}; pixel digests {info['digest_bytes_per_view']:.2f} B per view",
         f"built with   {provenance.summary(info['provenance'])}",
         "teachers",
@@ -92,6 +101,7 @@ def format_info(info: dict) -> str:
     for t in info["teachers"]:
         acc = "not measured" if t["test_accuracy"] is None else f"{t['test_accuracy']:.4f}"
         by = ", ".join(f"{k} {v:.2f}" for k, v in t["bytes_per_view_by_array"].items())
+        dim = f"; features D={t['feature_dim']}" if t.get("feature_dim") else ""
         lines.append(f"  {t['name']:<12} kind={t['kind']:<5} arch={t['arch']:<18} test acc {acc}; "
-                     f"{t['bytes_per_view']:.2f} B/view ({by}); sha256 {t['checkpoint_sha256'][:12]}")
+                     f"{t['bytes_per_view']:.2f} B/view ({by}){dim}; sha256 {t['checkpoint_sha256'][:12]}")
     return "\n".join(lines)

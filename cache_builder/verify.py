@@ -271,8 +271,10 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
 
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
-    from cache_builder.build import (BuildError, TeacherRunner, load_teachers, parse_teacher_args, render_rows,
-                                     resolve_device)
+    from cache_builder.errors import BuildError
+    from cache_builder.streams import render_rows
+    from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
+    from shared.features import decode_features
     from shared.views import LoadedRows, make_renderer
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
@@ -297,7 +299,11 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     precision = attrs.build.get("precision", "fp32")
     if precision == "bf16" and dev.type != "cuda":
         precision = "fp32"     # compare with the looser bf16 tolerance below
-    runner = TeacherRunner(loaded, dev, precision, attrs.topk, tuple(attrs.temperatures))
+    try:
+        runner = TeacherRunner(loaded, dev, precision, attrs.topk, tuple(attrs.temperatures), attrs.features)
+    except BuildError as exc:
+        report.problem("recompute", str(exc))
+        return
     picks = pick_views(attrs, done, m, seed)
     if not picks:
         report.problem("recompute", "no written units to recompute")
@@ -337,7 +343,11 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         views = torch.stack(tensors).to(dev)
         with torch.inference_mode():
             for t in loaded:
-                logits = runner.logits(t, views)
+                if attrs.features:
+                    logits, pooled = runner.logits_and_pooled(t, views)
+                    pooled = pooled.cpu().numpy()
+                else:
+                    logits = runner.logits(t, views)
                 ref_logp, _, ref_tail = encode_logits(logits, k, attrs.temperatures)
                 ref_logp, ref_tail = ref_logp.cpu().numpy(), ref_tail.cpu().numpy()
                 kk = min(k + 1, c)
@@ -363,6 +373,13 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
                         if not tied and si[pos] != top_i[j, pos]:
                             bad.append(f"class at rank {pos} is {si[pos]}, the teacher says {top_i[j, pos]}")
                             break
+                    if attrs.features:    # stored codes: within half a step of the live features (+ precision)
+                        scale = stored(f"{t.name}/feature_scale", v, row)
+                        got = decode_features(stored(f"{t.name}/features", v, row), scale)
+                        off = np.abs(got - pooled[j]) - scale[1] / 2 * 1.001
+                        if (off > atol + rtol * np.abs(pooled[j])).any():
+                            bad.append(f"pooled features differ by up to {np.abs(got - pooled[j]).max():.4g} "
+                                       f"(stored step {scale[1]:.3g})")
                     if bad:
                         mismatches += 1
                         report.problem("recompute", f"teacher {t.name}, view {v} of {raws[row].key!r} (row {row}): "
@@ -371,7 +388,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     if mismatches == 0:
         report.passed.append(f"recompute: {len(picks)} random views re-rendered and re-run through "
                              f"{[t.name for t in loaded]}: params identical, top-k log-probabilities and tail masses "
-                             "match")
+                             + ("and pooled features " if attrs.features else "") + "match")
 
 
 def _read_rows(manifest: Manifest, rows: list[int]) -> dict:

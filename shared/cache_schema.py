@@ -11,6 +11,9 @@
     <root>/<teacher>/tail         float16 (E, N, S)   tail log-mass log Σ_{j∉top-k} softmax(z/τ_s)_j at each cached
                                                       temperature τ_s (attribute ``temperatures``), fp32 from the
                                                       full logits on the device, then rounded
+    <root>/<teacher>/features     uint8   (E, N, D)   only with ``features = "pooled"``: the teacher's pooled
+                                                      penultimate features (D = its ``feature_dim``), as codes q
+    <root>/<teacher>/feature_scale float32 (E, N, 2)  their per-view (lo, step): f = lo + q·step (``shared.features``)
 
 The teacher distribution at a cached τ is exact on the top-k and in its tail mass (``shared.targets``).  Format 2;
 a format-1 cache (raw fp16 top-k logits + lse) is refused: rebuild it with ``cit cache build ... --force``.
@@ -27,7 +30,10 @@ against bitshuffle, a K-major transpose, plain zstd and no shuffle (benchmarks/b
 best in total at C = 10..1000, K = 5..20 (for the format-2 arrays too), and the only one that keeps the
 redundancy of real teachers' top-k index sets (bitshuffle doubles the index bytes there).  fp16
 log-probabilities and fp16 tail log-masses were chosen by the same benchmark: 27.5 B per view and teacher at
-C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.
+C = 1000, K = 10, +1.2 B per extra temperature, tail-mass error <= 2e-4.  Pooled features: uint8 codes with a
+float32 (lo, step) per view, chosen against fp16 / bf16 by the same benchmark (``--part features``; see
+``shared.features``).  Whether features are stored (attribute ``features``) and each teacher's ``feature_dim`` are
+part of the cache's identity, so a cache with features is never taken for one without.
 
 A complete cache grows (``cache_builder.grow``) behind the attribute ``growth``: readers keep seeing the complete
 cache the other attributes describe until one attribute write switches them to the grown one.
@@ -58,7 +64,8 @@ CACHE_FORMAT = 2
 STATUS_CREATING, STATUS_BUILDING, STATUS_COMPLETE = "creating", "building", "complete"
 RESERVED_NAMES = ("params", "digest", "done", "growth")
 GROWTH_DONE = "growth"   # completion map of a teacher being added (removed when it is finished)
-TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group
+TEACHER_ARRAYS = ("logp", "indices", "tail")   # the arrays of each teacher's group (targets)
+FEATURE_ARRAYS = ("features", "feature_scale")  # ... and, in a cache with features, these
 
 
 class CacheError(CitUserError):
@@ -78,6 +85,8 @@ class TeacherRecord:
     extra: dict = field(default_factory=dict)   # informational: checkpoint path, test set fingerprint, ...
     input_size: int | None = None      # views are resized to this side for the teacher, on the device (None: as is)
     interpolation: str | None = None   # the resize's interpolation (the teacher's own, from its checkpoint)
+    feature_dim: int | None = None     # width D of its stored pooled features (None: the cache stores none)
+    feature_dtype: str | None = None   # dtype of their codes (``shared.features.FEATURE_DTYPE``)
 
 
 @dataclass
@@ -98,6 +107,7 @@ class CacheAttrs:
     temperatures: list[float] = field(default_factory=lambda: [1.0])   # τ at which the tail mass is stored
     view_code: dict = field(default_factory=dict)   # shared.views.VIEW_CODE: params layout, renderer, digest
     provenance: dict = field(default_factory=dict)  # shared.provenance.collect(): library versions, CPU/GPU
+    features: str = ""                              # "pooled": each teacher's pooled features are stored; "": none
     growth: dict = field(default_factory=dict)      # a change under way ({"op": "extend", "views": E2} or
     #   {"op": "add-teacher", "teachers": [records]}): readers keep seeing the complete cache described by the
     #   other attributes; the change becomes visible in one attribute write when it is finished; {} otherwise
@@ -119,6 +129,10 @@ class CacheAttrs:
     def chunk_rows_range(self, chunk: int) -> tuple[int, int]:
         lo = chunk * self.chunk_rows
         return lo, min(lo + self.chunk_rows, self.num_samples)
+
+    def teacher_arrays(self) -> tuple[str, ...]:
+        """The arrays of each teacher's group in this cache (its targets, plus its features when stored)."""
+        return TEACHER_ARRAYS + (FEATURE_ARRAYS if self.features else ())
 
     def teacher(self, name: str) -> TeacherRecord:
         for record in self.teachers:
@@ -194,6 +208,12 @@ def expected_arrays(attrs: CacheAttrs, num_params: int) -> dict[str, tuple[tuple
         arrays[f"{teacher.name}/logp"] = ((e, n, k), (1, r, k), np.dtype(np.float16))
         arrays[f"{teacher.name}/indices"] = ((e, n, k), (1, r, k), index_dtype(attrs.num_classes))
         arrays[f"{teacher.name}/tail"] = ((e, n, s), (1, r, s), np.dtype(np.float16))
+        if attrs.features:
+            d = teacher.feature_dim
+            if not d:
+                raise CacheError(f"teacher {teacher.name}: a cache with features needs its feature_dim")
+            arrays[f"{teacher.name}/features"] = ((e, n, d), (1, r, d), np.dtype(np.uint8))
+            arrays[f"{teacher.name}/feature_scale"] = ((e, n, 2), (1, r, 2), np.dtype(np.float32))
     return arrays
 
 
@@ -222,7 +242,8 @@ def create_arrays(root: zarr.Group, attrs: CacheAttrs, num_params: int, paths=No
             codecs = {"serializer": BytesCodec(), "compressors": None}
         else:
             codecs = _codecs(dtype)
-        fill = fills.get(path, {"logp": np.nan, "indices": 0, "tail": np.nan}.get(leaf, 0))
+        fill = fills.get(path, {"logp": np.nan, "indices": 0, "tail": np.nan, "features": 0,
+                                "feature_scale": np.nan}.get(leaf, 0))
         root.create_array(path, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True,
                           **codecs)
 
@@ -233,6 +254,8 @@ class TopK:
     logp: np.ndarray      # float16 (B, K): top-k log-probabilities, descending
     indices: np.ndarray   # int (B, K)
     tail: np.ndarray      # float16 (B, S): tail log-mass at each cached temperature
+    features: np.ndarray | None = None        # uint8 (B, D): pooled-feature codes (a cache with features)
+    feature_scale: np.ndarray | None = None   # float32 (B, 2): their (lo, step)
 
     @classmethod
     def from_float(cls, logp, indices, tail, num_classes: int) -> "TopK":
@@ -359,6 +382,15 @@ class LogitCache:
             return await asyncio.gather(*(a.getitem((view, slice(lo, hi))) for a in arrays))
         return [np.asarray(x) for x in sync(gather())]
 
+    def read_features(self, teacher: str, view: int, lo: int, hi: int) -> np.ndarray:
+        """float32 (hi - lo, D): ``teacher``'s decoded pooled features of rows [lo, hi) of view ``view``."""
+        from shared.features import decode_features
+        self.attrs.teacher(teacher)
+        if not self.attrs.features:
+            raise CacheError(f"cache {self.url or '?'} stores no teacher features")
+        codes, scale = self.read_rows([f"{teacher}/features", f"{teacher}/feature_scale"], view, lo, hi)
+        return decode_features(codes, scale)
+
     def read_params(self, view: int, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.array("params")[view, lo:hi])
 
@@ -382,13 +414,24 @@ class LogitCache:
                              f"got {sorted(outputs)}")
         for name, out in outputs.items():
             check_topk_block(out, f"teacher {name}, view {view}, chunk {chunk}")
+            if (out.features is not None) != bool(self.attrs.features):
+                raise CacheError(f"teacher {name}, view {view}, chunk {chunk}: features are "
+                                 f"{'missing' if out.features is None else 'given'} but the cache stores "
+                                 f"{'them' if self.attrs.features else 'none'}")
         self.array("params")[view, lo:hi] = params
         self.array("digest")[view, lo:hi] = np.asarray(digests, dtype=np.uint32)
         for name, out in outputs.items():
-            self.array(f"{name}/logp")[view, lo:hi] = out.logp
-            self.array(f"{name}/indices")[view, lo:hi] = out.indices
-            self.array(f"{name}/tail")[view, lo:hi] = out.tail
+            self.write_teacher(name, view, lo, hi, out)
         self.array("done")[view, chunk] = 1
+
+    def write_teacher(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
+        """Rows [lo, hi) of view ``view`` of every array of teacher ``name``'s group (no ``done``)."""
+        self.array(f"{name}/logp")[view, lo:hi] = out.logp
+        self.array(f"{name}/indices")[view, lo:hi] = out.indices
+        self.array(f"{name}/tail")[view, lo:hi] = out.tail
+        if self.attrs.features:
+            self.array(f"{name}/features")[view, lo:hi] = out.features
+            self.array(f"{name}/feature_scale")[view, lo:hi] = out.feature_scale
 
     def set_status(self, status: str) -> None:
         self.root.attrs["status"] = status

@@ -351,7 +351,7 @@ def test_cli_errors_are_clear(world, tmp_path):
 
 
 def test_device_normalisation_is_to_model_input_bit_for_bit(world):
-    from cache_builder.build import TeacherRunner, load_teachers
+    from cache_builder.teachers import TeacherRunner, load_teachers
     teachers = load_teachers([("conv", world["conv"])], 10, torch.device("cpu"))
     runner = TeacherRunner(teachers, torch.device("cpu"), "fp32", K)
     views = torch.randint(0, 256, (7, 1, 16, 16), dtype=torch.uint8)
@@ -400,8 +400,8 @@ def test_exact_mixing_caches_the_mixed_view(world, tmp_path):
 
 
 def test_nan_during_the_build_names_teacher_and_key_and_leaves_the_unit_undone(world, tmp_path, monkeypatch):
-    import cache_builder.build as build_mod
-    original = build_mod.TeacherRunner.packed_topk
+    from cache_builder.teachers import TeacherRunner
+    original = TeacherRunner.packed_topk
     calls = {"n": 0}
 
     def poisoned(self, views):
@@ -411,14 +411,14 @@ def test_nan_during_the_build_names_teacher_and_key_and_leaves_the_unit_undone(w
             out[3, 0, 2 * K] = float("nan")     # teacher 0 (conv), row 19: its lse
         return out
 
-    monkeypatch.setattr(build_mod.TeacherRunner, "packed_topk", poisoned)
+    monkeypatch.setattr(TeacherRunner, "packed_topk", poisoned)
     out = str(tmp_path / "nan.zarr")
     with pytest.raises(BuildError, match=r"teacher conv produced non-finite .* sample 'tr_000019' \(view 1, chunk 0"):
         build_cache(world["data"], world["teachers"], out, views=E, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
                     workers=0, threads=1, test_data=world["test"], progress=False)
     cache = LogitCache.open(out, allow_incomplete=True)
     assert cache.attrs.status == STATUS_BUILDING and cache.done_map()[1, 0] == 0
-    monkeypatch.setattr(build_mod.TeacherRunner, "packed_topk", original)
+    monkeypatch.setattr(TeacherRunner, "packed_topk", original)
     summary = build_cache(world["data"], world["teachers"], out, views=E, topk=K, spec=SPEC, seed=5,
                           batch_size=BATCH, workers=0, threads=1, test_data=world["test"], progress=False)
     assert summary.complete and summary.units_skipped >= 1

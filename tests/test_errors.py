@@ -448,10 +448,10 @@ def test_a_bug_keeps_its_traceback(shards, tmp_path, monkeypatch):
 def test_endpoint_lost_mid_build_is_one_line_that_says_rerun(shards, teachers, monkeypatch):
     """The S3 server goes away after the first unit was written: one line, and the build is resumable."""
     pytest.importorskip("s3fs")
-    import cache_builder.build as build_mod
+    import cache_builder.runner as runner_mod
     server, port = _moto(monkeypatch)
     stopped = []
-    original = build_mod._write
+    original = runner_mod._write
 
     def write_then_lose_the_endpoint(*args, **kwargs):
         if not stopped:
@@ -464,7 +464,7 @@ def test_endpoint_lost_mid_build_is_one_line_that_says_rerun(shards, teachers, m
     try:
         import s3fs
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
-        monkeypatch.setattr(build_mod, "_write", write_then_lose_the_endpoint)
+        monkeypatch.setattr(runner_mod, "_write", write_then_lose_the_endpoint)
         args = build_args(shards, teachers, "s3://bucket/c.zarr", "--chunk-rows", "10", "--storage-option",
                           'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}')
         line = one_line_error(CliRunner().invoke(cit, args))

@@ -170,7 +170,7 @@ def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world
 def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended():
     from dataclasses import replace
 
-    from cache_builder.build import plan_build
+    from cache_builder.plan import plan_build
     from shared.cache_schema import CacheAttrs, TeacherRecord
     conv = TeacherRecord("conv", "conv", "a", "sha1", 10, [0.5], [0.5])
     inv = TeacherRecord("inv", "inv", "b", "sha2", 10, [0.5], [0.5])

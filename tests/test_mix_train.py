@@ -37,7 +37,7 @@ def exact(tmp_path_factory, tiny_teachers):
 
 def builder_side_views(manifest, view):
     """The mixed views as stage 1 renders them: chunk by chunk over the manifest rows."""
-    from cache_builder.build import chunk_read_range
+    from cache_builder.streams import chunk_read_range
     out = {}
     for lo in range(0, N, 16):
         hi = min(lo + 16, N)

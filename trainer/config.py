@@ -54,12 +54,19 @@ class ObjectiveConfig:
     ``cit``: Eq. 1 with ``[loss]``'s λ and τ.  ``kd``: one-head KD ``(1 − α)·CE + α·τ²·KL(q̄ ‖ σ(z_cls/τ))``, q̄ the
     mapped teachers' distributions averaged.  ``hard``: DeiT hard distillation, each distillation head fitted by CE
     to its teacher's top-1 class (weights λ1, λ2).  ``schedule`` scales the distillation weights (λ1, λ2 or α)
-    from their value at the first step to ``final`` times it at the last: constant, linear or cosine decay."""
+    from their value at the first step to ``final`` times it at the last: constant, linear or cosine decay.
+
+    ``feature_weight`` / ``relation_weight`` add, to any recipe, per mapped teacher: feature KD (MSE between a
+    learned linear projection of the student's pooled features and the teacher's pooled features) and relation KD
+    (MSE between the batch's cosine-similarity matrices of the two); constant weights, 0 = off.  Cached mode needs a
+    cache built with ``--features pooled``."""
     recipe: str = "cit"
     alpha: float = 0.5                   # kd: weight of the KD term; CE gets 1 − α
     tau: float = 1.0                     # kd: temperature
     schedule: str = "constant"
     final: float = 0.0                   # linear / cosine: the weights' fraction of their start value at the end
+    feature_weight: float = 0.0          # feature KD: β · MSE(P·s, f) per mapped teacher
+    relation_weight: float = 0.0         # relation KD: γ · MSE(cos(s, s'), cos(f, f')) per mapped teacher
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -72,6 +79,14 @@ class ObjectiveConfig:
             raise ValueError(f"objective.tau must be positive, got {self.tau}")
         if self.final < 0:
             raise ValueError(f"objective.final must be >= 0, got {self.final}")
+        for name in ("feature_weight", "relation_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the objective needs the teachers' pooled features."""
+        return self.feature_weight > 0 or self.relation_weight > 0
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Epoch t uses view v = t mod E.  ``ShardStream`` hands each DataLoader worker contiguous *pieces* (rows [lo, hi) of
 one shard) whose samples arrive together, so the join reads one block per piece, view and teacher (one Zarr
-call per array) and serves the piece's samples from it — never one Zarr call per sample.  With
+call per array) and serves the piece's samples from it — never one Zarr call per sample.  With feature KD the
+same block read carries the teachers' pooled-feature codes; they are decoded on the device (``Batch``).  With
 ``verify_views`` (the default) each replayed view's params record and pixel digest are compared with the ones
 the cache builder stored, so a replay that drifted from what the teacher saw (a shard changed after the build,
 another Pillow/numpy) fails loudly instead of silently training on mismatched logits.
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from shared.augment import ViewSpec
 from shared.errors import CitUserError
-from shared.cache_schema import TEACHER_ARRAYS, CacheAttrs, CacheError, LogitCache
+from shared.cache_schema import FEATURE_ARRAYS, TEACHER_ARRAYS, CacheAttrs, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.reader import Piece, RawSample, ShardStream, read_piece, seed_worker
 from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, pixel_digest, render_eval, \
@@ -136,6 +137,8 @@ class Batch:
     partner_labels: torch.Tensor | None = None  # int64 (B,): set when the batch is mixed (exact or approx)
     lam: torch.Tensor | None = None             # float32 (B,): weight of each sample's own view
     partner_index: torch.Tensor | None = None   # int64 (B,): approx mode, the batch position mixed in
+    features: torch.Tensor | None = None        # uint8 (B, ΣD): the teachers' pooled-feature codes side by side
+    feature_scale: torch.Tensor | None = None   # float32 (T, B, 2): their per-view (lo, step)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -149,7 +152,7 @@ class Batch:
 
     def _tensors(self):
         return (self.views, self.labels, self.rows, self.topk_logp, self.topk_indices, self.topk_tail,
-                self.partner_labels, self.lam, self.partner_index)
+                self.partner_labels, self.lam, self.partner_index, self.features, self.feature_scale)
 
     def targets(self, teachers: list[str]) -> dict[str, tuple]:
         """Teacher name -> cached (logp, indices, tail), the form ``CiTLoss`` builds its targets from."""
@@ -157,13 +160,22 @@ class Batch:
             return {}
         return {name: (self.topk_logp[i], self.topk_indices[i], self.topk_tail[i]) for i, name in enumerate(teachers)}
 
+    def teacher_features(self, teachers: list[str], dims: list[int]) -> dict[str, torch.Tensor]:
+        """Teacher name -> float32 (B, D) pooled features, decoded where the batch is (on the device)."""
+        from shared.features import decode_features
+        out, start = {}, 0
+        for i, (name, dim) in enumerate(zip(teachers, dims)):
+            out[name] = decode_features(self.features[:, start:start + dim], self.feature_scale[i])
+            start += dim
+        return out
+
     @classmethod
     def cat(cls, batches: list["Batch"]) -> "Batch":
         """Batches joined end to end (tests and tools that want a whole epoch as one batch)."""
         def join(tensors, dim):
             return None if tensors[0] is None else torch.cat(tensors, dim=dim)
         fields = list(zip(*(b._tensors() for b in batches)))
-        dims = (0, 0, 0, 1, 1, 1, 0, 0, 0)
+        dims = (0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1)
         if batches[0].partner_index is not None:    # positions are per batch: shift them
             offsets = np.cumsum([0] + [len(b) for b in batches[:-1]])
             fields[8] = tuple(b.partner_index + int(o) for b, o in zip(batches, offsets))
@@ -212,6 +224,8 @@ class Block:
     logp: np.ndarray | None       # float16 (T, n, K)
     indices: np.ndarray | None    # int (T, n, K)
     tail: np.ndarray | None       # float16 (T, n, S)
+    features: np.ndarray | None = None        # uint8 (n, ΣD): pooled-feature codes of every teacher, side by side
+    feature_scale: np.ndarray | None = None   # float32 (T, n, 2)
 
 
 @dataclass
@@ -223,11 +237,13 @@ class Rendered:
 
 
 def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], verify: bool,
-               row_map: np.ndarray | None = None) -> Block:
+               row_map: np.ndarray | None = None, features: bool = False) -> Block:
     """The whole piece's rows of every array the join needs, in one concurrent read (one Zarr call per array).
     ``row_map`` (a training manifest that is a subset of the cache's): the piece's cache rows are read as the one
-    block that covers them, then taken."""
+    block that covers them, then taken.  ``features``: the teachers' pooled features too."""
     paths = (["params", "digest"] if verify else []) + [f"{t}/{a}" for t in teachers for a in TEACHER_ARRAYS]
+    if features:
+        paths += [f"{t}/{a}" for t in teachers for a in FEATURE_ARRAYS]
     if row_map is None:
         arrays = cache.read_rows(paths, view, piece.lo, piece.hi)
     else:
@@ -235,13 +251,17 @@ def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], 
         lo = int(rows.min())
         arrays = [a[rows - lo] for a in cache.read_rows(paths, view, lo, int(rows.max()) + 1)]
     params, digests = (arrays[0], arrays[1]) if verify else (None, None)
-    tops = arrays[2 if verify else 0:]
+    first = 2 if verify else 0
+    tops, feats = arrays[first:first + 3 * len(teachers)], arrays[first + 3 * len(teachers):]
     if not teachers:
         return Block(piece, params, digests, None, None, None)
     indices = np.stack(tops[1::3])
     if indices.dtype in (np.uint16, np.uint32):    # torch lacks some unsigned types
         indices = indices.astype(np.int64)
-    return Block(piece, params, digests, np.stack(tops[0::3]), indices, np.stack(tops[2::3]))
+    block = Block(piece, params, digests, np.stack(tops[0::3]), indices, np.stack(tops[2::3]))
+    if features:
+        block.features, block.feature_scale = np.concatenate(feats[0::2], axis=1), np.stack(feats[1::2])
+    return block
 
 
 def check_views_match(view: int, items: list[Rendered], params: np.ndarray, digests: np.ndarray) -> None:
@@ -272,8 +292,10 @@ class CacheJoin:
     """The batch's cached fields, gathered per piece block with one indexed read per array, checked against the
     replayed views when ``verify``.  Holds the current piece's block (a piece's rows arrive together)."""
 
-    def __init__(self, open_cache, teachers: list[str], verify: bool, row_map: np.ndarray | None = None):
+    def __init__(self, open_cache, teachers: list[str], verify: bool, row_map: np.ndarray | None = None,
+                 features: bool = False):
         self.open_cache, self.teachers, self.verify = open_cache, teachers, verify
+        self.features = features and bool(teachers)   # the teachers' pooled features too
         self.row_map = row_map  # cache row of each training row (a subset of the cache's rows); None: the same rows
         self.block: Block | None = None
         self.block_view = -1
@@ -281,13 +303,14 @@ class CacheJoin:
 
     def _block(self, view: int, piece: Piece) -> Block:
         if self.block is None or self.block.piece != piece or self.block_view != view:
-            block = read_block(self.open_cache(), view, piece, self.teachers, self.verify, self.row_map)
+            block = read_block(self.open_cache(), view, piece, self.teachers, self.verify, self.row_map,
+                               self.features)
             self.block, self.block_view = block, view
-            self.reads += 3 * len(self.teachers) + 2 * self.verify
+            self.reads += (3 + 2 * self.features) * len(self.teachers) + 2 * self.verify
         return self.block
 
     def __call__(self, view: int, items: list[Rendered], batch: Batch) -> Batch:
-        parts = []
+        parts, feats = [], []
         for piece, a, b in _runs(items):
             block = self._block(view, piece)
             idx = np.fromiter((it.raw.row - piece.lo for it in items[a:b]), dtype=np.int64, count=b - a)
@@ -295,9 +318,14 @@ class CacheJoin:
                 check_views_match(view, items[a:b], block.params[idx], block.digests[idx])
             if self.teachers:
                 parts.append((block.logp[:, idx], block.indices[:, idx], block.tail[:, idx]))
+            if self.features:
+                feats.append((block.features[idx], block.feature_scale[:, idx]))
         if parts:
             logp, indices, tail = (p[0] if len(parts) == 1 else np.concatenate(p, axis=1) for p in zip(*parts))
             batch.topk_logp, batch.topk_indices, batch.topk_tail = (torch.from_numpy(x) for x in (logp, indices, tail))
+        if feats:
+            codes, scale = (p[0] if len(feats) == 1 else np.concatenate(p, axis=d) for p, d in zip(zip(*feats), (0, 1)))
+            batch.features, batch.feature_scale = torch.from_numpy(codes), torch.from_numpy(scale)
         return batch
 
 
@@ -343,7 +371,7 @@ class TrainViews(IterableDataset):
     def __init__(self, manifest: Manifest, spec: ViewSpec, view_seed: int, views: int, *, seed: int = 0,
                  shuffle: bool = True, cache_url: str = "", teachers: tuple[str, ...] = (), verify: bool = True,
                  rank: int | None = None, world: int | None = None, batch_size: int = 64,
-                 row_map: np.ndarray | None = None):
+                 row_map: np.ndarray | None = None, features: bool = False):
         self.stream = ShardStream(manifest, seed=seed, shuffle=shuffle, rank=rank, world=world)
         self.row_map = row_map  # cache row of each training row (a subset of the cache's rows); None: the same rows
         self.spec, self.view_seed, self.views = spec, view_seed, views
@@ -352,7 +380,7 @@ class TrainViews(IterableDataset):
         self._cache: LogitCache | None = None
         self.mix = ApproxMix(spec, view_seed) if spec.mix == "approx" else None
         self.renderer = make_renderer(spec, view_seed, manifest)
-        self.join = CacheJoin(self.cache, self.teachers, self.verify, row_map) \
+        self.join = CacheJoin(self.cache, self.teachers, self.verify, row_map, features) \
             if cache_url and (self.teachers or self.verify) else None
 
     @property

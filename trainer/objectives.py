@@ -4,6 +4,13 @@
     kd     one-head KD (Hinton): (1 − α)·CE(cls) + α·τ²·KL(q̄ ‖ σ(z_cls/τ)), q̄ = the teachers' distributions averaged
     hard   DeiT hard distillation: λ0·CE(cls, y) + Σ λ_t·CE(z_head, top-1 of teacher t)
 
+and, added to any of them (``FeatureKD``, weights ``objective.feature_weight`` β / ``relation_weight`` γ):
+
+    + Σ_t β·MSE(P_t·s_t, f_t) + γ·MSE(cos(s_t), cos(f_t))
+
+per mapped teacher t, with f_t its pooled features and s_t the student's pooled features that t's head reads
+(``FeatureStudent``).
+
 Every objective has ``heads`` (the student heads it trains), ``weights(step)`` (its term weights at an optimiser
 step, after the schedule) and ``__call__(outputs, targets, step) -> (loss, parts)`` with detached device-tensor
 parts (no host sync).  A ``WeightSchedule`` moves the distillation weights over training; when it is not constant
@@ -17,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.mixing import mixed_targets
@@ -183,5 +191,99 @@ def _hard(spec: ObjectiveSpec) -> HardDistillation:
 RECIPES = {"cit": _cit, "kd": _kd, "hard": _hard}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Feature and relation KD, on top of any recipe
+
+POOLED, PROJECTED = "_pooled", "_projected"     # keys of a FeatureStudent's training output beside the heads
+
+
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B, B) cosine similarities of the batch's rows (fp32)."""
+    x = F.normalize(x.float(), dim=1)
+    return x @ x.t()
+
+
+def relation_kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the batch's cosine-similarity matrices of student and teacher features (mean over B×B)."""
+    return F.mse_loss(cosine_matrix(student), cosine_matrix(teacher))
+
+
+class FeatureStudent(nn.Module):
+    """The student plus one learned linear projection per feature-KD teacher (D_student -> D_teacher), so the
+    projections are trained, checkpointed and resumed with the student (and all-reduced under DDP: they run in its
+    forward).  In training mode the output is the student's ``{head: logits}`` plus ``_pooled``: ``{head: (B, D)}``
+    and ``_projected``: ``{teacher: (B, D_teacher)}``; in eval mode it is the student's own output.
+
+    The student's pooled features of a head (``forward_pooled``): for a CiT the token that head reads after the
+    final norm — the conv token for the conv teacher's term, the inv token for the inv teacher's, the class token
+    in the one-head recipes or with ``kd.shared_token``; for a timm student the pooled features every head reads."""
+
+    def __init__(self, student: nn.Module, pairs: list[tuple[str, str, int]], project: bool):
+        super().__init__()
+        self.student = student
+        self.pairs = [(teacher, head) for teacher, head, _ in pairs]      # (teacher, the student head it feeds)
+        width = getattr(student, "num_features", None) or student.embed_dim
+        self.projections = nn.ModuleDict({teacher: nn.Linear(width, dim) for teacher, _, dim in pairs}
+                                         if project else {})
+
+    def forward(self, x: torch.Tensor):
+        pooled = self.student.forward_pooled(x)
+        heads = {h: head(pooled[h]) for h, head in self.student.head_modules().items()}
+        if not self.training:
+            from shared.models.cit import combine_heads
+            return combine_heads(heads, self.student.eval_head)
+        projected = {t: self.projections[t](pooled[h]) for t, h in self.pairs if t in self.projections}
+        return {**heads, POOLED: pooled, PROJECTED: projected}
+
+    def forward_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.student.forward_heads(x)
+
+    def no_weight_decay(self) -> set[str]:
+        inner = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
+        return {f"student.{n}" for n in inner}
+
+
+class FeatureKD:
+    """A recipe plus, per (slot, teacher, head) term: β·MSE(P_t·s, f_t) (mean over B×D_t) and γ·MSE of the
+    (B, B) cosine-similarity matrices of s and f_t; s = the student's pooled features of ``head`` (the
+    ``FeatureStudent`` output), f_t = ``Targets.pooled(t)``.  Constant weights (the schedule moves the recipe's)."""
+
+    def __init__(self, base: Objective, terms: list[tuple[str, str, str]], feature_weight: float,
+                 relation_weight: float):
+        self.base, self.terms = base, list(terms)
+        self.feature_weight, self.relation_weight = feature_weight, relation_weight
+        self.heads = base.heads
+
+    def weights(self, step: int) -> dict[str, float]:
+        extra = {}
+        for slot, _, _ in self.terms:
+            if self.feature_weight:
+                extra[f"feat_{slot}"] = self.feature_weight
+            if self.relation_weight:
+                extra[f"rel_{slot}"] = self.relation_weight
+        return {**self.base.weights(step), **extra}
+
+    def __call__(self, outputs, targets: Targets, step: int):
+        loss, parts = self.base(outputs, targets, step)
+        for slot, teacher, head in self.terms:
+            f = targets.pooled(teacher).float()
+            if self.feature_weight:
+                feat = F.mse_loss(outputs[PROJECTED][teacher].float(), f)
+                loss = loss + self.feature_weight * feat
+                parts[f"feat_{slot}"] = feat.detach()
+            if self.relation_weight:
+                rel = relation_kd(outputs[POOLED][head], f)
+                loss = loss + self.relation_weight * rel
+                parts[f"rel_{slot}"] = rel.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+
 def build_objective(spec: ObjectiveSpec) -> Objective:
-    return RECIPES[spec.cfg.objective.recipe](spec)
+    """The recipe, with the feature / relation KD terms when their weights are set."""
+    objective = RECIPES[spec.cfg.objective.recipe](spec)
+    o = spec.cfg.objective
+    if not o.uses_features:
+        return objective
+    return FeatureKD(objective, [(t.slot, t.teacher, t.head) for t in spec.terms], o.feature_weight,
+                     o.relation_weight)

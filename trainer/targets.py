@@ -4,8 +4,10 @@ Three interchangeable sources turn a ``Batch`` into ``Targets``: ``CachedSource`
 the batch replays; no teacher runs), ``OnlineSource`` (the teachers run live on the same views: the parity and
 speed reference) and ``NoSource`` (labels only).  ``Targets.log_probs(teacher, τ)`` is the teacher's dense
 distribution at τ under the one target model of ``shared.targets`` (exact at every cached τ, the documented
-approximation at others), mixed like the batch in ``approx`` mode; ``Targets.top1(teacher)`` its top class.
-An objective reads only ``Targets``, so every recipe works with every source.
+approximation at others), mixed like the batch in ``approx`` mode; ``Targets.top1(teacher)`` its top class;
+``Targets.pooled(teacher)`` its pooled penultimate features (float32 (B, D): the cache's decoded uint8 codes, or
+live from the same views — ``shared.features``; not defined for ``approx`` mixing, which mixes after the teachers
+saw the views).  An objective reads only ``Targets``, so every recipe works with every source.
 """
 from __future__ import annotations
 
@@ -54,7 +56,12 @@ class Targets:
     teachers: dict
     mix: MixInfo | None
     model: TargetModel | None
+    features: dict = field(default_factory=dict)    # name -> float32 (B, D) pooled features (when asked for)
     _memo: dict = field(default_factory=dict, repr=False)
+
+    def pooled(self, teacher: str) -> torch.Tensor:
+        """(B, D) float32: ``teacher``'s pooled penultimate features of this batch's views."""
+        return self.features[teacher]
 
     def log_probs(self, teacher: str, tau: float) -> torch.Tensor:
         """(B, C) log-probabilities of ``teacher`` at ``tau`` for this batch's (possibly mixed) views."""
@@ -85,27 +92,35 @@ def _mix(batch, keep_partner: bool) -> MixInfo | None:
 
 @dataclass
 class CachedSource:
-    """Each view's cached top-k; in ``approx`` mixing the distributions are mixed after tempering."""
+    """Each view's cached top-k; in ``approx`` mixing the distributions are mixed after tempering.
+    ``feature_dims`` (the teachers' ``feature_dim``): their cached pooled features too (the join read them)."""
     teachers: tuple[str, ...]
     model: TargetModel
+    feature_dims: tuple[int, ...] = ()
 
     def __call__(self, batch) -> Targets:
-        return Targets(batch.labels, batch.targets(list(self.teachers)), _mix(batch, True), self.model)
+        features = batch.teacher_features(list(self.teachers), list(self.feature_dims)) if self.feature_dims else {}
+        return Targets(batch.labels, batch.targets(list(self.teachers)), _mix(batch, True), self.model, features)
 
 
 @dataclass
 class OnlineSource:
-    """Teachers run live on the batch's views (already mixed: they see the student's pixels)."""
+    """Teachers run live on the batch's views (already mixed: they see the student's pixels); with ``features``
+    their pooled features from the same pass (``OnlineTeachers.with_features``)."""
     teachers: torch.nn.Module          # views -> {name: logits}
     model: TargetModel
+    features: bool = False
 
     def __call__(self, batch) -> Targets:
+        if self.features:
+            logits, features = self.teachers.with_features(batch.views)
+            return Targets(batch.labels, logits, _mix(batch, False), self.model, features)
         return Targets(batch.labels, self.teachers(batch.views), _mix(batch, False), self.model)
 
 
 @dataclass
 class NoSource:
-    """Labels only."""
+    """Labels only (a features term is refused before training: there is no teacher)."""
     model: TargetModel | None = None
 
     def __call__(self, batch) -> Targets:

@@ -42,7 +42,8 @@ from trainer.config import (KD_MODES, SECTIONS, KDConfig, ObjectiveConfig, RunCo
 from trainer.data import DataError, EvalViews, TrainViews, check_cache, check_views, make_loader, warn_provenance
 from trainer.engine import CheckpointError, FitResult, Runtime, claim_out, evaluate, fit, setup_runtime, write_json
 from trainer.losses import CiTLoss, KDTerm
-from trainer.objectives import CiTObjective, Objective, ObjectiveSpec, WeightSchedule, build_objective, model_outputs
+from trainer.objectives import (CiTObjective, FeatureStudent, Objective, ObjectiveSpec, WeightSchedule,
+                                build_objective, model_outputs)
 from trainer.targets import CachedSource, NoSource, OnlineSource, TargetModel
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,17 @@ class OnlineTeachers(nn.Module):
         from shared.models.normalize import teacher_input
         return {name: model_outputs(t(teacher_input(views, *self.norms[name])))["cls"].float()
                 for name, t in self.teachers.items()}
+
+    @torch.no_grad()
+    def with_features(self, views: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({name: logits}, {name: pooled features}), float32, from one pass of each teacher (as the builder)."""
+        from shared.features import logits_and_pooled
+        from shared.models.normalize import teacher_input
+        logits, features = {}, {}
+        for name, t in self.teachers.items():
+            z, f = logits_and_pooled(t, teacher_input(views, *self.norms[name]))
+            logits[name], features[name] = z.float(), f.float()
+        return logits, features
 
 
 def load_online_teachers(cfg: RunConfig, records: dict[str, TeacherRecord | None], num_classes: int,
@@ -194,6 +206,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     in_chans = _channels(manifest, cfg)
     heads = student_heads(cfg)
     terms = kd_terms(cfg, heads)
+    if cfg.objective.uses_features:
+        check_feature_terms(cfg, cache.attrs if cfg.data.cache else None)
 
     torch.manual_seed(cfg.train.seed)               # the student's initial weights depend on the seed only
     student = build_student(cfg, num_classes, in_chans)
@@ -202,7 +216,8 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
                            shuffle=cfg.data.shuffle, cache_url=cfg.data.cache,
                            teachers=tuple(teacher_names) if cached else (), verify=cfg.data.verify_views,
                            rank=runtime.rank, world=runtime.world,
-                           row_map=relation.rows if cfg.data.cache else None)
+                           row_map=relation.rows if cfg.data.cache else None,
+                           features=cached and cfg.objective.uses_features)
     cache_attrs = cache.attrs if cfg.data.cache else None
     temperatures = cache_attrs.temperatures if cached else None
     cache_topk = cache_attrs.topk if cache_attrs else 0
@@ -214,13 +229,21 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     if cfg.objective.recipe == "kd" and cfg.kd.mode != "none":
         target_model.warn_if_not_cached(cfg.objective.tau, "objective.tau")
     teachers = None
+    dims = ()
     if cfg.kd.mode == "online":
         teachers = load_online_teachers(cfg, records, num_classes, in_chans, runtime.device)
-        source = OnlineSource(teachers, target_model)
+        source = OnlineSource(teachers, target_model, cfg.objective.uses_features)
+        if cfg.objective.uses_features:
+            dims = tuple(online_feature_dim(teachers, name) for name in teacher_names)
     elif cached:
-        source = CachedSource(tuple(teacher_names), target_model)
+        dims = tuple(records[name].feature_dim for name in teacher_names) if cfg.objective.uses_features else ()
+        source = CachedSource(tuple(teacher_names), target_model, dims)
     else:
         source = NoSource(target_model)
+    if cfg.objective.uses_features:       # the projections train, checkpoint and resume with the student
+        torch.manual_seed(cfg.train.seed + 1)
+        student = FeatureStudent(student, [(t.teacher, t.head, dims[teacher_names.index(t.teacher)]) for t in terms],
+                                 project=cfg.objective.feature_weight > 0)
     loss_fn = StudentStep(objective, source, tuple(cfg.augment.mean), tuple(cfg.augment.std))
     mean, std = cfg.augment.mean, cfg.augment.std
     eval_fn = None
@@ -238,6 +261,28 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
                 "trained_heads": sorted(objective.heads),
                 **({"cache_rows": relation.record()} if cfg.data.cache else {})}
     return Prepared(cfg, runtime, manifest, train_set, student, loss_fn, teachers, eval_fn, views, run_meta)
+
+
+def check_feature_terms(cfg: RunConfig, cache_attrs) -> None:
+    """Feature / relation KD needs teachers, views the teachers saw as they are, and (cached) stored features."""
+    what = "objective.feature_weight / objective.relation_weight"
+    if cfg.kd.mode == "none":
+        raise ConfigError(f"{what}: kd.mode=none has no teacher to take features from; set the weights to 0 or "
+                          "map a teacher")
+    if cfg.augment.mix == "approx":
+        raise ConfigError(f"{what}: teacher features are not defined with augment.mix=approx (the batch is mixed "
+                          "after the teachers saw its views); use augment.mix=exact or off")
+    if cfg.kd.mode == "cached" and not cache_attrs.features:
+        raise CacheError(f"cache {cfg.data.cache} stores no teacher features, which {what} need: rebuild it with "
+                         "`cit cache build ... --features pooled --force` (or use kd.mode=online)")
+
+
+def online_feature_dim(teachers: OnlineTeachers, name: str) -> int:
+    from shared.features import FeatureError, feature_dim
+    try:
+        return feature_dim(teachers.teachers[name])
+    except FeatureError as exc:
+        raise ConfigError(f"teacher {name!r} has no pooled features for feature / relation KD: {exc}") from None
 
 
 def make_objective(cfg: RunConfig, spec: ObjectiveSpec) -> Objective:
@@ -310,9 +355,8 @@ RESUME_FREE = {("train", "epochs"), ("train", "progress"), ("train", "log_interv
 def check_same_run(current: dict, stored: dict) -> None:
     """Resuming with a different run config (other than epochs / logging / workers) is an error naming the keys."""
     old, new = stored.get("config", {}), json.loads(json.dumps(current.get("config", {})))   # tuples -> lists
-    for name in set(new) - set(old):          # a section added after the run started: it ran with the defaults
-        if name in SECTIONS:
-            old = old | {name: json.loads(json.dumps(asdict(SECTIONS[name]())))}
+    for name in set(new) & set(SECTIONS):     # sections / keys added after the run started: it ran with defaults
+        old = old | {name: json.loads(json.dumps(asdict(SECTIONS[name]()))) | old.get(name, {})}
     differ = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
               for s in sorted(set(old) | set(new)) for k in sorted(set(old.get(s, {})) | set(new.get(s, {})))
               if (s, k) not in RESUME_FREE and old.get(s, {}).get(k) != new.get(s, {}).get(k)]
@@ -343,5 +387,6 @@ def save_student(result: FitResult, p: Prepared, out_dir: str) -> None:
             "in_chans": p.run_meta["in_chans"], "mean": list(p.cfg.augment.mean), "std": list(p.cfg.augment.std),
             "test_accuracy": last.get("test_acc_cls"),
             "kd": asdict(p.cfg.kd), "augment": p.cfg.augment.to_dict(), "dataset_fingerprint": p.manifest.fingerprint}
-    checkpoint.save_checkpoint(result.model, os.path.join(out_dir, "student.safetensors"), meta)
+    model = result.model.student if isinstance(result.model, FeatureStudent) else result.model
+    checkpoint.save_checkpoint(model, os.path.join(out_dir, "student.safetensors"), meta)
     write_json(os.path.join(out_dir, "run.json"), p.run_meta | {"final": last})

@@ -201,10 +201,15 @@ class CiT(nn.Module):
         x = self.pos_drop(self.embed(x) + self.pos_embed)
         return self.norm(self.blocks(x))
 
+    def forward_pooled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{head: (B, D)}``: the token each head reads (class, conv, inv token), after the final norm."""
+        x = self.forward_features(x)
+        return {h: x[:, i] for i, h in enumerate(self.heads)}
+
     def forward_heads(self, x: torch.Tensor) -> CitOutput:
         """Logits of every enabled head, whatever the mode."""
-        x = self.forward_features(x)
-        return {h: head(x[:, i]) for i, (h, head) in enumerate(self.head_modules().items())}
+        pooled = self.forward_pooled(x)
+        return {h: head(pooled[h]) for h, head in self.head_modules().items()}
 
     def predict(self, x: torch.Tensor, head: str | None = None) -> torch.Tensor:
         """One prediction: ``head`` ("cls", "conv", "inv" or "mean"), default ``self.eval_head``."""

@@ -66,6 +66,11 @@ class TimmStudent(nn.Module):
         """(B, num_features): what every head reads."""
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
+    def forward_pooled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{head: (B, num_features)}``: every head reads the same pooled features."""
+        f = self.pooled(x)
+        return {h: f for h in self.heads}
+
     def forward_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.pooled(x)
         return {h: head(f) for h, head in self.classifiers.items()}
