@@ -50,9 +50,10 @@ FAMILIES = [
            "DeiT-Ti 12 blocks x 192, 3 heads -> 5 blocks x 96, 3 heads (4 px patches, class-token pooling)",
            {"embed_dim": 32, "depth": 1, "num_heads": 2}),
 ]
-# (key, label, base config in configs/ablation/, reads the cache)
-TEACHER_ROWS = [("no_kd", "no KD", "none", ""), ("conv", "conv teacher", "conv_only", "logits"),
-                ("inv", "involution teacher", "inv_only", "logits"), ("cit", "conv + involution", "cit", "logits")]
+# (key, label, base config in configs/ablation/, reads the cache, stage: no KD and conv + inv at every seed first)
+TEACHER_ROWS = [("no_kd", "no KD", "none", "", 0), ("conv", "conv teacher", "conv_only", "logits", 1),
+                ("inv", "involution teacher", "inv_only", "logits", 1),
+                ("cit", "conv + involution", "cit", "logits", 0)]
 
 
 def family_options(f: Family, quick: bool) -> dict:
@@ -64,8 +65,8 @@ def variants(quick: bool) -> list[Variant]:
     for f in FAMILIES:
         sets = (f'student.arch="{f.arch}"',) + tuple(
             f"student.options.{k}={json.dumps(v)}" for k, v in family_options(f, quick).items())
-        rows += [Variant(f"{f.name}-{key}", f.name, f"{f.label}, {label}", config, sets, cache)
-                 for key, label, config, cache in TEACHER_ROWS]
+        rows += [Variant(f"{f.name}-{key}", f.name, f"{f.label}, {label}", config, sets, cache, stage)
+                 for key, label, config, cache, stage in TEACHER_ROWS]
     return rows
 
 
@@ -81,16 +82,20 @@ def parameters(f: Family, quick: bool) -> dict:
 
 def agreement(args, world: World, runs: dict) -> dict:
     """Every student's heads vs both teachers on the test set, one pass (reused when the students are the same)."""
+    from trainer.demo import subset_manifest
     from trainer.evaluate import evaluate_agreement
     students = {f"{v}/s{r['seed']}": r["checkpoint"] for v, rs in runs.items() for r in rs}
     pair = {n: world.teachers[n]["path"] for n in PAIR.values()}
+    test = subset_manifest(world.test_json, args.kl_samples) if args.kl_samples else world.test_json
     path = os.path.join(world.work, f"families-agreement-E{args.epochs}-te{args.teacher_epochs}.json")
     if os.path.exists(path):
         with open(path) as f:
             report = json.load(f)
-        if report["students"] == students and report["teachers"] == pair:
+        if report["students"] == students and report["teachers"] == pair and report.get("data") == test:
             return report
-    return evaluate_agreement(students, pair, [world.test_json], num_workers=0, device="cpu", out=path)
+    report = evaluate_agreement(students, pair, [test], num_workers=0, device="cpu") | {"data": test}
+    write_result(path, report)
+    return report
 
 
 def kl_table(report: dict, variant_names: list[str]) -> dict:
@@ -120,12 +125,13 @@ def runs_with_kl(runs: dict, report: dict) -> dict:
 
 
 def gains(runs: dict, family: str) -> dict:
-    """Paired gains of the two-teacher student: over no KD, and over the better single teacher (per seed)."""
+    """Paired gains of the two-teacher student, per seed: over no KD (seeds both ran), and over the better single
+    teacher (seeds all four rows ran)."""
     by = {k: {r["seed"]: r["acc_cls"] for r in runs.get(f"{family}-{k}", [])} for k, *_ in TEACHER_ROWS}
-    seeds = sorted(set.intersection(*(set(x) for x in by.values()))) if all(by.values()) else []
-    over_none = [by["cit"][s] - by["no_kd"][s] for s in seeds]
-    over_best = [by["cit"][s] - max(by["conv"][s], by["inv"][s]) for s in seeds]
-    return {"seeds": seeds, "over_no_kd": over_none, "over_best_single": over_best}
+    both = sorted(set(by["cit"]) & set(by["no_kd"]))
+    every = sorted(set(both) & set(by["conv"]) & set(by["inv"]))
+    return {"over_no_kd": {s: by["cit"][s] - by["no_kd"][s] for s in both},
+            "over_best_single": {s: by["cit"][s] - max(by["conv"][s], by["inv"][s]) for s in every}}
 
 
 def verdict(diff: dict | None) -> str:
@@ -153,14 +159,12 @@ def findings(runs: dict) -> dict:
     teacher) minus each other family's gain.  ``mixer_farthest``: per seed, the Mixer's mean-of-heads KL to each
     teacher minus each other family's, for the two-teacher students (positive = the Mixer is farther)."""
     g = {f.name: gains(runs, f.name) for f in FAMILIES}
-    out: dict = {"gains": {n: {k: _diff(v) for k, v in x.items() if k != "seeds"} for n, x in g.items()},
+    out: dict = {"gains": {n: {k: _diff(list(v.values())) for k, v in x.items()} for n, x in g.items()},
                  "transformer_gains_most": {}, "mixer_farthest": {}}
     for other in ("resnet", "mixer"):
         for kind in ("over_no_kd", "over_best_single"):
-            seeds = sorted(set(g["vit"]["seeds"]) & set(g[other]["seeds"]))
-            a = dict(zip(g["vit"]["seeds"], g["vit"][kind]))
-            b = dict(zip(g[other]["seeds"], g[other][kind]))
-            d = _diff([a[s] - b[s] for s in seeds])
+            a, b = g["vit"][kind], g[other][kind]
+            d = _diff([a[s] - b[s] for s in sorted(set(a) & set(b))])
             out["transformer_gains_most"][f"vit_minus_{other}_{kind}"] = (d or {}) | {"verdict": verdict(d)}
     for other in ("resnet", "vit"):
         for t in PAIR.values():
@@ -169,8 +173,13 @@ def findings(runs: dict) -> dict:
     return out
 
 
+def kl_arguments(ap) -> None:
+    ap.add_argument("--kl-samples", type=int, help="test images for the KL to the teachers, whole shards of the "
+                    "test set, 0 = the accuracy test set [2000; quick 0]")
+
+
 def main() -> None:
-    args = parse_args(__doc__, "families", EPOCHS, TEACHER_EPOCHS)
+    args = parse_args(__doc__, "families", EPOCHS, TEACHER_EPOCHS, extra=kl_arguments)
     load_start, t0 = os.getloadavg(), time.perf_counter()
     rows = selected(args, variants(args.quick))
     world = prepare(args, rows)
@@ -179,6 +188,10 @@ def main() -> None:
     runs = run_plan(args, world, rows)
     if args.parts > 1:
         return
+    if not runs:
+        raise SystemExit(f"no finished runs under {world.work}/runs: run without --collect first")
+    if args.kl_samples is None:
+        args.kl_samples = 0 if args.quick else 2000
     report = agreement(args, world, runs)
     runs = runs_with_kl(runs, report)
     fams = {f.name: {"label": f.label, "arch": f.arch, "options": family_options(f, args.quick), "scaled": f.scaled,
@@ -189,7 +202,8 @@ def main() -> None:
                                         p.numel() for p in create_model("cit_nano", num_classes=10, in_chans=1,
                                                                         img_size=28).parameters())}}
     result = {"benchmark": "families", "machine": machine(load_start),
-              "settings": settings(args, world, "resnet / mixer / vit families (see families)"),
+              "settings": settings(args, world, "resnet / mixer / vit families (see families)")
+              | {"kl_test_samples": next(iter(report["sets"].values()))["samples"]},
               "teachers": world.teachers, "cache": world.caches["logits"], "families": fams,
               "teacher_rows": {key: label for key, label, *_ in TEACHER_ROWS}, "runs": runs,
               "summary": summarize(runs, rows), "kl": kl_table(report, [v.name for v in rows]),

@@ -29,19 +29,20 @@ from lowdata import Variant, paired, parse_args, prepare, run_plan, selected, se
 EPOCHS, TEACHER_EPOCHS = 6, 20
 TINY = ("student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2")
 
+# stage 0 (the temperature sweep) trains at every seed before stage 1
 VARIANTS = [
     Variant("tau1", "temperature", "CiT, τ = 1 (constant weights)", "cit", ("loss.tau1=1.0", "loss.tau2=1.0")),
     Variant("tau2", "temperature", "CiT, τ = 2", "cit", ("loss.tau1=2.0", "loss.tau2=2.0")),
     Variant("tau4", "temperature", "CiT, τ = 4", "cit", ("loss.tau1=4.0", "loss.tau2=4.0")),
     Variant("linear", "schedule", "CiT, λ1, λ2 linear decay to 0", "cit",
-            ('objective.schedule="linear"', "objective.final=0.0")),
+            ('objective.schedule="linear"', "objective.final=0.0"), stage=1),
     Variant("cosine", "schedule", "CiT, λ1, λ2 cosine decay to 0", "cit",
-            ('objective.schedule="cosine"', "objective.final=0.0")),
+            ('objective.schedule="cosine"', "objective.final=0.0"), stage=1),
     Variant("kd", "baseline", "one-head KD, α = 0.5, τ = 1, teachers averaged", "cit",
-            ('objective.recipe="kd"', "objective.alpha=0.5", "objective.tau=1.0")),
+            ('objective.recipe="kd"', "objective.alpha=0.5", "objective.tau=1.0"), stage=1),
     Variant("hard", "baseline", "hard distillation (teachers' top-1 on the conv / inv heads)", "cit",
-            ('objective.recipe="hard"',)),
-    Variant("no_kd", "baseline", "no KD (class head on labels)", "none", cache=""),
+            ('objective.recipe="hard"',), stage=1),
+    Variant("no_kd", "baseline", "no KD (class head on labels)", "none", cache="", stage=1),
     # feature / relation KD: Variant("features", "features", "...", "cit", ("...",), cache="features")
 ]
 # (question, better, worse): each answered on paired seeds
@@ -57,7 +58,7 @@ COMPARISONS = [
 def variants(quick: bool) -> list[Variant]:
     if not quick:
         return VARIANTS
-    return [Variant(v.name, v.group, v.label, v.config, v.sets + TINY, v.cache) for v in VARIANTS]
+    return [Variant(v.name, v.group, v.label, v.config, v.sets + TINY, v.cache, v.stage) for v in VARIANTS]
 
 
 def verdict(d: dict) -> str:
@@ -88,6 +89,8 @@ def main() -> None:
     runs = run_plan(args, world, rows)
     if args.parts > 1:
         return
+    if not runs:
+        raise SystemExit(f"no finished runs under {world.work}/runs: run without --collect first")
     comparisons = []
     for question, better, worse in COMPARISONS:
         d = paired(runs, better, worse)

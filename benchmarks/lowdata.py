@@ -38,6 +38,7 @@ class Variant:
     config: str
     sets: tuple[str, ...] = ()
     cache: str = "logits"
+    stage: int = 0          # the plan trains stage 0 at every seed before stage 1 (what matters most first)
 
 
 @dataclass
@@ -50,14 +51,20 @@ class World:
     caches: dict            # CACHES key -> the built cache's description (build_timed)
 
 
-def parse_args(description: str, name: str, epochs: int, teacher_epochs: int) -> argparse.Namespace:
+def parse_args(description: str, name: str, epochs: int, teacher_epochs: int, extra=None) -> argparse.Namespace:
+    """The accuracy benchmarks' options plus the plan's; ``extra(ap)`` adds a script's own."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     accuracy_arguments(ap, name, epochs=epochs)
     ap.set_defaults(workdir="/tmp/cit-lowdata")
     ap.add_argument("--only", help="comma-separated variant names (default: all)")
     ap.add_argument("--prepare-only", action="store_true", help="data, teachers and cache, then stop")
     ap.add_argument("--part", default="0/1", help="I/N: train only the student runs i with i %% N == I")
+    ap.add_argument("--collect", action="store_true", help="train nothing: write the JSON from the finished runs")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per student run [0: in-process]")
+    ap.add_argument("--batch-size", type=int, default=32, help="student batch size [32: twice the optimiser steps "
+                    "of the claims benchmark's 64 per epoch, for the short schedule]")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     try:
         args.part_index, args.parts = map(int, args.part.split("/"))
@@ -98,6 +105,7 @@ def prepare(args, variants: list[Variant]) -> World:
 def schedule(args, seed: int) -> list[str]:
     """E epochs (= views), warm-up 10% of them, one evaluation at the end."""
     return [f"train.epochs={args.epochs}", f"train.eval_every={args.epochs}", f"train.seed={seed}",
+            f"train.batch_size={args.batch_size}",
             f"train.warmup_epochs={0 if args.quick else max(1, round(args.epochs / 10))}"]
 
 
@@ -110,14 +118,42 @@ def variant_sets(args, world: World, v: Variant, seed: int) -> list[str]:
     return sets + list(v.sets)
 
 
+def claim(out: str) -> bool:
+    """Take run folder ``out`` for this process (False: a live process has it).  Parts with different plans (other
+    ``--only`` or ``--seeds``) may meet on a run; the first one trains it."""
+    path = out.rstrip("/") + ".claim"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        if pid != os.getpid():
+            os.kill(pid, 0)
+            return False
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass                                   # no claim, or its process is gone: take it over
+    write_result_text(path, str(os.getpid()))
+    return True
+
+
+def write_result_text(path: str, text: str) -> None:
+    from shared.io import atomic_write_text
+    atomic_write_text(path, text)
+
+
 def run_plan(args, world: World, variants: list[Variant], on_run=None) -> dict[str, list]:
-    """Train this part's rows, seed-major; {variant: [run records]} of the runs this process trained or found."""
+    """Train this part's rows, stage by stage and seed-major within a stage; {variant: [run records]} of the runs
+    this process trained or found (``--collect``: found only)."""
     runs: dict[str, list] = {}
-    plan = [(seed, v) for seed in range(args.seeds) for v in variants]
+    plan = [(seed, v) for stage in sorted({v.stage for v in variants}) for seed in range(args.seeds)
+            for v in variants if v.stage == stage]
     for i, (seed, v) in enumerate(plan):
         if i % args.parts != args.part_index:
             continue
-        out = os.path.join(world.work, "runs", f"{v.name}-E{args.epochs}-te{args.teacher_epochs}-s{seed}")
+        out = os.path.join(world.work, "runs",
+                           f"{v.name}-E{args.epochs}-b{args.batch_size}-te{args.teacher_epochs}-s{seed}")
+        done = os.path.exists(os.path.join(out, "run.json"))
+        if not done and (args.collect or not claim(out)):
+            continue
         started = time.process_time()
         r = run_student(out, os.path.join(ROOT, "configs", "ablation", f"{v.config}.toml"),
                         variant_sets(args, world, v, seed))
@@ -126,6 +162,8 @@ def run_plan(args, world: World, variants: list[Variant], on_run=None) -> dict[s
               f", {time.process_time() - started:.0f} CPU-s in this process)", flush=True)
         if on_run is not None:
             on_run(runs)
+    for rs in runs.values():
+        rs.sort(key=lambda r: r["seed"])
     return runs
 
 
@@ -171,5 +209,5 @@ def settings(args, world: World, student: str) -> dict:
     return {"quick": args.quick, "dataset": "fashion-mnist", "per_class": args.per_class,
             "test_samples": args.test_samples or 10000, "views_E": args.epochs, "student_epochs": args.epochs,
             "teacher_epochs": args.teacher_epochs, "seeds": args.seeds, "view_seed": 0, "topk_cached": 10,
-            "temperatures_cached": list(TEMPERATURES), "student": student, "batch_size": 64,
+            "temperatures_cached": list(TEMPERATURES), "student": student, "batch_size": args.batch_size,
             "command": command()}

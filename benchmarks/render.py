@@ -42,10 +42,12 @@ FIELDS: dict[str, list[str]] = {
                "summary.cit.acc_cls_mean", "summary.cit.acc_cls_std", "summary.cit.acc_mean_heads_mean",
                "summary.no_kd.acc_cls_mean", "robustness.sets"],
     "families": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds",
-                 "settings.teacher_epochs", "settings.test_samples", "teachers", "families", "teacher_rows", "summary",
+                 "settings.teacher_epochs", "settings.test_samples", "settings.kl_test_samples", "settings.batch_size",
+                 "teachers", "families", "teacher_rows", "summary",
                  "kl", "findings.gains", "findings.transformer_gains_most", "findings.mixer_farthest"],
     "recipes": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds",
-                "settings.teacher_epochs", "settings.test_samples", "teachers", "summary.tau1.acc_cls_mean",
+                "settings.teacher_epochs", "settings.test_samples", "settings.batch_size", "teachers",
+                "summary.tau1.acc_cls_mean",
                 "summary.tau1.acc_cls_std", "comparisons"],
 }
 
@@ -338,9 +340,10 @@ def lowdata_intro(d: dict) -> str:
     st = d["settings"]
     return (f"Command: `{st['command']}`{load_note(d)}. Fashion-MNIST, {st['per_class']} training images per class, "
             f"test on {st['test_samples']:,} images; E = {st['views_E']} cached views = student epochs (teachers "
-            f"{st['teacher_epochs']} epochs); {st['seeds']} seeds per row (mean ± sample std), paired: the same seed "
-            "has the same views and batch order in every row. A difference counts when the paired mean exceeds its "
-            "seed-to-seed std; otherwise it is reported as within the seed spread.")
+            f"{st['teacher_epochs']} epochs), batch {st['batch_size']}; up to {st['seeds']} seeds per row (n = the "
+            "row's finished runs; mean ± sample std), paired: the same seed has the same views and batch order in "
+            "every row. A difference counts when the paired mean exceeds its seed-to-seed std; otherwise it is "
+            "reported as within the seed spread.")
 
 
 def families_section(f: dict) -> list[str]:
@@ -358,15 +361,15 @@ def families_section(f: dict) -> list[str]:
         cells = []
         for key in rows:
             v = s.get(f"{n}-{key}")
-            cells.append(f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} ({100 * v['acc_mean_heads_mean']:.2f})"
-                         if v else "—")
+            cells.append(f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} ({100 * v['acc_mean_heads_mean']:.2f}), "
+                         f"n={v['seeds']}" if v else "not run")
         g = f["findings"]["gains"][n]
-        cells += [f"{100 * x['mean']:+.2f} ± {100 * (x['std'] or 0):.2f}" if x else "—"
+        cells += [f"{100 * x['mean']:+.2f} ± {100 * (x['std'] or 0):.2f} (n={x['n']})" if x else "—"
                   for x in (g["over_no_kd"], g["over_best_single"])]
         lines.append(f"| {fams[n]['label']} | " + " | ".join(cells) + " |")
     teachers = list(f["teachers"])
-    lines += ["", "KL(teacher ‖ student) on the test set, τ = 1, the student's prediction (mean of heads), "
-              "mean ± std over seeds:", "", "| student | " + " | ".join(
+    lines += ["", f"KL(teacher ‖ student), τ = 1, the student's prediction (mean of heads), on the first "
+              f"{f['settings']['kl_test_samples']:,} test images, mean ± std over seeds:", "", "| student | " + " | ".join(
                   f"{rows[k]}: KL to {t}" for k in rows for t in teachers) + " |",
               "| --- |" + " --- |" * (len(rows) * len(teachers))]
     for n in families:
@@ -393,10 +396,11 @@ def families_section(f: dict) -> list[str]:
 def recipes_section(r: dict) -> list[str]:
     lines = [lowdata_intro(r) + " The cache stores the targets exactly at τ = "
              + ", ".join(f"{t:g}" for t in r["cache"]["temperatures"]) + ".", "", teachers_line(r), "",
-             "| group | variant | overrides | class head % | mean of heads % |", "| --- | --- | --- | --- | --- |"]
+             "| group | variant | overrides | n | class head % | mean of heads % |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, v in r["summary"].items():
         sets = " ".join(f"`{x}`" for x in v["sets"])
-        lines.append(f"| {v['group']} | {v['label']} | `{v['config']}` {sets} | "
+        lines.append(f"| {v['group']} | {v['label']} | `{v['config']}` {sets} | {v['seeds']} | "
                      f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} | "
                      f"{pct(v['acc_mean_heads_mean'], v['acc_mean_heads_std'])} |")
     lines += ["", "| question (class head, paired over seeds) | difference, points | here |", "| --- | --- | --- |"]
