@@ -346,7 +346,9 @@ def mixing_section(m: dict) -> list[str]:
 
 def lowdata_intro(d: dict) -> str:
     st = d["settings"]
-    return (f"Command: `{st['command']}`{load_note(d)}. Fashion-MNIST, {st['per_class']} training images per class, "
+    collected = (" (it collected the runs that `--part 0/2` and `--part 1/2` had trained side by side, one thread "
+                 "each, at nice 10 on a machine shared with other jobs)") if "--collect" in st["command"] else ""
+    return (f"Command: `{st['command']}`{load_note(d)}{collected}. Fashion-MNIST, {st['per_class']} training images per class, "
             f"test on {st['test_samples']:,} images; E = {st['views_E']} cached views = student epochs (teachers "
             f"{st['teacher_epochs']} epochs), batch {st['batch_size']}; up to {st['seeds']} seeds per row (n = the "
             "row's finished runs; mean ± sample std), paired: the same seed has the same views and batch order in "
@@ -464,7 +466,7 @@ def plot_families(f: dict, path: str) -> None:
         ax.set_title(f"KL to {t} ({f['teachers'][t]['kind']} teacher)")
     for ax in axes:
         ax.set_xticks(ticks, [fams[n]["label"] for n in families], rotation=15)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
