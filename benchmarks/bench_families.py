@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -189,7 +190,8 @@ def main() -> None:
     if args.parts > 1:
         return
     if not runs:
-        raise SystemExit(f"no finished runs under {world.work}/runs: run without --collect first")
+        print(f"no finished runs under {world.work}/runs: run without --collect first", file=sys.stderr)
+        raise SystemExit(2)
     if args.kl_samples is None:
         args.kl_samples = 0 if args.quick else 2000
     report = agreement(args, world, runs)

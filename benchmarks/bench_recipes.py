@@ -21,6 +21,7 @@ relation KD from a ``--features pooled`` cache) is a row with its own ``cache`` 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from common import machine, write_result
@@ -90,7 +91,8 @@ def main() -> None:
     if args.parts > 1:
         return
     if not runs:
-        raise SystemExit(f"no finished runs under {world.work}/runs: run without --collect first")
+        print(f"no finished runs under {world.work}/runs: run without --collect first", file=sys.stderr)
+        raise SystemExit(2)
     comparisons = []
     for question, better, worse in COMPARISONS:
         d = paired(runs, better, worse)
