@@ -37,8 +37,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/students.json"))
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated student archs")
+    parser.add_argument("--samples", type=int, help="training samples = steps per round x batch [512; quick 128]")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n, rounds, batch = (128, 1, 16) if args.quick else (512, 2, 32)
+    n = args.samples or n
     result = {"machine": machine_info(),
               "settings": {"quick": args.quick, "samples": n, "rounds": rounds, "batch_size": batch,
                            "image_size": SPEC.image_size, "threads": torch.get_num_threads(),

@@ -136,18 +136,20 @@ def teacher_accuracy(path: str) -> float:
     return float(acc)
 
 
-def build_timed(out: str, train_json: str, teachers: dict, spec, views: int, topk: int) -> dict:
-    """Build a cache from scratch (the build time is part of a measurement) and describe it."""
+def build_timed(out: str, train_json: str, teachers: dict, spec, views: int, topk: int, **build_options) -> dict:
+    """Build a cache from scratch (the build time is part of a measurement) and describe it; ``build_options``:
+    further ``build_cache`` keywords (``temperatures=(1, 2, 4)``, ...), recorded in the description."""
     from cache_builder.build import build_cache
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     summary = build_cache(train_json, [(n, t["path"]) for n, t in teachers.items()], out, views=views, topk=topk,
-                          spec=spec, seed=0, workers=0, progress=False, device="cpu")
+                          spec=spec, seed=0, workers=0, progress=False, device="cpu",
+                          **build_options)
     wall = time.perf_counter() - started
     rows = Manifest.load(train_json).num_samples
     size = dir_bytes(out)
     print(f"cache {os.path.basename(out)}: {wall:.1f} s, {size / 1e6:.2f} MB", flush=True)
-    return {"url": out, "views": views, "topk": topk, "build_seconds_wall": round(wall, 2),
+    return {"url": out, "views": views, "topk": topk, **build_options, "build_seconds_wall": round(wall, 2),
             "build_seconds_units": round(summary.build_seconds, 2), "bytes": size,
             "bytes_per_view_per_teacher": round(size / (rows * views * len(teachers)), 2),
             "views_per_second": round(summary.steady_views_per_second, 1)}

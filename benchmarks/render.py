@@ -42,6 +42,15 @@ FIELDS: dict[str, list[str]] = {
     "claims": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds", "teachers",
                "summary.cit.acc_cls_mean", "summary.cit.acc_cls_std", "summary.cit.acc_mean_heads_mean",
                "summary.no_kd.acc_cls_mean", "robustness.sets"],
+    "students": ["settings.command", "settings.batch_size", "settings.threads", "families"],
+    "families": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds",
+                 "settings.teacher_epochs", "settings.test_samples", "settings.kl_test_samples", "settings.batch_size",
+                 "teachers", "families", "teacher_rows", "summary",
+                 "kl", "findings.gains", "findings.transformer_gains_most", "findings.mixer_farthest"],
+    "recipes": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds",
+                "settings.teacher_epochs", "settings.test_samples", "settings.batch_size", "teachers",
+                "summary.tau1.acc_cls_mean",
+                "summary.tau1.acc_cls_std", "comparisons"],
 }
 
 
@@ -105,6 +114,13 @@ def speed_section(r: dict) -> list[str]:
                          "python benchmarks/bench_train.py --memory-only",
                          " / ".join(f"{m['peak_rss_mib']:.0f}" for m in mem) + " MiB at "
                          + " / ".join(f"{m['samples']:,}" for m in mem) + " samples"))
+    if r.get("students"):
+        st = r["students"]
+        rows.append((f"student families: online ÷ cached KD step time, paired median (28 px, batch "
+                     f"{st['settings']['batch_size']}, {st['settings']['threads']} thread; teachers regnety_002 + "
+                     "rednet_small live)", st["settings"]["command"],
+                     ", ".join(f"{a} ({v['params'] / 1e6:.2f} M) {v['cached_over_online_paired_median']:.2f}×"
+                               for a, v in st["families"].items())))
     if r.get("cache"):
         c = r["cache"]
         rows.append(("cache build ÷ teachers' in-memory inference (goal ≥ 0.9)", "python benchmarks/bench_cache.py",
@@ -368,7 +384,133 @@ def mixing_section(m: dict) -> list[str]:
     return lines
 
 
+def lowdata_intro(d: dict) -> str:
+    st = d["settings"]
+    collected = (" (it collected the runs that `--part 0/2` and `--part 1/2` had trained side by side, one thread "
+                 "each, at nice 10 on a machine shared with other jobs)") if "--collect" in st["command"] else ""
+    return (f"Command: `{st['command']}`{load_note(d)}{collected}. Fashion-MNIST, {st['per_class']} training images per class, "
+            f"test on {st['test_samples']:,} images; E = {st['views_E']} cached views = student epochs (teachers "
+            f"{st['teacher_epochs']} epochs), batch {st['batch_size']}; up to {st['seeds']} seeds per row (n = the "
+            "row's finished runs; mean ± sample std), paired: the same seed has the same views and batch order in "
+            "every row. A difference counts when the paired mean exceeds its seed-to-seed std; otherwise it is "
+            "reported as within the seed spread.")
+
+
+def schedule_note(d: dict) -> str:
+    """How far the short schedule leaves the students from their teachers (read the rows as early training)."""
+    best = max(v["acc_cls_mean"] for v in d["summary"].values())
+    worst_teacher = min(t["test_acc"] for t in d["teachers"].values())
+    if best >= worst_teacher - 0.05:
+        return ""
+    return (f" The best row reaches {100 * best:.1f}%, the weaker teacher {100 * worst_teacher:.1f}%: after "
+            f"{d['settings']['views_E']} epochs the students are far from converged, so these rows compare how "
+            "much each student learns from the teachers early in training, not where it ends.")
+
+
+def families_section(f: dict) -> list[str]:
+    s, fams, rows = f["summary"], f["families"], f["teacher_rows"]
+    lines = [lowdata_intro(f) + schedule_note(f), "", teachers_line(f), "",
+             "Students (parameters at 28 px, 10 classes, three heads):", ""]
+    for name, fam in fams.items():
+        scaled = f" — {fam['scaled']}" if fam["scaled"] else ""
+        lines.append(f"- {fam['label']}: `{fam['arch']}` {fam['options'] or ''} **{fam['params']['heads_3']:,}**"
+                     f"{scaled}")
+    families = [n for n in fams if any(k.startswith(n + "-") for k in s)]
+    lines += ["", "Top-1 of the class head, % (mean of heads in brackets):", "",
+              "| student | " + " | ".join(rows.values()) + " | gain of conv + inv over no KD | over the better single "
+              "teacher |", "| --- |" + " --- |" * (len(rows) + 2)]
+    for n in families:
+        cells = []
+        for key in rows:
+            v = s.get(f"{n}-{key}")
+            cells.append(f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} ({100 * v['acc_mean_heads_mean']:.2f}), "
+                         f"n={v['seeds']}" if v else "not run")
+        g = f["findings"]["gains"][n]
+        cells += [f"{100 * x['mean']:+.2f} ± {100 * (x['std'] or 0):.2f} (n={x['n']})" if x else "—"
+                  for x in (g["over_no_kd"], g["over_best_single"])]
+        lines.append(f"| {fams[n]['label']} | " + " | ".join(cells) + " |")
+    teachers = list(f["teachers"])
+    lines += ["", f"KL(teacher ‖ student), τ = 1, the student's prediction (mean of heads), on the first "
+              f"{f['settings']['kl_test_samples']:,} test images, mean ± std over seeds:", "", "| student | " + " | ".join(
+                  f"{rows[k]}: KL to {t}" for k in rows for t in teachers) + " |",
+              "| --- |" + " --- |" * (len(rows) * len(teachers))]
+    for n in families:
+        cells = []
+        for key in rows:
+            kl = f["kl"].get(f"{n}-{key}", {}).get("mean")
+            cells += [f"{kl[t]['mean']:.3f} ± {kl[t]['std']:.3f}" if kl else "—" for t in teachers]
+        lines.append(f"| {fams[n]['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "The paper's findings, paired over seeds (points of top-1 / nats of KL):", ""]
+    for key, d in f["findings"]["transformer_gains_most"].items():
+        other, kind = key.removeprefix("vit_minus_").split("_", 1)
+        what = "over no KD" if kind == "over_no_kd" else "over the better single teacher"
+        lines.append(f"- The transformer gains more from two teachers ({what}) than the {fams[other]['label']}: "
+                     + (f"{100 * d['mean']:+.2f} ± {100 * (d['std'] or 0):.2f} (n={d['n']}), {d['verdict']}."
+                        if d.get("n") else "not run."))
+    for key, d in f["findings"]["mixer_farthest"].items():
+        other, teacher = key.removeprefix("mixer_minus_").split("_kl_")
+        lines.append(f"- The two-teacher Mixer is farther from `{teacher}` than the {fams[other]['label']} is: "
+                     + (f"KL {d['mean']:+.3f} ± {d['std'] or 0:.3f} (n={d['n']}), {d['verdict']}."
+                        if d.get("n") else "not run."))
+    return lines + ["", "![families](benchmarks/results/families.png)"]
+
+
+def recipes_section(r: dict) -> list[str]:
+    lines = [lowdata_intro(r) + " The cache stores the targets exactly at τ = "
+             + ", ".join(f"{t:g}" for t in r["cache"]["temperatures"]) + "." + schedule_note(r), "",
+             teachers_line(r), "",
+             "| group | variant | overrides | n | class head % | mean of heads % |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, v in r["summary"].items():
+        sets = " ".join(f"`{x}`" for x in v["sets"])
+        lines.append(f"| {v['group']} | {v['label']} | `{v['config']}` {sets} | {v['seeds']} | "
+                     f"{pct(v['acc_cls_mean'], v['acc_cls_std'])} | "
+                     f"{pct(v['acc_mean_heads_mean'], v['acc_mean_heads_std'])} |")
+    lines += ["", "| question (class head, paired over seeds) | difference, points | here |", "| --- | --- | --- |"]
+    for c in r["comparisons"]:
+        lines.append(f"| {c['question']} (`{c['better']}` − `{c['worse']}`) | {100 * c['mean']:+.2f} ± "
+                     f"{100 * (c['std'] or 0):.2f} (n={c['n']}) | {c['verdict']} |")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------------ plots
+
+def plot_families(f: dict, path: str) -> None:
+    """Top-1 per family × teachers (left) and KL to each teacher (right), mean ± std over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s, rows, fams = f["summary"], f["teacher_rows"], f["families"]
+    families = [n for n in fams if any(k.startswith(n + "-") for k in s)]
+    teachers = list(f["teachers"])
+    fig, axes = plt.subplots(1, 1 + len(teachers), figsize=(15, 4.8))
+    width = 0.8 / len(rows)
+    for i, key in enumerate(rows):
+        xs = [j + i * width for j in range(len(families))]
+        vals = [s.get(f"{n}-{key}") for n in families]
+        axes[0].bar(xs, [100 * v["acc_cls_mean"] if v else 0 for v in vals], width,
+                    yerr=[100 * v["acc_cls_std"] if v else 0 for v in vals], capsize=3, label=rows[key])
+        for ax, t in zip(axes[1:], teachers):
+            kl = [f["kl"].get(f"{n}-{key}", {}).get("mean", {}).get(t) for n in families]
+            ax.bar(xs, [k["mean"] if k else 0 for k in kl], width, yerr=[k["std"] if k else 0 for k in kl],
+                   capsize=3, label=rows[key])
+    ticks = [j + 0.4 - width / 2 for j in range(len(families))]
+    for t, info in f["teachers"].items():
+        axes[0].axhline(100 * info["test_acc"], ls="--", lw=1, color="gray")
+    means = [100 * v["acc_cls_mean"] for v in s.values()]
+    axes[0].set_ylim(max(0, min(means) - 8), max(means + [100 * t["test_acc"] for t in f["teachers"].values()]) + 3)
+    axes[0].set_ylabel("test top-1, class head (%)")
+    axes[0].set_title(f"Top-1, mean ± std over {f['settings']['seeds']} seeds (dashed: teachers)")
+    for ax, t in zip(axes[1:], teachers):
+        ax.set_ylabel("KL(teacher ‖ student), nats")
+        ax.set_title(f"KL to {t} ({f['teachers'][t]['kind']} teacher)")
+    for ax in axes:
+        ax.set_xticks(ticks, [fams[n]["label"] for n in families], rotation=15)
+    axes[0].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 
 def plot_claims(c: dict, path: str) -> None:
     import matplotlib
@@ -419,6 +561,11 @@ def render(results: dict) -> str:
         lines += ["", "### The paper's claims at small scale", ""] + claims_section(results["claims"])
     if results.get("mixing"):
         lines += ["", "### Mixup / CutMix with cached teachers", ""] + mixing_section(results["mixing"])
+    if results.get("families"):
+        lines += ["", "### Student families and teachers (paper Tables 4 and 5 at small scale)", ""] + \
+            families_section(results["families"])
+    if results.get("recipes"):
+        lines += ["", "### Distillation recipes for the CiT student", ""] + recipes_section(results["recipes"])
     lines += ["", RESULTS_END]
     return "\n".join(lines)
 
@@ -449,6 +596,8 @@ def main() -> int:
     atomic_write_text(args.readme, new)
     if results.get("claims"):
         plot_claims(results["claims"], os.path.join(args.results, "claims.png"))
+    if results.get("families"):
+        plot_families(results["families"], os.path.join(args.results, "families.png"))
     print(f"{args.readme}: results section rewritten ({len(section.splitlines())} lines)")
     return 0
 

@@ -69,6 +69,8 @@ def workdir(tmp_path_factory):
 QUICK = [  # (script, result name in FIELDS or None, extra arguments); {fmnist}: the fake IDX files (tiny, no download)
     ("bench_claims.py", "claims", ["--workdir", "{work}", "--source", "{fmnist}"]),
     ("bench_mixing.py", "mixing", ["--workdir", "{work}", "--source", "{fmnist}"]),
+    ("bench_families.py", "families", ["--workdir", "{work}", "--source", "{fmnist}"]),
+    ("bench_recipes.py", "recipes", ["--workdir", "{work}", "--source", "{fmnist}"]),
     ("bench_loader.py", "loader", ["--data-dir", "{work}/loader", "--source", "{fmnist}"]),
     ("bench_models.py", "models_cpu", ["--clock", "cpu"]),
     ("bench_cache.py", "cache", []),
@@ -84,7 +86,7 @@ def test_quick_mode_writes_what_the_readme_reads(script, name, extra, workdir, f
                *[a.format(work=workdir, fmnist=fake_fashion_mnist.folder) for a in extra])
     data = json.loads(out.read_text())
     assert missing_fields(name, data) == []
-    if name in ("claims", "mixing"):
+    if name in ("claims", "mixing", "families", "recipes"):
         assert data["settings"]["quick"] is True and "--quick" in data["settings"]["command"]
 
 
