@@ -165,6 +165,12 @@ LONG_TESTS = {
 }
 
 
+# Long tests that share work through a module fixture, so they go to the same worker (bench_mixing reuses the data
+# and teachers bench_claims trains).
+TOGETHER = [("tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]",
+             "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_mixing.py]")]
+
+
 def expected_seconds(item: pytest.Item) -> float:
     return LONG_TESTS.get(item.nodeid.split("[")[0], 5.0 if item.get_closest_marker("slow") else 0.0)
 
@@ -185,16 +191,21 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2 or len(items) < 2 * workers:
         return
-    long = sorted((i for i in items if expected_seconds(i) > 0), key=lambda i: -expected_seconds(i))
+    group = {nodeid: n for n, ids in enumerate(TOGETHER) for nodeid in ids}
+    units: dict[object, list[pytest.Item]] = {}
+    for item in items:
+        if expected_seconds(item) > 0:
+            units.setdefault(group.get(item.nodeid, item.nodeid), []).append(item)
+    long = sorted(units.values(), key=lambda unit: -sum(map(expected_seconds, unit)))
     short = [i for i in items if expected_seconds(i) == 0]
     shares = worker_shares(len(items), workers)
     bins: list[list[pytest.Item]] = [[] for _ in range(workers)]
     load = [0.0] * workers
-    for item in long:
-        free = [w for w in range(workers) if len(bins[w]) < shares[w]]
+    for unit in long:
+        free = [w for w in range(workers) if len(bins[w]) + len(unit) <= shares[w]]
         w = min(free, key=lambda w: load[w])
-        bins[w].append(item)
-        load[w] += expected_seconds(item)
+        bins[w] += unit
+        load[w] += sum(map(expected_seconds, unit))
     for w in range(workers):
         take = shares[w] - len(bins[w])
         bins[w] += short[:take]
