@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -27,6 +28,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs by default; "
                                        "deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def fresh_s3_filesystems():
+    """fsspec caches a filesystem per set of arguments; an S3 one keeps the endpoint (from the environment) of the
+    test that made it, so a later test with its own S3 server would talk to a stopped one.  Forget them after each
+    test (only when s3fs was imported at all)."""
+    yield
+    if "s3fs" in sys.modules:
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
