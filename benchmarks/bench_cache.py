@@ -161,7 +161,7 @@ def _m(meta, name):
 
 def bench_throughput(tmp: str, args) -> dict:
     load = os.getloadavg()
-    n, e = (96, 2) if args.quick else (1024, 2)
+    n, e = (32, 2) if args.quick else (1024, 2)
     images, labels, source = fmnist_images(n)
     manifest = write_dataset(os.path.join(tmp, "fm"), images, labels, 10, 1024)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -391,7 +391,7 @@ LAYOUTS = ["logp fp16 + tail fp16", "logp bf16 + tail fp16", "logp fp16 + tail f
 def bench_targets(args) -> dict:
     """Bytes per view per teacher (C = 1000, K = 10) and the error of the target against the full logits, for
     the stored layout and the alternatives, at 1, 2 and 3 cached temperatures."""
-    rows = 1024 if args.quick else 8192
+    rows = 128 if args.quick else 8192
     c, k = 1000, 10
     rng = np.random.default_rng(0)
     teachers = {"trained-like (top-1 margin 2..12)": trained_like_logits(c, rows, rng),
@@ -443,7 +443,7 @@ def bench_targets(args) -> dict:
 
 def bench_bytes(tmp: str, args) -> dict:
     from shared.cache_schema import CacheAttrs, LogitCache, TeacherRecord
-    n, e = (512, 1) if args.quick else (8192, 2)
+    n, e = (64, 1) if args.quick else (8192, 2)
     chunk_rows = 4096
     images, labels, source = fmnist_images(n)
     arch, kw = TINY

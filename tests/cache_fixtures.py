@@ -76,3 +76,21 @@ def cli_command(*args: str) -> list[str]:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def invoke_cli(*args: str) -> subprocess.CompletedProcess:
+    """``run_cli`` in this process (click's runner, the real command group, its exit code and both streams): for
+    checks where no process is killed or interrupted, without a second interpreter importing torch again."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from cache_builder.cli import cache
+    handlers = logging.root.handlers[:]       # the group's logging.basicConfig must not keep the runner's stream
+    try:
+        result = CliRunner().invoke(cache, list(args))
+    finally:
+        logging.root.handlers[:] = handlers
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(cli_command(*args), result.exit_code, result.stdout, result.stderr)

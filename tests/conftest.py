@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -27,6 +28,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds (still runs by default; "
                                        "deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def fresh_s3_filesystems():
+    """fsspec caches a filesystem per set of arguments; an S3 one keeps the endpoint (from the environment) of the
+    test that made it, so a later test with its own S3 server would talk to a stopped one.  Forget them after each
+    test (only when s3fs was imported at all)."""
+    yield
+    if "s3fs" in sys.modules:
+        sys.modules["s3fs"].S3FileSystem.clear_instance_cache()
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -140,3 +151,87 @@ def tiny_teachers(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny-teachers")
     return {"conv": make_teacher(str(root / "conv.safetensors"), "conv", seed=1),
             "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
+
+
+# Tests that take long (seconds on 2 idle cores, measured): they start first, one per worker in turn, so no core
+# idles at the end behind a single long test.  A test marked ``slow`` and not listed counts as 5 s.
+LONG_TESTS = {
+    "tests/test_demo.py::test_demo_tells_the_story_and_reuses_its_work": 50,
+    "tests/test_readme.py::test_every_readme_command_runs_as_printed": 35,
+    "tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted": 30,
+    "tests/test_cache.py::test_kill_9_and_resume_is_bit_identical": 23,
+    "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 17,
+    "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch": 17,
+    "tests/test_grow.py::test_extend_under_torchrun_equals_one_process": 15,
+    "tests/test_cache.py::test_torchrun_two_processes_equal_one": 12,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 11,
+    "tests/test_cache.py::test_s3_round_trip": 11,
+    "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical": 10,
+    "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 8,
+    "tests/test_reader.py::test_torchrun_two_processes_split_rows": 8,
+    "tests/test_data.py::test_real_fashion_mnist": 8,
+    "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache": 7,
+    "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 6,
+    "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 6,
+}
+
+
+# Long tests that share work through a module fixture, so they go to the same worker (bench_mixing reuses the data
+# and teachers bench_claims trains).
+TOGETHER = [("tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]",
+             "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_mixing.py]")]
+
+
+def expected_seconds(item: pytest.Item) -> float:
+    return LONG_TESTS.get(item.nodeid.split("[")[0], 5.0 if item.get_closest_marker("slow") else 0.0)
+
+
+def worker_shares(n: int, workers: int) -> list[int]:
+    """How many tests ``--dist worksteal`` first hands to each worker: contiguous runs, ``len(pending) //
+    workers_left`` each (it then steals from the *end* of a busy worker's run)."""
+    shares = []
+    for left in range(workers, 0, -1):
+        shares.append(n // left)
+        n -= shares[-1]
+    return shares
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist: each worker's first run of tests begins with long tests (longest first, dealt to the least
+    loaded worker), then short ones.  The same order on every worker (xdist requires it)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or len(items) < 2 * workers:
+        return
+    group = {nodeid: n for n, ids in enumerate(TOGETHER) for nodeid in ids}
+    units: dict[object, list[pytest.Item]] = {}
+    for item in items:
+        if expected_seconds(item) > 0:
+            units.setdefault(group.get(item.nodeid, item.nodeid), []).append(item)
+    long = sorted(units.values(), key=lambda unit: -sum(map(expected_seconds, unit)))
+    short = [i for i in items if expected_seconds(i) == 0]
+    shares = worker_shares(len(items), workers)
+    bins: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for unit in long:
+        free = [w for w in range(workers) if len(bins[w]) + len(unit) <= shares[w]]
+        w = min(free, key=lambda w: load[w])
+        bins[w] += unit
+        load[w] += sum(map(expected_seconds, unit))
+    for w in range(workers):
+        take = shares[w] - len(bins[w])
+        bins[w] += short[:take]
+        short = short[take:]
+    items[:] = [i for b in bins for i in modules_together(b, items)]
+
+
+def modules_together(run: list[pytest.Item], order: list[pytest.Item]) -> list[pytest.Item]:
+    """One worker's run with each module's tests contiguous (pytest tears a module's fixtures down when the next
+    test is from another module, and would build them again): modules with the longest test first; inside a module
+    its long tests first, then file order."""
+    position = {id(i): n for n, i in enumerate(order)}
+    longest: dict[str, float] = {}
+    for i in run:
+        longest[i.module.__name__] = max(longest.get(i.module.__name__, 0.0), expected_seconds(i))
+    first_seen = {m: n for n, m in reversed(list(enumerate(i.module.__name__ for i in run)))}
+    return sorted(run, key=lambda i: (-longest[i.module.__name__], first_seen[i.module.__name__],
+                                      -expected_seconds(i), position[id(i)]))

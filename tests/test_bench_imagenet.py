@@ -1,26 +1,20 @@
-"""benchmarks/bench_imagenet.py --quick runs end to end as a script and writes a consistent result JSON (the
+"""benchmarks/bench_imagenet.py --quick runs end to end as a script (as ``__main__``, in this process) and writes a consistent result JSON (the
 numbers themselves are measured by the full run, never asserted here)."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_benchmarks import run_script
 
 
 @pytest.mark.slow
-def test_bench_imagenet_quick(tmp_path):
+def test_bench_imagenet_quick(tmp_path, monkeypatch, capsys):
     out = tmp_path / "imagenet.json"
-    proc = subprocess.run([sys.executable, "benchmarks/bench_imagenet.py", "--quick", "--out", str(out),
-                           "--workdir", str(tmp_path / "work")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "Projection, ImageNet-1k" in proc.stdout
+    stdout = run_script("bench_imagenet.py", "--quick", "--out", str(out), "--workdir", str(tmp_path / "work"),
+                        monkeypatch=monkeypatch, capsys=capsys)
+    assert "Projection, ImageNet-1k" in stdout
     r = json.loads(out.read_text())
 
     assert r["benchmark"] == "imagenet" and r["quick"] is True

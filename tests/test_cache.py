@@ -22,7 +22,7 @@ from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
 from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.views import decode, render_view
-from tests.cache_fixtures import (REPO, assert_bit_identical, cli_command, free_port, make_teacher, run_cli,
+from tests.cache_fixtures import (REPO, assert_bit_identical, cli_command, free_port, invoke_cli, make_teacher,
                                   store_arrays)
 from tests.shard_fixtures import make_shards
 
@@ -155,7 +155,7 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
         proc.wait()
         kills.append(_count_files(done_dir))
     assert not _is_complete(out) and kills[-1] < views * N // 10, kills
-    result = run_cli(*args)
+    result = invoke_cli(*args)                    # the resume is not killed: in this process
     assert result.returncode == 0, result.stderr
     assert "complete" in result.stdout and f"{kills[-1]} units were already done" in result.stdout
     assert_bit_identical(ref, out)

@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from click.testing import CliRunner
+
+from shared.cli import main as cit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_demo(folder, source) -> subprocess.CompletedProcess:
+def run_demo(folder, source):
+    """``cit demo`` through the real entry point, in this process (its steps are ``cit`` subprocesses either way:
+    a second interpreter for the demo itself would only import torch again)."""
     args = ["demo", "--folder", str(folder), "--source", source, "--per-class", "5", "--test-samples", "50",
             "--teacher-epochs", "1", "--epochs", "2"]
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"PYTHONPATH": REPO})
+    return CliRunner().invoke(cit, args)
 
 
 @pytest.mark.slow
-def test_demo_tells_the_story_and_reuses_its_work(fake_fashion_mnist, tmp_path):
+def test_demo_tells_the_story_and_reuses_its_work(fake_fashion_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)                                   # the default --config is relative, as for a user
+    monkeypatch.setenv("PYTHONPATH", REPO)                    # the steps' subprocesses run this checkout
     folder = tmp_path / "demo"
     proc = run_demo(folder, fake_fashion_mnist.folder)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.exit_code == 0, proc.stdout[-2000:] + proc.stderr[-4000:] + repr(proc.exception)
     out, err = proc.stdout, proc.stderr
     # the commands, printed before they run; the two lanes side by side
     assert "$ cit data prepare fashion-mnist" in err and "[core 1] $ cit teacher train" in err
@@ -43,6 +47,6 @@ def test_demo_tells_the_story_and_reuses_its_work(fake_fashion_mnist, tmp_path):
     assert open(s["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # a rerun runs nothing and reports the same
     again = run_demo(folder, fake_fashion_mnist.folder)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.exit_code == 0, again.stderr[-3000:]
     assert again.stderr.count("(done before: reused)") == 7 and " done in " not in again.stderr
     assert json.loads((folder / "summary.json").read_text())["students"] == s["students"]

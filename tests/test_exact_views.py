@@ -18,7 +18,7 @@ from shared import exact_math
 from shared.augment import PARAMS_FIELDS, ViewSpec, decode_record, encode_record, record_size
 from shared.mixing import MixParams
 from shared.views import VIEW_CODE
-from tests.cache_fixtures import REPO, make_teacher, run_cli
+from tests.cache_fixtures import REPO, invoke_cli, make_teacher, run_cli
 from tests.golden_views import GOLDEN_PATH, render_golden
 from tests.shard_fixtures import make_shards
 
@@ -130,15 +130,19 @@ def built(tmp_path_factory):
     return {"root": root, "data": str(root / "data/ex.json"), "cache": cache}
 
 
-def _train(built, out: str, capability: str, *extra: str) -> subprocess.CompletedProcess:
+def _train_args(built, out: str, *extra: str) -> list[str]:
     args = [*extra, "--data", built["data"], "--cache", built["cache"], "--conv-teacher", "conv", "--epochs", "1",
             "--batch-size", "8", "--out", out, "--set", "data.view_seed=4", "--set", "data.num_workers=0",
             "--set", "train.progress=false", *AUG]
     for k, v in {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}.items():
         args += ["--set", f"student.options.{k}={v}"]
+    return args
+
+
+def _train(built, out: str, capability: str, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=REPO, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "shared.cli", "train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, "-m", "shared.cli", "train", *_train_args(built, out, *extra)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=240)
 
 
 def test_cache_records_digests_and_provenance(built):
@@ -179,18 +183,19 @@ def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):
                 member.size = len(payload)
             tar.addfile(member, io.BytesIO(payload))
     edited = dict(built, data=str(data / "ex.json"))
-    result = _train(edited, str(tmp_path / "run0"), "default")      # the manifest's sha256 sees it first
-    assert result.returncode == 2 and "ex-0001.tar does not match manifest" in result.stderr, result.stderr[-2000:]
+    from click.testing import CliRunner                                # refused before any work: in this process
+    from shared.cli import main as cit
+    result = CliRunner().invoke(cit, ["train", *_train_args(edited, str(tmp_path / "run0"))])
+    assert result.exit_code == 2 and "ex-0001.tar does not match manifest" in result.stderr, result.output[-2000:]
     result = _train(edited, str(tmp_path / "run"), "default", "--no-verify-shards")   # ... else the pixel digest
     assert result.returncode == 2, result.stderr[-2000:]       # a user error, raised mid-run: exit 2, one line
     assert f"sample {victim!r}" in result.stderr and "pixels check failed" in result.stderr
     assert "ex-0001.tar" in result.stderr and "Traceback" not in result.stderr
-    env = dict(os.environ, PYTHONPATH=REPO)
-    verify = run_cli("verify", built["cache"], "--data", edited["data"], "--pixels", env=env)
+    verify = invoke_cli("verify", built["cache"], "--data", edited["data"], "--pixels")
     assert verify.returncode == 1
     lines = [line for line in verify.stdout.splitlines() if "pixels check failed" in line]
     assert len(lines) == 2 and all(victim in line for line in lines)        # both views of the one edited sample
-    clean = run_cli("verify", built["cache"], "--data", built["data"], "--pixels", "--sample", "10", env=env)
+    clean = invoke_cli("verify", built["cache"], "--data", built["data"], "--pixels", "--sample", "10")
     assert clean.returncode == 0 and "pixels: 10 random views re-rendered" in clean.stdout, clean.stdout
 
 

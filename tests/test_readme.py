@@ -2,7 +2,8 @@
 breaks the suite, not the user.
 
 The only thing the test adds to a README command is options that make the data small (a fake Fashion-MNIST
-source, few images per class, one epoch, one view); the README's own options come first and are all kept.
+source, few images per class, one epoch, one view, four after `cache extend`); the README's own options come first
+and are all kept.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ SMALL = {
     ("data", "prepare", "fashion-mnist"): ["--per-class", "2", "--severities", "1"],   # + --source <fake IDX>
     ("teacher", "train"): ["--epochs", "1"],
     ("cache", "build"): ["--views", "1"],
+    ("cache", "extend"): ["--views", "4"],          # as many as the README's `cache export --views 4` needs
     ("cache", "verify"): ["--recompute", "4"],
     ("data", "subset"): ["--per-class", "1"],
     ("train",): ["--epochs", "1"],
