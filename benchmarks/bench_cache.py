@@ -544,7 +544,7 @@ def bench_features(tmp: str, args) -> dict:
     stored form."""
     from shared.models import create_model
     from shared.models.normalize import teacher_input
-    n, steps = (256, 20) if args.quick else (2048, 200)
+    n, steps = (64, 2) if args.quick else (2048, 200)
     teachers = {"conv": TINY} if args.quick else TEACHERS      # --quick: the script's path, not its numbers
     chunk_rows = 1024
     images, labels, source = fmnist_images(n)

@@ -7,6 +7,8 @@ every row below, on paired seeds (same seed = same initial weights, views and ba
 
   temperature   CiT (Eq. 1) with τ1 = τ2 = 1 (the paper's), 2, 4 — every one exact from the cache
   schedule      CiT, the distillation weights λ1, λ2 constant (= τ 1), decayed linearly or by a cosine to 0
+  features      CiT plus feature KD or relation KD from a cache that also holds the teachers' pooled features
+                (``--features pooled``; the same views and logit targets as the logits-only cache)
   baseline      one-head KD (α = 0.5, τ = 1, the two teachers averaged on the class head); DeiT hard distillation
                 (each distillation head fits its teacher's top-1 class); no KD (reference)
 
@@ -44,7 +46,10 @@ VARIANTS = [
     Variant("hard", "baseline", "hard distillation (teachers' top-1 on the conv / inv heads)", "cit",
             ('objective.recipe="hard"',), stage=1),
     Variant("no_kd", "baseline", "no KD (class head on labels)", "none", cache="", stage=1),
-    # feature / relation KD: Variant("features", "features", "...", "cit", ("...",), cache="features")
+    Variant("features", "features", "CiT + feature KD (β = 1: MSE of a learned projection to the teachers' pooled "
+            "features)", "cit", ("objective.feature_weight=1.0",), cache="features", stage=1),
+    Variant("relation", "features", "CiT + relation KD (γ = 1: MSE of the batch cosine-similarity matrices)", "cit",
+            ("objective.relation_weight=1.0",), cache="features", stage=1),
 ]
 # (question, better, worse): each answered on paired seeds
 COMPARISONS = [
@@ -52,6 +57,7 @@ COMPARISONS = [
     ("linear decay vs constant", "linear", "tau1"), ("cosine decay vs constant", "cosine", "tau1"),
     ("cosine vs linear decay", "cosine", "linear"),
     ("CiT (three heads) vs one-head KD", "tau1", "kd"), ("CiT (soft) vs hard distillation", "tau1", "hard"),
+    ("feature KD + logits vs logits only", "features", "tau1"), ("relation KD + logits vs logits only", "relation", "tau1"),
     ("CiT vs no KD", "tau1", "no_kd"), ("one-head KD vs no KD", "kd", "no_kd"), ("hard vs no KD", "hard", "no_kd"),
 ]
 

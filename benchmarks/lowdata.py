@@ -25,7 +25,8 @@ PAIR = {"conv": "regnet", "inv": "rednet"}
 TEMPERATURES = (1.0, 2.0, 4.0)
 # The caches rows can read, by key: ``build_cache`` keywords besides data, teachers, views and top-K.  A feature-KD
 # row would add e.g. "features": {"temperatures": TEMPERATURES, "features": "pooled"} and read cache="features".
-CACHES: dict[str, dict] = {"logits": {"temperatures": TEMPERATURES}}
+CACHES: dict[str, dict] = {"logits": {"temperatures": TEMPERATURES},
+                           "features": {"temperatures": TEMPERATURES, "features": "pooled"}}
 
 
 @dataclass(frozen=True)
