@@ -176,10 +176,10 @@ LONG_TESTS = {
 }
 
 
-# Long tests that share work through a module fixture, so they go to the same worker (bench_mixing reuses the data
-# and teachers bench_claims trains).
-TOGETHER = [("tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]",
-             "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_mixing.py]")]
+# Long tests that share work through a module fixture, so they go to the same worker (the mixing, families and
+# recipes benchmarks reuse the data and teachers bench_claims trains).
+TOGETHER = [tuple(f"tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[{script}]"
+                   for script in ("bench_claims.py", "bench_mixing.py", "bench_families.py", "bench_recipes.py"))]
 
 
 def expected_seconds(item: pytest.Item) -> float:
