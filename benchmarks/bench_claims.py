@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
-                    mean_std, prepare_fmnist, run_student, schedule_sets, train_teachers, write_result)
+                    prepare_fmnist, run_student, schedule_sets, summarize, train_teachers, write_result)
 
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}),
             Teacher("rednet", "rednet_small", "inv"),
@@ -102,21 +102,6 @@ def robustness(work: str, runs: dict, teachers: dict, test_json: str, corrupt_di
                               num_workers=0 if quick else 1, device="cpu", out=path)
 
 
-def summarize(runs: dict) -> dict:
-    summary = {}
-    for v in VARIANTS:
-        rs = runs.get(v.name, [])
-        if not rs:
-            continue
-        c = mean_std([r["acc_cls"] for r in rs])
-        m = mean_std([r["acc_mean"] if r["acc_mean"] is not None else r["acc_cls"] for r in rs])
-        summary[v.name] = {"group": v.group, "label": v.label, "config": f"configs/ablation/{v.config}.toml",
-                           "sets": list(v.sets), "seeds": len(rs), "acc_cls_mean": c[0], "acc_cls_std": c[1],
-                           "acc_mean_heads_mean": m[0], "acc_mean_heads_std": m[1],
-                           "train_seconds_mean": sum(r["seconds"] for r in rs) / len(rs)}
-    return summary
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -152,7 +137,7 @@ def main() -> None:
 
     def save(extra: dict | None = None) -> None:
         write_result(args.out, {"benchmark": "claims", "machine": machine(load_start), "settings": settings,
-                                "teachers": teachers, "cache": cache, "runs": runs, "summary": summarize(runs),
+                                "teachers": teachers, "cache": cache, "runs": runs, "summary": summarize(runs, VARIANTS),
                                 "wall_seconds": round(time.perf_counter() - t0, 1)} | (extra or {}))
 
     plan = [(seed, v) for seed in range(args.seeds) for v in variants]   # seed-major: a stopped run has every
@@ -173,7 +158,7 @@ def main() -> None:
     save({"robustness": robustness(work, runs, teachers, test_json, corrupt_dir, args.quick)})
 
     print("\nteachers: " + ", ".join(f"{n} {t['test_acc'] * 100:.1f}%" for n, t in teachers.items()))
-    for name, s in summarize(runs).items():
+    for name, s in summarize(runs, VARIANTS).items():
         print(f"{name:14s} {100 * s['acc_cls_mean']:6.2f} ± {100 * s['acc_cls_std']:4.2f}   "
               f"mean of heads {100 * s['acc_mean_heads_mean']:6.2f} ± {100 * s['acc_mean_heads_std']:4.2f}")
     print(f"-> {args.out}")

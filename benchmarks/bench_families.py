@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
-from common import machine, mean_std, write_result
-from lowdata import PAIR, Variant, World, paired, parse_args, prepare, run_plan, selected, settings, summarize
+from common import machine, mean_std, summarize, write_result
+from lowdata import PAIR, Variant, World, paired, parse_args, settings, train_rows
 
 EPOCHS, TEACHER_EPOCHS = 6, 20
 
@@ -169,7 +168,7 @@ def findings(runs: dict) -> dict:
             out["transformer_gains_most"][f"vit_minus_{other}_{kind}"] = (d or {}) | {"verdict": verdict(d)}
     for other in ("resnet", "vit"):
         for t in PAIR.values():
-            d = paired(runs, f"mixer-cit", f"{other}-cit", key=f"kl_{t}")
+            d = paired(runs, "mixer-cit", f"{other}-cit", key=f"kl_{t}")
             out["mixer_farthest"][f"mixer_minus_{other}_kl_{t}"] = (d or {}) | {"verdict": verdict(d)}
     return out
 
@@ -182,16 +181,10 @@ def kl_arguments(ap) -> None:
 def main() -> None:
     args = parse_args(__doc__, "families", EPOCHS, TEACHER_EPOCHS, extra=kl_arguments)
     load_start, t0 = os.getloadavg(), time.perf_counter()
-    rows = selected(args, variants(args.quick))
-    world = prepare(args, rows)
-    if args.prepare_only:
+    trained = train_rows(args, variants(args.quick))
+    if trained is None:
         return
-    runs = run_plan(args, world, rows)
-    if args.parts > 1:
-        return
-    if not runs:
-        print(f"no finished runs under {world.work}/runs: run without --collect first", file=sys.stderr)
-        raise SystemExit(2)
+    rows, world, runs = trained
     if args.kl_samples is None:
         args.kl_samples = 0 if args.quick else 2000
     report = agreement(args, world, runs)

@@ -23,11 +23,10 @@ relation KD from a ``--features pooled`` cache) is a row with its own ``cache`` 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from common import machine, write_result
-from lowdata import Variant, paired, parse_args, prepare, run_plan, selected, settings, summarize
+from common import machine, summarize, write_result
+from lowdata import Variant, paired, parse_args, settings, train_rows
 
 EPOCHS, TEACHER_EPOCHS = 6, 20
 TINY = ("student.options.embed_dim=32", "student.options.depth=1", "student.options.num_heads=2")
@@ -89,16 +88,10 @@ def weight_logs(runs: dict) -> dict:
 def main() -> None:
     args = parse_args(__doc__, "recipes", EPOCHS, TEACHER_EPOCHS)
     load_start, t0 = os.getloadavg(), time.perf_counter()
-    rows = selected(args, variants(args.quick))
-    world = prepare(args, rows)
-    if args.prepare_only:
+    trained = train_rows(args, variants(args.quick))
+    if trained is None:
         return
-    runs = run_plan(args, world, rows)
-    if args.parts > 1:
-        return
-    if not runs:
-        print(f"no finished runs under {world.work}/runs: run without --collect first", file=sys.stderr)
-        raise SystemExit(2)
+    rows, world, runs = trained
     comparisons = []
     for question, better, worse in COMPARISONS:
         d = paired(runs, better, worse)

@@ -78,6 +78,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def summarize(runs: dict, variants) -> dict:
+    """Mean ± sample std over seeds of both inference outputs, per variant (``name, group, label, config, sets``)."""
+    summary = {}
+    for v in variants:
+        rs = runs.get(v.name, [])
+        if not rs:
+            continue
+        c = mean_std([r["acc_cls"] for r in rs])
+        m = mean_std([r["acc_mean"] if r["acc_mean"] is not None else r["acc_cls"] for r in rs])
+        summary[v.name] = {"group": v.group, "label": v.label, "config": f"configs/ablation/{v.config}.toml",
+                           "sets": list(v.sets), "seeds": len(rs), "acc_cls_mean": c[0], "acc_cls_std": c[1],
+                           "acc_mean_heads_mean": m[0], "acc_mean_heads_std": m[1],
+                           "train_seconds_mean": sum(r["seconds"] for r in rs) / len(rs)}
+    return summary
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 

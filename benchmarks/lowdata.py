@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -178,20 +179,20 @@ def selected(args, variants: list[Variant]) -> list[Variant]:
     return [v for v in variants if v.name in names]
 
 
-def summarize(runs: dict, variants: list[Variant]) -> dict:
-    """Mean ± sample std over seeds of both inference outputs, per variant."""
-    summary = {}
-    for v in variants:
-        rs = runs.get(v.name, [])
-        if not rs:
-            continue
-        c = mean_std([r["acc_cls"] for r in rs])
-        m = mean_std([r["acc_mean"] if r["acc_mean"] is not None else r["acc_cls"] for r in rs])
-        summary[v.name] = {"group": v.group, "label": v.label, "config": f"configs/ablation/{v.config}.toml",
-                           "sets": list(v.sets), "seeds": len(rs), "acc_cls_mean": c[0], "acc_cls_std": c[1],
-                           "acc_mean_heads_mean": m[0], "acc_mean_heads_std": m[1],
-                           "train_seconds_mean": sum(r["seconds"] for r in rs) / len(rs)}
-    return summary
+def train_rows(args, variants: list[Variant]) -> tuple[list[Variant], World, dict] | None:
+    """The selected rows, their world, and their finished runs (training what is missing); None when this process
+    only prepares or trains one part.  No finished run at all is one line and exit 2."""
+    rows = selected(args, variants)
+    world = prepare(args, rows)
+    if args.prepare_only:
+        return None
+    runs = run_plan(args, world, rows)
+    if args.parts > 1:
+        return None
+    if not runs:
+        print(f"no finished runs under {world.work}/runs: run without --collect first", file=sys.stderr)
+        raise SystemExit(2)
+    return rows, world, runs
 
 
 def paired(runs: dict, better: str, worse: str, key: str = "acc_cls") -> dict | None:
