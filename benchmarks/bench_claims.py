@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from common import (ROOT, Teacher, accuracy_arguments, base_sets, build_timed, command, fill_defaults, machine,
-                    prepare_fmnist, run_student, schedule_sets, summarize, train_teachers, write_result)
+                    parse_part, prepare_fmnist, run_student, schedule_sets, summarize, train_teachers, write_result)
 
 TEACHERS = [Teacher("regnet", "regnety_002", "conv", {"small_input": True}),
             Teacher("rednet", "rednet_small", "inv"),
@@ -71,12 +71,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--part", default="0/1", help="I/N: train only the student runs i with i %% N == I")
     ap.add_argument("--workers", type=int, help="DataLoader workers per student run [1; quick 0]")
     args = ap.parse_args()
-    try:
-        args.part_index, args.parts = map(int, args.part.split("/"))
-    except ValueError:
-        ap.error(f"--part takes I/N with integers, got {args.part!r}")
-    if not 0 <= args.part_index < args.parts:
-        ap.error(f"--part {args.part}: I must be in 0 .. N-1")
+    parse_part(ap, args)
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (30, 1), "teacher_epochs": (40, 1),
                          "test_samples": (0, 100), "workers": (1, 0)})
     return args

@@ -66,6 +66,16 @@ def accuracy_arguments(ap, name: str, epochs: int) -> None:
     ap.add_argument("--workdir", default="/tmp/cit-claims", help="data, teachers, caches and runs (reused)")
 
 
+def parse_part(ap, args) -> None:
+    """``--part I/N`` (train the runs i with i % N == I) into ``args.part_index`` and ``args.parts``."""
+    try:
+        args.part_index, args.parts = map(int, args.part.split("/"))
+    except ValueError:
+        ap.error(f"--part takes I/N with integers, got {args.part!r}")
+    if not 0 <= args.part_index < args.parts:
+        ap.error(f"--part {args.part}: I must be in 0 .. N-1")
+
+
 def fill_defaults(args, defaults: dict[str, tuple]) -> None:
     """Options left unset take their (full, quick) default, by ``args.quick``."""
     for name, (full, quick) in defaults.items():

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 
 from bench_claims import TEACHERS as CLAIMS_TEACHERS
-from common import (ROOT, accuracy_arguments, base_sets, build_timed, fill_defaults, mean_std, prepare_fmnist,
-                    run_student, train_teachers, write_result)
+from common import (ROOT, accuracy_arguments, base_sets, build_timed, fill_defaults, mean_std, parse_part,
+                    prepare_fmnist, run_student, train_teachers, write_result)
 
 TEACHERS = [t for t in CLAIMS_TEACHERS if t.name in ("regnet", "rednet")]   # conv RegNetY-200MF, inv RedNet-small
 PAIR = {"conv": "regnet", "inv": "rednet"}
@@ -68,12 +68,7 @@ def parse_args(description: str, name: str, epochs: int, teacher_epochs: int, ex
     if extra is not None:
         extra(ap)
     args = ap.parse_args()
-    try:
-        args.part_index, args.parts = map(int, args.part.split("/"))
-    except ValueError:
-        ap.error(f"--part takes I/N with integers, got {args.part!r}")
-    if not 0 <= args.part_index < args.parts:
-        ap.error(f"--part {args.part}: I must be in 0 .. N-1")
+    parse_part(ap, args)
     fill_defaults(args, {"seeds": (3, 1), "per_class": (100, 5), "epochs": (epochs, 1),
                          "teacher_epochs": (teacher_epochs, 1), "test_samples": (5000, 100)})
     if args.threads:
