@@ -38,7 +38,6 @@ from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_a
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
                                  expected_arrays, normalize_url)
-from shared.io import is_local
 from shared.manifest import Manifest, ManifestError
 from shared.store_lock import StoreLock
 
@@ -99,6 +98,7 @@ def _grow(url: str, settings: GrowSettings, change) -> BuildSummary:
             session.lock = StoreLock(normalize_url(url), settings.storage_options,
                                      command="cit cache grow").acquire()
             ctx = _open(url, settings)
+            _remove_partial_writes(url)       # a killed change's temporary files; before any rank writes
             ctx.comm = comm
             result = change(ctx)
         except BaseException as exc:
@@ -161,8 +161,6 @@ def _open(url: str, settings: GrowSettings) -> _Context:
         torch.cuda.set_device(device)
     if attrs.build.get("cpu_threads") and device.type == "cpu":
         torch.set_num_threads(int(attrs.build["cpu_threads"]))
-    if is_local(url):
-        _remove_partial_writes(url)
     return _Context(url, cache, manifest, ViewSpec.from_dict(attrs.augment), device)
 
 
@@ -298,7 +296,8 @@ def _add(ctx: _Context, pairs: list[tuple[str, str]], settings: GrowSettings) ->
                                                "teachers": [asdict(r) for r in records]}))
     target = replace(attrs, teachers=list(attrs.teachers) + records, growth={})
     paths = [p for p in expected_arrays(target, ctx.spec.num_params) if p.split("/")[0] in {r.name for r in records}]
-    missing = [p for p in paths + [GROWTH_DONE] if p not in _array_paths(ctx)]
+    have = _array_paths(ctx)
+    missing = [p for p in paths + [GROWTH_DONE] if p not in have]
     create_arrays(ctx.cache.root, target, ctx.spec.num_params, paths=missing)        # 2. new, empty arrays
     ctx.cache._arrays.clear()
     growth_done = np.asarray(ctx.cache.array(GROWTH_DONE)[:])

@@ -224,7 +224,9 @@ def pick_views(attrs: CacheAttrs, done: np.ndarray, m: int, seed: int) -> list[t
     units = np.argwhere(done == 1)
     picks: set = set()
     tries = 0
-    while len(units) and len(picks) < min(m, attrs.views * attrs.num_samples) and tries < 100 * m:
+    short = attrs.num_chunks * attrs.chunk_rows - attrs.num_samples          # rows the last chunk lacks
+    capacity = len(units) * attrs.chunk_rows - short * int((units[:, 1] == attrs.num_chunks - 1).sum())
+    while len(units) and len(picks) < min(m, capacity) and tries < 100 * m:
         v, chunk = units[rng.integers(len(units))]
         lo, hi = attrs.chunk_rows_range(int(chunk))
         picks.add((int(v), int(rng.integers(lo, hi))))

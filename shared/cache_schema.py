@@ -412,20 +412,27 @@ class LogitCache:
         if set(outputs) != set(self.teacher_names):
             raise CacheError(f"write_unit needs outputs for exactly the teachers {self.teacher_names}, "
                              f"got {sorted(outputs)}")
-        for name, out in outputs.items():
-            check_topk_block(out, f"teacher {name}, view {view}, chunk {chunk}")
-            if (out.features is not None) != bool(self.attrs.features):
-                raise CacheError(f"teacher {name}, view {view}, chunk {chunk}: features are "
-                                 f"{'missing' if out.features is None else 'given'} but the cache stores "
-                                 f"{'them' if self.attrs.features else 'none'}")
+        for name, out in outputs.items():            # every block checked before anything is written
+            self._check_block(name, out, f"teacher {name}, view {view}, chunk {chunk}")
         self.array("params")[view, lo:hi] = params
         self.array("digest")[view, lo:hi] = np.asarray(digests, dtype=np.uint32)
         for name, out in outputs.items():
-            self.write_teacher(name, view, lo, hi, out)
+            self._write_teacher_rows(name, view, lo, hi, out)
         self.array("done")[view, chunk] = 1
 
     def write_teacher(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
-        """Rows [lo, hi) of view ``view`` of every array of teacher ``name``'s group (no ``done``)."""
+        """Rows [lo, hi) of view ``view`` of every array of teacher ``name``'s group (no ``done``), checked like a
+        ``write_unit`` block."""
+        self._check_block(name, out, f"teacher {name}, view {view}, rows {lo}..{hi}")
+        self._write_teacher_rows(name, view, lo, hi, out)
+
+    def _check_block(self, name: str, out: TopK, where: str) -> None:
+        check_topk_block(out, where)
+        if (out.features is not None) != bool(self.attrs.features):
+            raise CacheError(f"{where}: features are {'missing' if out.features is None else 'given'} but the "
+                             f"cache stores {'them' if self.attrs.features else 'none'}")
+
+    def _write_teacher_rows(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
         self.array(f"{name}/logp")[view, lo:hi] = out.logp
         self.array(f"{name}/indices")[view, lo:hi] = out.indices
         self.array(f"{name}/tail")[view, lo:hi] = out.tail

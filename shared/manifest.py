@@ -50,6 +50,17 @@ class Manifest:
     source: dict = field(default_factory=dict)          # how it was made (informational, not fingerprinted)
     path: str = ""                                      # where it was loaded from (not serialised)
     channels: int | None = None                         # 1 (L) or 3 (RGB): every image is decoded to this
+    _skipped_index: tuple = field(default=(-1, {}), init=False, repr=False, compare=False)
+
+    def skipped_keys(self, shard_url: str) -> frozenset:
+        """The keys of shard ``shard_url`` the manifest lists as skipped, from an index built once (a subset
+        manifest lists every left-out row: scanning that list per piece would cost O(dataset) per piece)."""
+        if self._skipped_index[0] != len(self.skipped):
+            index: dict[str, set] = {}
+            for s in self.skipped:
+                index.setdefault(s.get("shard"), set()).add(s["key"])
+            self._skipped_index = (len(self.skipped), {url: frozenset(keys) for url, keys in index.items()})
+        return self._skipped_index[1].get(shard_url, frozenset())
 
     def __post_init__(self) -> None:
         row = 0
@@ -226,7 +237,7 @@ def check_count(manifest: Manifest, index: int, url: str) -> None:
     """Shard ``index`` holds its recorded number of samples plus exactly the skipped keys the manifest lists."""
     from shared.shards import iter_shard
     shard = manifest.shards[index]
-    skipped = {s["key"] for s in manifest.skipped if s.get("shard") == shard.url}
+    skipped = manifest.skipped_keys(shard.url)
     keys = [sample["__key__"] for sample in iter_shard(url)]
     found = len(keys) - len(skipped & set(keys))
     missing = sorted(skipped - set(keys))

@@ -89,7 +89,7 @@ def read_piece(manifest: Manifest, piece: Piece) -> list[RawSample]:
     """The samples of one piece in shard order (skipping keys the manifest marks as skipped)."""
     shard = manifest.shards[piece.shard]
     url = manifest.shard_url(piece.shard)
-    skipped = {s["key"] for s in manifest.skipped if s.get("shard") == shard.url}
+    skipped = manifest.skipped_keys(shard.url)
     samples, row = [], shard.start
     for sample in iter_shard(url):
         key = sample["__key__"]

@@ -53,7 +53,7 @@ class SubsetRule:
 def shard_keys(manifest: Manifest, index: int) -> list[str]:
     """The keys of shard ``index`` that are rows of ``manifest`` (file order, skipped keys left out)."""
     shard = manifest.shards[index]
-    skipped = {s["key"] for s in manifest.skipped if s.get("shard") == shard.url}
+    skipped = manifest.skipped_keys(shard.url)
     return [s["__key__"] for s in iter_shard(manifest.shard_url(index)) if s["__key__"] not in skipped]
 
 
@@ -62,7 +62,7 @@ def _rows_with_labels(manifest: Manifest) -> tuple[list[tuple[int, str]], np.nda
     rows, labels = [], []
     for index, shard in enumerate(manifest.shards):
         url = manifest.shard_url(index)
-        skipped = {s["key"] for s in manifest.skipped if s.get("shard") == shard.url}
+        skipped = manifest.skipped_keys(shard.url)
         for sample in iter_shard(url):
             if sample["__key__"] not in skipped:
                 rows.append((index, sample["__key__"]))

@@ -153,7 +153,7 @@ def test_cache_records_digests_and_provenance(built):
     prov = dict(root.attrs)["provenance"]
     assert prov["cpu_capability"] == "DEFAULT" and set(prov["libraries"]) >= {"pillow", "numpy", "torch", "zarr"}
     assert dict(root.attrs)["view_code"] == VIEW_CODE
-    info = run_cli("info", built["cache"], env=dict(os.environ, PYTHONPATH=REPO))
+    info = invoke_cli("info", built["cache"])
     assert info.returncode == 0 and "cpu DEFAULT" in info.stdout and "pixel digests" in info.stdout
     assert f"pillow {prov['libraries']['pillow']}" in info.stdout
 

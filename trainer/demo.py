@@ -156,8 +156,10 @@ def subset_manifest(test_json: str, samples: int) -> str:
                 break
             shards.append(dataclasses.replace(s))
             n += s.samples
+        kept = {s.url for s in shards}
         Manifest(shards=shards, num_classes=full.num_classes, class_names=full.class_names,
-                 name=full.name + f"[:{n}]", source=full.source, channels=full.channels).save(sub_json)
+                 name=full.name + f"[:{n}]", skipped=[s for s in full.skipped if s.get("shard") in kept],
+                 source=full.source, channels=full.channels).save(sub_json)
     return sub_json
 
 

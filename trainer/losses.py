@@ -158,7 +158,7 @@ class CiTLoss(torch.nn.Module):
 
     def _constants(self, device: torch.device) -> tuple:
         """Per-term temperatures (T, 1, 1) and weights (T,) on ``device``, copied there once while the terms stay the
-        same (a weight schedule changes them: then once per change)."""
+        same (a weight schedule scales them by ``forward``'s ``kd_scale`` instead)."""
         taus, weights = tuple(t.tau for t in self.terms), tuple(t.weight for t in self.terms)
         held = self._on_device.get(device)
         if held is None or held[0] != (taus, weights):
@@ -229,7 +229,8 @@ class CiTLoss(torch.nn.Module):
         return log_q if order == list(range(len(keys))) else log_q[order]
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
-                mix: "MixInfo | None" = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                mix: "MixInfo | None" = None, kd_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``kd_scale``: a factor on every KD term's weight (a weight schedule's value at this step)."""
         if mix is None:
             ce = F.cross_entropy(outputs["cls"].float(), labels, label_smoothing=self.cfg.label_smoothing)
         else:   # mixed labels λ·y + (1−λ)·y_partner, each smoothed (timm's mixup targets)
@@ -242,7 +243,7 @@ class CiTLoss(torch.nn.Module):
             tau, weights = self._constants(log_q.device)
             students = torch.stack([outputs[term.head] for term in self.terms])
             kl = kd_kl_stacked(students, log_q, tau)
-            loss = loss + (weights * kl).sum()
+            loss = loss + kd_scale * (weights * kl).sum()
             detached = kl.detach()
             for i, term in enumerate(self.terms):
                 parts[f"kd_{term.slot}"] = detached[i]

@@ -20,7 +20,7 @@ here and one entry in ``RECIPES``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -99,10 +99,9 @@ class CiTObjective:
         return {"ce": self.criterion.cfg.lambda0, **{f"kd_{t.slot}": t.weight * f for t in self.base_terms}}
 
     def __call__(self, outputs, targets: Targets, step: int):
-        if self.schedule.kind != "constant":
-            f = self.schedule.factor(step)
-            self.criterion.terms = [replace(t, weight=t.weight * f) for t in self.base_terms]
-        loss, parts = self.criterion(outputs, targets.labels, targets.teachers, targets.mix)
+        # the factor is a Python float: the terms' weights stay on the device, unchanged (no per-step copy there)
+        loss, parts = self.criterion(outputs, targets.labels, targets.teachers, targets.mix,
+                                     kd_scale=self.schedule.factor(step))
         return loss, _log_weights(parts, loss, {k: v for k, v in self.weights(step).items() if k != "ce"},
                                   self.schedule)
 
