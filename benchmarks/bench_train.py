@@ -389,26 +389,53 @@ def paper224(folder: str, quick: bool, inv_teachers: tuple[str, ...]) -> dict:
     return out
 
 
+def piece_read_ms(cache: str, teachers: tuple[str, ...], rows: int, reps: int) -> float:
+    """CPU ms of the join's one concurrent read of a ``rows``-row piece's block (params, digests, each teacher's
+    top-k).  Mostly a fixed cost per piece and array (Zarr's per-call work, not the bytes), so its share of the
+    loader is about this ÷ (rows × the loader's per-image cost)."""
+    from shared.cache_schema import LogitCache
+    from shared.reader import Piece
+    from trainer.data import read_block
+    handle = LogitCache.open(cache)
+    n = handle.attrs.num_samples
+    pieces = [Piece(lo // rows, lo, min(lo + rows, n)) for lo in range(0, n, rows)]
+    read_block(handle, 0, pieces[0], list(teachers), verify=True)
+    started = time.process_time()
+    for _ in range(reps):
+        for piece in pieces:
+            read_block(handle, 0, piece, list(teachers), verify=True)
+    return 1e3 * (time.process_time() - started) / (reps * len(pieces))
+
+
+# The shards users have: `cit data prepare` writes 5,000 samples per shard (28 px), ImageNet's WebDataset shards hold
+# ~1,250 (1,281,167 images in 1,024 shards).  The join reads one block per piece (= shard part), so its share of the
+# loader falls with the shard size: ``piece_read_ms`` gives that fixed cost for other sizes.
+JOIN_SHARDS = {28: 5000, 224: 1251}
+
+
 def join_part(folder: str, quick: bool) -> dict:
-    """Loader cached ÷ none (images per CPU-second) at 28 px and 224 px, and step cached ÷ none at cit_nano and
-    cit_tiny (28 px), all paired."""
+    """Loader cached ÷ none (images per CPU-second) at 28 px and 224 px on two shards of the usual size each, the
+    join's fixed CPU cost per piece, and step cached ÷ none at cit_nano and cit_tiny (28 px), all paired."""
     import warnings
 
     from trainer.data import make_loader
     from trainer.train import prepare
-    n28, n224, batch, passes = (128, 16, 16, 2) if quick else (2048, 192, 32, 4)
-    shard28, shard224 = (64, 8) if quick else (512, 64)           # several pieces per pass; chunks = shards
-    m28 = make_data(os.path.join(folder, "data28"), n28, shard_size=shard28)
+    shard28, shard224 = (64, 8) if quick else (JOIN_SHARDS[28], JOIN_SHARDS[224])
+    batch, passes = (16, 2) if quick else (32, 4)
+    m28 = make_data(os.path.join(folder, "data28"), 2 * shard28, shard_size=shard28)
     c28 = os.path.join(folder, "cache28.zarr")
     write_random_cache(c28, m28, views=1, chunk_rows=shard28)
-    m224 = make_jpeg_data(os.path.join(folder, "jpeg224"), n224, shard_size=shard224)
+    m224 = make_jpeg_data(os.path.join(folder, "jpeg224"), 2 * shard224, shard_size=shard224)
     c224 = os.path.join(folder, "cache224.zarr")
     write_random_cache(c224, m224, views=1, spec=SPEC224, num_classes=1000, chunk_rows=shard224)
     out = {"loader": {}, "step": {}}
-    for size, manifest, cache, spec in ((28, m28, c28, SPEC), (224, m224, c224, SPEC224)):
-        out["loader"][str(size)] = loader_ratio(manifest, spec, cache, ("conv", "inv"), batch, passes)
-        print(f"  loader {size} px: {json.dumps(out['loader'][str(size)]['images_per_cpu_s'])} images/CPU-s, cached"
-              f"/none {out['loader'][str(size)]['cached_over_none']:.3f}", flush=True)
+    for size, manifest, cache, spec, shard in ((28, m28, c28, SPEC, shard28), (224, m224, c224, SPEC224, shard224)):
+        row = loader_ratio(manifest, spec, cache, ("conv", "inv"), batch, passes)
+        row["shard_size"] = shard
+        row["piece_read_ms"] = piece_read_ms(cache, ("conv", "inv"), shard, reps=2 if quick else 20)
+        out["loader"][str(size)] = row
+        print(f"  loader {size} px: {json.dumps(row['images_per_cpu_s'])} images/CPU-s, cached/none "
+              f"{row['cached_over_none']:.3f}; {row['piece_read_ms']:.1f} ms CPU per piece read", flush=True)
     for arch in ("cit_nano",) if quick else ("cit_nano", "cit_tiny"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

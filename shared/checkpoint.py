@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,6 +26,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from shared.errors import CitUserError
+from shared.io import atomic_write_local
 
 __all__ = ["ModelMeta", "TeacherMeta", "CheckpointError", "CheckpointNotFoundError", "save_checkpoint",
            "load_checkpoint", "read_meta", "write_meta", "sidecar_path", "file_sha256", "KINDS"]
@@ -143,27 +143,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path`` (same directory, so the rename is atomic)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes 0600; a team's shared folder needs the usual mode
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:   # a full disk: say which file did not fit
-            raise OSError(exc.errno, exc.strerror, path) from exc
-        raise
-
-
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -216,9 +195,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike,
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     side = sidecar_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "arch": info.arch}))
+    atomic_write_local(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "arch": info.arch}))
     info.sha256 = file_sha256(path)
-    _atomic_write(side, lambda tmp: _write_text(tmp, info.to_json() + "\n"))
+    atomic_write_local(side, lambda tmp: _write_text(tmp, info.to_json() + "\n"))
     return info
 
 
@@ -228,7 +207,7 @@ def write_meta(path: str | os.PathLike, meta: ModelMeta) -> None:
     path = os.fspath(path)
     if meta.sha256 != file_sha256(path):
         raise CheckpointError(f"{path}: the weights are not the ones this metadata describes (sha256 differs)")
-    _atomic_write(sidecar_path(path), lambda tmp: _write_text(tmp, meta.to_json() + "\n"))
+    atomic_write_local(sidecar_path(path), lambda tmp: _write_text(tmp, meta.to_json() + "\n"))
 
 
 def _check_safetensors(path: str) -> None:

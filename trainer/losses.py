@@ -57,11 +57,7 @@ class LossConfig:
 def kd_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau: float) -> torch.Tensor:
     """τ²·KL(q ‖ σ(s/τ)), batchmean; ``teacher_log_probs`` are the teacher's log-probabilities at τ (logits work
     too at τ = 1: they are normalised here).  Classes with zero teacher probability (−inf) add nothing."""
-    log_p_s = F.log_softmax(student_logits.float() / tau, dim=1)
-    log_p_t = F.log_softmax(teacher_log_probs.float(), dim=1)
-    p_t = log_p_t.exp()
-    kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s         # xlogy(0, 0) = 0: -inf teacher entries are safe
-    return kl.sum() / student_logits.shape[0] * (tau * tau)
+    return kd_kl_stacked(student_logits.unsqueeze(0), teacher_log_probs.unsqueeze(0), tau)[0]
 
 
 @dataclass
@@ -83,15 +79,35 @@ def mix_log_probs(log_q: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor)
     return torch.logaddexp(own, other)
 
 
+class _StackedKL(torch.autograd.Function):
+    """The T KD terms of a step as one autograd node: the forward is the plain formula, the backward its closed
+    form τ/B·(σ(s/τ) − q) per term (Σq = 1), so a step records one node and runs five ops backward instead of
+    the chain of log_softmax, products, sums and casts (on a GPU: fewer kernel launches; on a CPU at small
+    batches: the ops' fixed cost is what the KD terms cost)."""
+
+    @staticmethod
+    def forward(ctx, students: torch.Tensor, teacher_log_probs: torch.Tensor, tau, tau2):
+        log_p_s = torch.log_softmax(students.float() / tau, dim=-1)
+        p_t = torch.log_softmax(teacher_log_probs.float(), dim=-1).exp_()
+        kl = torch.special.xlogy(p_t, p_t).sub_(p_t * log_p_s)     # xlogy(0, 0) = 0: -inf teacher entries are safe
+        batch = students.shape[1]
+        ctx.save_for_backward(log_p_s, p_t)
+        ctx.tau, ctx.batch, ctx.dtype = tau, batch, students.dtype
+        return kl.sum(dim=(1, 2)).div_(batch).mul_(tau2)
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor):
+        log_p_s, p_t = ctx.saved_tensors
+        scale = grad_kl.view(-1, 1, 1) * (ctx.tau / ctx.batch)
+        return (log_p_s.exp().sub_(p_t).mul_(scale)).to(ctx.dtype), None, None, None
+
+
 def kd_kl_stacked(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau) -> torch.Tensor:
     """``kd_kl`` of T terms at once: (T, B, C) student logits and teacher log-probabilities, ``tau`` a float or a
-    (T, 1, 1) tensor; returns the (T,) per-term τ²·KL (one log_softmax of all student heads, no host sync)."""
-    log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    log_p_t = F.log_softmax(teacher_log_probs.float(), dim=-1)
-    p_t = log_p_t.exp()
-    kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s
-    tau2 = tau * tau if isinstance(tau, float) else (tau * tau).view(-1)
-    return kl.sum(dim=(1, 2)) / student_logits.shape[1] * tau2
+    (T, 1, 1) tensor; returns the (T,) per-term τ²·KL (one log_softmax of all student heads, one autograd node,
+    no host sync).  The teacher side is a target: no gradient flows into it."""
+    tau2 = (tau * tau).view(-1) if isinstance(tau, torch.Tensor) else float(tau * tau)
+    return _StackedKL.apply(student_logits, teacher_log_probs.detach(), tau, tau2)
 
 
 @dataclass
@@ -243,7 +259,8 @@ class CiTLoss(torch.nn.Module):
             tau, weights = self._constants(log_q.device)
             students = torch.stack([outputs[term.head] for term in self.terms])
             kl = kd_kl_stacked(students, log_q, tau)
-            loss = loss + kd_scale * (weights * kl).sum()
+            kd = torch.dot(weights, kl)
+            loss = loss + (kd if kd_scale == 1.0 else kd_scale * kd)
             detached = kl.detach()
             for i, term in enumerate(self.terms):
                 parts[f"kd_{term.slot}"] = detached[i]
