@@ -27,6 +27,7 @@ from shared.manifest import Manifest
 from shared.reader import Piece, RawSample, ShardStream, read_piece, seed_worker
 from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, pixel_digest, render_eval, \
     view_mismatch
+from trainer.losses import CachedTargets
 
 
 @dataclass
@@ -154,11 +155,12 @@ class Batch:
         return (self.views, self.labels, self.rows, self.topk_logp, self.topk_indices, self.topk_tail,
                 self.partner_labels, self.lam, self.partner_index, self.features, self.feature_scale)
 
-    def targets(self, teachers: list[str]) -> dict[str, tuple]:
-        """Teacher name -> cached (logp, indices, tail), the form ``CiTLoss`` builds its targets from."""
+    def targets(self, teachers: list[str]) -> CachedTargets | dict:
+        """Teacher name -> cached (logp, indices, tail), the form ``CiTLoss`` builds its targets from (stacked as
+        loaded: ``CachedTargets``)."""
         if self.topk_logp is None:
             return {}
-        return {name: (self.topk_logp[i], self.topk_indices[i], self.topk_tail[i]) for i, name in enumerate(teachers)}
+        return CachedTargets(teachers, self.topk_logp, self.topk_indices, self.topk_tail)
 
     def teacher_features(self, teachers: list[str], dims: list[int]) -> dict[str, torch.Tensor]:
         """Teacher name -> float32 (B, D) pooled features, decoded where the batch is (on the device)."""

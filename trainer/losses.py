@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,47 @@ def kd_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau: fl
     """τ²·KL(q ‖ σ(s/τ)), batchmean; ``teacher_log_probs`` are the teacher's log-probabilities at τ (logits work
     too at τ = 1: they are normalised here).  Classes with zero teacher probability (−inf) add nothing."""
     return kd_kl_stacked(student_logits.unsqueeze(0), teacher_log_probs.unsqueeze(0), tau)[0]
+
+
+class CachedTargets(Mapping):
+    """A batch's cached top-k of its teachers as the loader stacked them: ``logp`` and ``indices`` (T, B, K),
+    ``tail`` (T, B, S).  A mapping teacher -> ``(logp, indices, tail)`` for code that wants one teacher; the loss
+    takes all its terms' rows with ``stacked``, so a step does not re-stack what the loader already stacked."""
+
+    def __init__(self, names: list[str], logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor):
+        self.names, self.logp, self.indices, self.tail = list(names), logp, indices, tail
+
+    @classmethod
+    def of(cls, targets: Mapping) -> "CachedTargets":
+        """Per-teacher triples (a plain dict) stacked once."""
+        if isinstance(targets, CachedTargets):
+            return targets
+        names = list(targets)
+        return cls(names, *(torch.stack([targets[n][f] for n in names]) for f in range(3)))
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if name not in self.names:
+            raise KeyError(name)
+        i = self.names.index(name)
+        return self.logp[i], self.indices[i], self.tail[i]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def stacked(self, names: list[str], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, B, K) logp and indices and (U, B) tails at temperature slot ``slots[u]`` of teacher ``names[u]``:
+        views of the loader's tensors when the names are its teachers in order (the usual step)."""
+        if names == self.names:
+            logp, indices, tail = self.logp, self.indices, self.tail
+        else:
+            pos = [self.names.index(n) for n in names]
+            logp, indices, tail = (torch.stack([x[i] for i in pos]) for x in (self.logp, self.indices, self.tail))
+        if len(set(slots)) == 1:
+            return logp, indices, tail[..., slots[0]]
+        return logp, indices, torch.stack([tail[u, :, s] for u, s in enumerate(slots)])
 
 
 @dataclass
@@ -197,10 +239,7 @@ class CiTLoss(torch.nn.Module):
         mode = self.cfg.tail
         if mode != "renormalize" and any(s is None for s in slots):
             return None
-        slots = [s or 0 for s in slots]
-        logp = torch.stack([targets[name][0] for name, _ in keys])
-        indices = torch.stack([targets[name][1] for name, _ in keys])
-        tail = torch.stack([targets[name][2][:, s] for (name, _), s in zip(keys, slots)])
+        logp, indices, tail = CachedTargets.of(targets).stacked([n for n, _ in keys], [s or 0 for s in slots])
         return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
                                              self.cfg.topk, mode)
 
