@@ -92,13 +92,11 @@ def test_batched_join_equals_per_row_reads(world, mode):
     assert mode != "exact" or mixed > 0
 
 
-def _formula_kl(students: torch.Tensor, log_q: torch.Tensor, tau) -> torch.Tensor:
-    """τ²·KL(q ‖ σ(s/τ)), batchmean, by the plain formula: autograd's gradient is the reference for the fused
-    node's closed form.  Zero-mass (-inf) teacher classes add 0."""
+def _formula_kl(students: torch.Tensor, log_q: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ²·KL(q ‖ σ(s/τ)) of one term, batchmean, written out.  Zero-mass (-inf) teacher classes add 0."""
     q = log_q.exp()
-    tau2 = tau.view(-1) ** 2 if isinstance(tau, torch.Tensor) else tau ** 2
     kl = torch.special.xlogy(q, q) - q * torch.log_softmax(students / tau, dim=-1)
-    return kl.sum(dim=(-2, -1)) / students.shape[-2] * tau2
+    return kl.sum() / students.shape[0] * tau ** 2
 
 
 def _per_teacher_loss(loss: CiTLoss, outputs, labels, targets, mix):
@@ -149,32 +147,6 @@ def test_fused_loss_equals_the_per_teacher_loss(case):
     ref_grads = torch.autograd.grad(reference, list(outputs.values()), allow_unused=True, materialize_grads=True)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
-
-
-def test_fused_kl_node_equals_autograd_of_the_formula():
-    """The closed-form backward of the fused KD node against autograd through the plain formula: one τ per term
-    (a (T, 1, 1) tensor), zero-mass (-inf) teacher classes, and a bf16 student (its gradient comes back bf16)."""
-    from trainer.losses import kd_kl_stacked
-    torch.manual_seed(1)
-    students = (torch.randn(3, 5, 7) * 2).requires_grad_()
-    teacher = torch.log_softmax(torch.randn(3, 5, 7) * 3, dim=-1)
-    teacher[1, :, 4:] = -float("inf")                                  # a renormalized top-4 target
-    teacher[1] = teacher[1] - torch.logsumexp(teacher[1], dim=-1, keepdim=True)
-    tau = torch.tensor([1.0, 2.0, 4.0]).view(-1, 1, 1)
-    weights = torch.tensor([0.5, 1.0, 2.0])
-    fused = kd_kl_stacked(students, teacher, tau)
-    reference = _formula_kl(students, teacher, tau)
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
-    (grad,) = torch.autograd.grad((weights * fused).sum(), students)
-    (ref_grad,) = torch.autograd.grad((weights * reference).sum(), students)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
-    assert torch.isfinite(grad).all()
-    half = students.detach().bfloat16().requires_grad_()
-    (g16,) = torch.autograd.grad(kd_kl_stacked(half, teacher, tau).sum(), half)
-    assert g16.dtype == torch.bfloat16
-    exact = half.detach().float().requires_grad_()
-    (g32,) = torch.autograd.grad(_formula_kl(exact, teacher, tau).sum(), exact)
-    torch.testing.assert_close(g16.float(), g32, rtol=1e-2, atol=1e-3)    # bf16 rounding of the same gradient
 
 
 class _no_warning:
