@@ -31,8 +31,8 @@ from cache_builder.errors import BuildError
 from cache_builder.plan import group_units, plan_build
 from cache_builder.runner import _run_units, write_whole_unit
 from cache_builder.store import StoreSession, _remove_partial_writes, check_out_reachable, inspect_out, remove_store
-from cache_builder.streams import (check_shards_readable, data_channels, default_chunk_rows, measure_accuracy,
-                                   read_rows, render_rows)
+from cache_builder.streams import (check_shards_readable, check_teacher_channels, default_chunk_rows,
+                                   measure_accuracy, open_test_set, read_rows, record_accuracy, render_rows)
 from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device, resolve_precision
 from shared import provenance
 from shared.augment import ViewSpec
@@ -246,11 +246,7 @@ def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheA
     verify, storage_options, batch_size, workers, progress = (s.verify_shards, s.storage_options, s.batch_size,
                                                               s.workers, s.progress)
     check_shards_readable(manifest, verify)
-    channels = data_channels(manifest)
-    for t in loaded:
-        if t.in_chans is not None and t.in_chans != channels:
-            raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
-                             f"of {manifest.path} have {channels} channel(s)")
+    check_teacher_channels(loaded, manifest)
     state, existing = inspect_out(out, storage_options)
     if intended.build["device"] == "cpu" and intended.build["cpu_threads"] is None:
         # CPU kernels (oneDNN) may round differently with another intra-op thread count: the count is pinned per
@@ -271,15 +267,7 @@ def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheA
     records = [replace(r) for r in intended.teachers]
     test_fp = None
     if test_data:
-        try:
-            test = Manifest.load(test_data)
-        except ManifestError as exc:
-            raise BuildError(f"--test-data: {exc}") from None
-        if test.num_classes != manifest.num_classes:
-            raise BuildError(f"--test-data {test_data} has {test.num_classes} classes, --data has "
-                             f"{manifest.num_classes}")
-        if data_channels(test) != channels:
-            raise BuildError(f"--test-data {test_data} has {test.channels}-channel images, --data {channels}")
+        test = open_test_set(test_data, manifest)
         test_fp = test.fingerprint
         stored = {t.name: t for t in existing.teachers} if resume else {}
         reuse = all(stored.get(r.name) is not None and stored[r.name].test_accuracy is not None
@@ -289,10 +277,7 @@ def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheA
         else:
             check_shards_readable(test, verify)
             acc = measure_accuracy(runner, test, spec, batch_size, workers, progress)
-        for r in records:
-            r.test_accuracy = acc[r.name]
-            r.extra["test_fingerprint"] = test_fp
-            r.extra["test_samples"] = test.num_samples
+        record_accuracy(records, acc, test)
         if min_teacher_acc is not None:
             low = [f"{r.name}={r.test_accuracy:.4f}" for r in records if r.test_accuracy < min_teacher_acc]
             if low:

@@ -33,7 +33,8 @@ from cache_builder.errors import BuildError
 from cache_builder.plan import group_units
 from cache_builder.runner import _run_units, write_whole_unit
 from cache_builder.store import StoreSession, _Dist, _remove_partial_writes
-from cache_builder.streams import check_shards_readable, data_channels, measure_accuracy
+from cache_builder.streams import (check_shards_readable, check_teacher_channels, measure_accuracy,
+                                   open_test_set, record_accuracy)
 from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
 from shared.augment import ViewSpec
 from shared.cache_schema import (GROWTH_DONE, CacheAttrs, CacheError, LogitCache, TeacherRecord, create_arrays,
@@ -167,11 +168,7 @@ def _open(url: str, settings: GrowSettings) -> _Context:
 def _runner(ctx: _Context, pairs: list[tuple[str, str]]) -> TeacherRunner:
     attrs = ctx.cache.attrs
     loaded = load_teachers(pairs, ctx.manifest.num_classes, ctx.device, view_size=ctx.spec.image_size)
-    channels = data_channels(ctx.manifest)
-    for t in loaded:
-        if t.in_chans is not None and t.in_chans != channels:
-            raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
-                             f"of {ctx.manifest.path} have {channels} channel(s)")
+    check_teacher_channels(loaded, ctx.manifest)
     return TeacherRunner(loaded, ctx.device, attrs.build["precision"], attrs.topk, tuple(attrs.temperatures),
                          attrs.features)
 
@@ -336,19 +333,10 @@ def _teacher_sink(ctx: _Context):
 
 
 def _measure(ctx: _Context, runner: TeacherRunner, records: list[TeacherRecord], settings: GrowSettings) -> None:
-    try:
-        test = Manifest.load(settings.test_data)
-    except ManifestError as exc:
-        raise BuildError(f"--test-data: {exc}") from None
-    if test.num_classes != ctx.manifest.num_classes:
-        raise BuildError(f"--test-data {settings.test_data} has {test.num_classes} classes, --data has "
-                         f"{ctx.manifest.num_classes}")
+    test = open_test_set(settings.test_data, ctx.manifest)
     check_shards_readable(test, settings.verify_shards)
     acc = measure_accuracy(runner, test, ctx.spec, ctx.cache.attrs.build["batch_size"], 0, settings.progress)
-    for r in records:
-        r.test_accuracy = acc[r.name]
-        r.extra["test_fingerprint"] = test.fingerprint
-        r.extra["test_samples"] = test.num_samples
+    record_accuracy(records, acc, test)
 
 
 def _array_paths(ctx: _Context) -> set[str]:

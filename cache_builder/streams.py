@@ -164,3 +164,34 @@ def data_channels(manifest: Manifest) -> int:
         return manifest.require_channels()
     except ManifestError as exc:
         raise BuildError(str(exc)) from None
+
+
+def check_teacher_channels(loaded, manifest: Manifest) -> None:
+    """Every teacher takes the images' channel count (refused before any work)."""
+    channels = data_channels(manifest)
+    for t in loaded:
+        if t.in_chans is not None and t.in_chans != channels:
+            raise BuildError(f"teacher {t.name} ({t.checkpoint}) takes {t.in_chans}-channel input but the images "
+                             f"of {manifest.path} have {channels} channel(s)")
+
+
+def open_test_set(test_data: str, manifest: Manifest) -> Manifest:
+    """``--test-data``: a manifest with the classes and channels of ``--data`` (checked before any work)."""
+    try:
+        test = Manifest.load(test_data)
+    except ManifestError as exc:
+        raise BuildError(f"--test-data: {exc}") from None
+    if test.num_classes != manifest.num_classes:
+        raise BuildError(f"--test-data {test_data} has {test.num_classes} classes, --data has {manifest.num_classes}")
+    if data_channels(test) != data_channels(manifest):
+        raise BuildError(f"--test-data {test_data} has {test.channels}-channel images, --data "
+                         f"{data_channels(manifest)}")
+    return test
+
+
+def record_accuracy(records, accuracy: dict[str, float], test: Manifest) -> None:
+    """Each teacher record's test accuracy and the test set it was measured on (a resume reuses it only there)."""
+    for r in records:
+        r.test_accuracy = accuracy[r.name]
+        r.extra["test_fingerprint"] = test.fingerprint
+        r.extra["test_samples"] = test.num_samples
