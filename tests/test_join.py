@@ -106,7 +106,7 @@ def _per_teacher_loss(loss: CiTLoss, outputs, labels, targets, mix):
     total, _ = CiTLoss(loss.cfg, [], loss.num_classes, loss.temperatures)(outputs, labels, targets, mix)
     parts = {}
     for term in loss.terms:
-        log_q = loss.teacher_log_probs(targets[term.teacher], term.tau)
+        log_q = loss.model.log_probs(targets[term.teacher], term.tau)
         if mix is not None and mix.partner_index is not None:
             log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
         parts[term.slot] = _formula_kl(outputs[term.head], log_q, term.tau)

@@ -16,7 +16,8 @@ from shared.augment import ViewSpec
 from shared.targets import encode_logits
 from trainer.losses import CiTLoss, KDTerm, LossConfig
 from trainer.objectives import CiTObjective, HardDistillation, OneHeadKD, WeightSchedule
-from trainer.targets import Targets, TargetModel
+from trainer.losses import TargetModel
+from trainer.targets import Targets
 
 TEMPS = (1.0, 2.0)
 

@@ -18,7 +18,7 @@ from shared.targets import encode_logits
 from shared.views import render_view
 from tests.cache_fixtures import make_teacher
 from tests.shard_fixtures import make_shards
-from trainer.losses import CiTLoss, KDTerm, LossConfig
+from trainer.losses import CiTLoss, KDTerm, LossConfig, TargetModel
 
 C, K, N, TEMPS = 10, 3, 40, (1.0, 2.0, 4.0)
 SPEC = ViewSpec.from_dict({"image_size": 16, "mean": [0.4], "std": [0.3]})
@@ -86,7 +86,7 @@ def test_stored_top_k_and_tail_are_exact_at_every_cached_temperature(built):
         np.testing.assert_allclose(np.exp(top.tail[:, s].astype(np.float64)), true_tail, rtol=0, atol=3e-4)
         # the rebuilt distribution at τ against the direct one: every class
         cfg = LossConfig()
-        q = CiTLoss(cfg, [], C, temperatures=TEMPS).teacher_log_probs(
+        q = TargetModel(cfg, C, TEMPS).log_probs(
             tuple(torch.from_numpy(np.asarray(a)) for a in (top.logp, top.indices, top.tail)), tau).exp().numpy()
         np.testing.assert_allclose(q[clear], _direct_target(full, K, tau)[clear], rtol=0, atol=5e-4)
 
@@ -177,7 +177,7 @@ def test_a_temperature_that_was_not_cached_warns_and_is_approximate(built):
     with pytest.warns(UserWarning, match=r"loss.tau1=3 is not a temperature the cache holds \(1, 2, 4\).*"
                                          r"approximate.*--temperatures"):
         loss = CiTLoss(LossConfig(tau1=3.0), [KDTerm("conv", "conv", "t", 1.0, 3.0)], C, temperatures=TEMPS)
-    q = loss.teacher_log_probs(cached, 3.0).exp().numpy()
+    q = loss.model.log_probs(cached, 3.0).exp().numpy()
     direct = _direct_target(full, K, 3.0)
     order = np.argsort(-full, axis=1, kind="stable")[:, :K]
     # top-k relative weights exact, the tail mass off

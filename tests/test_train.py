@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shared.targets import encode_logits
-from trainer.losses import CiTLoss, KDTerm, LossConfig, kd_kl
+from trainer.losses import CiTLoss, KDTerm, LossConfig, TargetModel, kd_kl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,14 +88,14 @@ def test_target_is_exact_and_spreads_the_tail_uniformly():
     full = rng.normal(size=(5, 10)) * 2
     loss = CiTLoss(LossConfig(), [], 10, temperatures=TEMPS)
     for tau in TEMPS:
-        q = loss.teacher_log_probs(_topk(full, 3), tau).exp().double()
+        q = loss.model.log_probs(_topk(full, 3), tau).exp().double()
         np.testing.assert_allclose(q.numpy(), _teacher_probs(full, 3, tau), rtol=1e-5, atol=1e-7)
         assert torch.allclose(q.sum(1), torch.ones(5, dtype=torch.float64))                # total mass 1
     # K = C: the teacher's full tempered distribution
-    q = loss.teacher_log_probs(_topk(full, 10), 2.0).exp().double().numpy()
+    q = loss.model.log_probs(_topk(full, 10), 2.0).exp().double().numpy()
     np.testing.assert_allclose(q, np.exp(_log_softmax(full / 2.0)), rtol=1e-5)
     # renormalise: no tail mass, the top-k renormalised at τ
-    renorm = CiTLoss(LossConfig(tail="renormalize"), [], 10, temperatures=TEMPS).teacher_log_probs(_topk(full, 3), 2.0)
+    renorm = TargetModel(LossConfig(tail="renormalize"), 10, TEMPS).log_probs(_topk(full, 3), 2.0)
     p = _teacher_probs(full, 3, 2.0)
     top = np.argsort(-full, 1)[:, :3]
     np.testing.assert_allclose(renorm.exp().double().numpy(), _renormalised(p, top), rtol=1e-5, atol=1e-7)

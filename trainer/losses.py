@@ -144,56 +144,122 @@ class KDTerm:
     tau: float
 
 
-class CiTLoss(torch.nn.Module):
-    """Eq. 1 over the student's per-head logits.
+class TargetModel:
+    """The teachers' dense log-probabilities under one set of rules — ``loss.topk``, ``loss.tail``, the cache's
+    temperatures (None: no cache, targets are live logits) and K (``cache_topk``: what online targets are cut to;
+    0: every class) — from cached ``(logp, indices, tail)`` triples or live full logits: one teacher at a time
+    (``log_probs``) or every (teacher, τ) of a step at once (``stacked``: one target build, one scatter)."""
 
-    ``terms`` maps teachers to heads: conv teacher -> ``conv`` head, inv teacher -> ``inv`` head for CiT, or every
-    teacher -> ``cls`` head for the one-token variant.  ``temperatures``: those the cache holds (None: no cache,
-    targets are live logits); ``cache_topk``: the cache's K, the top-k online targets are cut to (0: every class).
-    ``forward`` returns the total loss and its detached parts (device tensors: the caller decides when to sync)."""
-
-    def __init__(self, cfg: LossConfig, terms: list[KDTerm], num_classes: int,
-                 temperatures: list[float] | tuple[float, ...] | None = None, cache_topk: int = 0):
-        super().__init__()
+    def __init__(self, cfg: LossConfig, num_classes: int, temperatures: list[float] | tuple[float, ...] | None = None,
+                 cache_topk: int = 0):
         if cfg.topk > num_classes:
             raise ValueError(f"loss.topk={cfg.topk} is more than the {num_classes} classes")
-        self.cfg, self.terms, self.num_classes = cfg, terms, num_classes
+        self.topk, self.tail, self.num_classes = cfg.topk, cfg.tail, num_classes
         self.temperatures = list(temperatures) if temperatures is not None else None
         self.online_topk = cfg.topk or cache_topk
-        self._on_device: dict = {}
-        for term in terms:
-            self._warn_if_not_cached(term)
+        self._taus: dict = {}
 
-    def _cached_slot(self, tau: float) -> int | None:
+    def cached_slot(self, tau: float) -> int | None:
         """Index of ``tau`` among the cached temperatures (None: not cached)."""
         for s, cached in enumerate(self.temperatures or ()):
             if math.isclose(tau, cached, rel_tol=1e-6):
                 return s
         return None
 
-    def _warn_if_not_cached(self, term: KDTerm) -> None:
-        if self.temperatures is None or self.cfg.tail == "renormalize" or self._cached_slot(term.tau) is not None:
+    def warn_if_not_cached(self, tau: float, option: str) -> None:
+        """Say once, before training, that the target at ``tau`` (set by ``option``) is the approximation."""
+        if self.temperatures is None or self.tail == "renormalize" or self.cached_slot(tau) is not None:
             return
-        near = self.temperatures[target_model.nearest_temperature(term.tau, self.temperatures)]
-        warnings.warn(f"loss.tau{1 if term.slot == 'conv' else 2}={term.tau:g} is not a temperature the cache holds "
-                      f"({', '.join(f'{t:g}' for t in self.temperatures)}): the {term.slot} teacher's target is "
-                      f"approximate — the τ={near:g} target with a flat tail tempered by {near:g}/{term.tau:g} "
-                      "(top-k weights exact, tail mass off); rebuild the cache with --temperatures including "
-                      f"{term.tau:g} for the exact target", stacklevel=3)
+        near = self.temperatures[target_model.nearest_temperature(tau, self.temperatures)]
+        warnings.warn(f"{option}={tau:g} is not a temperature the cache holds "
+                      f"({', '.join(f'{t:g}' for t in self.temperatures)}): the teacher's target is approximate — "
+                      f"the τ={near:g} target with a flat tail tempered by {near:g}/{tau:g} (top-k weights exact, "
+                      f"tail mass off); rebuild the cache with --temperatures including {tau:g} for the exact target",
+                      stacklevel=3)
 
-    def teacher_log_probs(self, target, tau: float) -> torch.Tensor:
+    def _require_cache(self) -> None:
+        if self.temperatures is None:
+            raise ValueError("cached targets need the cache's temperatures (temperatures=...)")
+
+    def log_probs(self, target, tau: float) -> torch.Tensor:
         """Dense (B, C) teacher log-probabilities at ``tau`` from a cached ``(logp, indices, tail)`` triple or
         from live full logits."""
-        k, mode = self.cfg.topk, self.cfg.tail
         if isinstance(target, torch.Tensor):
-            return target_model.online_log_probs(target, self.online_topk, tau, self.num_classes, mode)
+            return target_model.online_log_probs(target, self.online_topk, tau, self.num_classes, self.tail)
+        self._require_cache()
         logp, indices, tails = target
-        if self.temperatures is None:
-            raise ValueError("cached targets need the cache's temperatures (CiTLoss(..., temperatures=...))")
-        s = self._cached_slot(tau)
-        if s is not None or mode == "renormalize":   # renormalising ignores the tail: exact at every τ
-            return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, k, mode)
-        return target_model.uncached_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes, k)
+        s = self.cached_slot(tau)
+        if s is not None or self.tail == "renormalize":   # renormalising ignores the tail: exact at every τ
+            return target_model.target_log_probs(logp, indices, tails[:, s or 0], tau, self.num_classes, self.topk,
+                                                 self.tail)
+        return target_model.uncached_estimate(logp, indices, tails, self.temperatures, tau, self.num_classes,
+                                              self.topk)
+
+    def stacked(self, targets: Mapping, keys: list[tuple[str, float]]) -> torch.Tensor:
+        """(U, B, C) log-probabilities of the (teacher, τ) ``keys``, built together (a τ that is not cached falls
+        back to the per-target approximation, warned about before training)."""
+        first = targets[keys[0][0]]
+        if isinstance(first, torch.Tensor):
+            return self._stacked_online(targets, keys, first.device)
+        self._require_cache()
+        slots = [self.cached_slot(tau) for _, tau in keys]
+        if self.tail != "renormalize" and any(s is None for s in slots):
+            return torch.stack([self.log_probs(targets[name], tau) for name, tau in keys])
+        logp, indices, tail = CachedTargets.of(targets).stacked([n for n, _ in keys], [s or 0 for s in slots])
+        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, logp.device), self.num_classes,
+                                             self.topk, self.tail)
+
+    def _stacked_online(self, targets: Mapping, keys: list, device) -> torch.Tensor:
+        """From live full logits: one top-k + tail encoding, one scatter."""
+        k = self.online_topk if 0 < self.online_topk < self.num_classes else self.num_classes
+        taus = sorted({tau for _, tau in keys})
+        logp, indices, tails = target_model.encode_logits(torch.stack([targets[name] for name, _ in keys]), k, taus)
+        if len(taus) == 1:
+            tail = tails[..., 0]
+        else:
+            tail = torch.stack([tails[u, :, taus.index(tau)] for u, (_, tau) in enumerate(keys)])
+        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
+                                             k, self.tail)
+
+    def _key_tau(self, keys: list, device):
+        """The keys' τ: one float, or a (U, 1, 1) tensor copied to ``device`` once."""
+        taus = tuple(tau for _, tau in keys)
+        if len(set(taus)) == 1:
+            return taus[0]
+        held = self._taus.get((taus, device))
+        if held is None:
+            held = self._taus[(taus, device)] = torch.tensor(taus, device=device).view(-1, 1, 1)
+        return held
+
+
+def label_ce(logits: torch.Tensor, labels: torch.Tensor, mix: "MixInfo | None", smoothing: float) -> torch.Tensor:
+    """Label-smoothed CE; with mixing, against λ·y + (1−λ)·y_partner, each smoothed (timm's mixup targets)."""
+    if mix is None:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    soft = mixed_targets(labels, mix.partner_labels, mix.lam, logits.shape[1], smoothing)
+    return torch.sum(-soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+
+
+class CiTLoss(torch.nn.Module):
+    """Eq. 1 over the student's per-head logits.
+
+    ``terms`` maps teachers to heads: conv teacher -> ``conv`` head, inv teacher -> ``inv`` head for CiT, or every
+    teacher -> ``cls`` head for the one-token variant.  ``temperatures`` and ``cache_topk``: the cache's (see
+    ``TargetModel``).  ``forward`` returns the total loss and its detached parts (device tensors: the caller
+    decides when to sync)."""
+
+    def __init__(self, cfg: LossConfig, terms: list[KDTerm], num_classes: int,
+                 temperatures: list[float] | tuple[float, ...] | None = None, cache_topk: int = 0):
+        super().__init__()
+        self.cfg, self.terms, self.num_classes = cfg, terms, num_classes
+        self.model = TargetModel(cfg, num_classes, temperatures, cache_topk)
+        self._on_device: dict = {}
+        for term in terms:
+            self.model.warn_if_not_cached(term.tau, f"loss.tau{1 if term.slot == 'conv' else 2}")
+
+    @property
+    def temperatures(self) -> list[float] | None:
+        return self.model.temperatures
 
     def _constants(self, device: torch.device) -> tuple:
         """Per-term temperatures (T, 1, 1) and weights (T,) on ``device``, copied there once while the terms stay the
@@ -213,52 +279,11 @@ class CiTLoss(torch.nn.Module):
                 keys.append((term.teacher, term.tau))
         return keys
 
-    def _stacked_cached(self, targets: dict, keys: list, device) -> torch.Tensor | None:
-        """(U, B, C) targets of all keys from cached triples in one ``target_log_probs`` (one scatter), or None
-        when one τ is not cached (the approximate path then goes per target)."""
-        slots = [self._cached_slot(tau) for _, tau in keys]
-        mode = self.cfg.tail
-        if mode != "renormalize" and any(s is None for s in slots):
-            return None
-        logp, indices, tail = CachedTargets.of(targets).stacked([n for n, _ in keys], [s or 0 for s in slots])
-        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
-                                             self.cfg.topk, mode)
-
-    def _stacked_online(self, targets: dict, keys: list, device) -> torch.Tensor:
-        """(U, B, C) targets of all keys from live full logits: one top-k + tail encoding, one scatter."""
-        k = self.online_topk if 0 < self.online_topk < self.num_classes else self.num_classes
-        taus = sorted({tau for _, tau in keys})
-        logp, indices, tails = target_model.encode_logits(torch.stack([targets[name] for name, _ in keys]), k, taus)
-        if len(taus) == 1:
-            tail = tails[..., 0]
-        else:
-            tail = torch.stack([tails[u, :, taus.index(tau)] for u, (_, tau) in enumerate(keys)])
-        return target_model.target_log_probs(logp, indices, tail, self._key_tau(keys, device), self.num_classes,
-                                             k, self.cfg.tail)
-
-    def _key_tau(self, keys: list, device):
-        taus = [tau for _, tau in keys]
-        if len(set(taus)) == 1:
-            return taus[0]
-        cached = self._on_device.get(("keys", device))
-        if cached is None:
-            cached = self._on_device[("keys", device)] = torch.tensor(taus, device=device).view(-1, 1, 1)
-        return cached
-
-    def targets(self, targets: dict, mix: "MixInfo | None" = None) -> torch.Tensor:
+    def targets(self, targets: Mapping, mix: "MixInfo | None" = None) -> torch.Tensor:
         """(terms, B, C) teacher log-probabilities of every KD term, built for all teachers at once (one target
         build, one scatter); ``approx`` mixing mixes them in the same pass."""
         keys = self._keys()
-        first = targets[keys[0][0]]
-        device = (first if isinstance(first, torch.Tensor) else first[0]).device
-        if isinstance(first, torch.Tensor):
-            log_q = self._stacked_online(targets, keys, device)
-        else:
-            if self.temperatures is None:
-                raise ValueError("cached targets need the cache's temperatures (CiTLoss(..., temperatures=...))")
-            log_q = self._stacked_cached(targets, keys, device)
-            if log_q is None:    # a τ that is not cached: the per-target approximation (warned about at start)
-                log_q = torch.stack([self.teacher_log_probs(targets[name], tau) for name, tau in keys])
+        log_q = self.model.stacked(targets, keys)
         if mix is not None and mix.partner_index is not None:     # approx: temper, then mix
             log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
         order = [keys.index((t.teacher, t.tau)) for t in self.terms]
@@ -267,11 +292,7 @@ class CiTLoss(torch.nn.Module):
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
                 mix: "MixInfo | None" = None, kd_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``kd_scale``: a factor on every KD term's weight (a weight schedule's value at this step)."""
-        if mix is None:
-            ce = F.cross_entropy(outputs["cls"].float(), labels, label_smoothing=self.cfg.label_smoothing)
-        else:   # mixed labels λ·y + (1−λ)·y_partner, each smoothed (timm's mixup targets)
-            soft = mixed_targets(labels, mix.partner_labels, mix.lam, self.num_classes, self.cfg.label_smoothing)
-            ce = torch.sum(-soft * F.log_softmax(outputs["cls"].float(), dim=1), dim=1).mean()
+        ce = label_ce(outputs["cls"], labels, mix, self.cfg.label_smoothing)
         loss = self.cfg.lambda0 * ce
         parts = {"ce": ce.detach()}
         if self.terms:     # every KD term of the step in one pass: stacked targets, one log_softmax, one KL

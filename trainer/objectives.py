@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from shared.mixing import mixed_targets
-from trainer.losses import CiTLoss, KDTerm, kd_kl
+from trainer.losses import CiTLoss, KDTerm, kd_kl, label_ce
 from trainer.targets import Targets
 
 
@@ -70,14 +69,6 @@ class Objective(Protocol):
 
     def __call__(self, outputs: dict[str, torch.Tensor], targets: Targets, step: int
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-
-
-def label_ce(logits: torch.Tensor, targets: Targets, smoothing: float) -> torch.Tensor:
-    """CE to the labels (smoothed), or to the mixed labels λ·y + (1−λ)·y_partner of a mixed batch."""
-    if targets.mix is None:
-        return F.cross_entropy(logits.float(), targets.labels, label_smoothing=smoothing)
-    soft = mixed_targets(targets.labels, targets.mix.partner_labels, targets.mix.lam, logits.shape[1], smoothing)
-    return torch.sum(-soft * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
 def _log_weights(parts: dict, loss: torch.Tensor, weights: dict[str, float], schedule: WeightSchedule) -> dict:
@@ -129,7 +120,7 @@ class OneHeadKD:
     def __call__(self, outputs, targets: Targets, step: int):
         w = self.weights(step)
         logits = outputs["cls"]
-        ce = label_ce(logits, targets, self.label_smoothing)
+        ce = label_ce(logits, targets.labels, targets.mix, self.label_smoothing)
         kl = kd_kl(logits, self.teacher_log_probs(targets), self.tau)
         loss = w["ce"] * ce + w["kd"] * kl
         parts = {"ce": ce.detach(), "kd": kl.detach(), "loss": loss.detach()}
@@ -151,7 +142,7 @@ class HardDistillation:
 
     def __call__(self, outputs, targets: Targets, step: int):
         w = self.weights(step)
-        ce = label_ce(outputs["cls"], targets, self.label_smoothing)
+        ce = label_ce(outputs["cls"], targets.labels, targets.mix, self.label_smoothing)
         loss = w["ce"] * ce
         parts = {"ce": ce.detach()}
         for term in self.terms:

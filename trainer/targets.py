@@ -11,41 +11,11 @@ saw the views).  An objective reads only ``Targets``, so every recipe works with
 """
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from shared import targets as target_model
-from trainer.losses import CiTLoss, LossConfig, MixInfo, mix_log_probs
-
-
-class TargetModel:
-    """Dense teacher log-probabilities from a cached ``(logp, indices, tail)`` triple or from live logits (the same
-    rules as Eq. 1's loss: ``loss.topk``, ``loss.tail``, the cache's temperatures and K)."""
-
-    def __init__(self, loss: LossConfig, num_classes: int, temperatures=None, cache_topk: int = 0):
-        self.num_classes = num_classes
-        self.temperatures = list(temperatures) if temperatures is not None else None
-        self.tail = loss.tail
-        self._dense = CiTLoss(loss, [], num_classes, temperatures=temperatures, cache_topk=cache_topk)
-
-    def log_probs(self, target, tau: float) -> torch.Tensor:
-        return self._dense.teacher_log_probs(target, tau)
-
-    def warn_if_not_cached(self, tau: float, option: str) -> None:
-        """The same warning Eq. 1's loss gives, for a recipe's own temperature option."""
-        if self.temperatures is None or self.tail == "renormalize":
-            return
-        if any(math.isclose(tau, t, rel_tol=1e-6) for t in self.temperatures):
-            return
-        near = self.temperatures[target_model.nearest_temperature(tau, self.temperatures)]
-        warnings.warn(f"{option}={tau:g} is not a temperature the cache holds "
-                      f"({', '.join(f'{t:g}' for t in self.temperatures)}): the teachers' targets are approximate — "
-                      f"the τ={near:g} target with a flat tail tempered by {near:g}/{tau:g} (top-k weights exact, "
-                      f"tail mass off); rebuild the cache with --temperatures including {tau:g} for the exact target",
-                      stacklevel=3)
+from trainer.losses import MixInfo, TargetModel, mix_log_probs
 
 
 @dataclass

@@ -41,10 +41,10 @@ from trainer.config import (KD_MODES, SECTIONS, KDConfig, ObjectiveConfig, RunCo
                             load_run_config, read_config_file)
 from trainer.data import DataError, EvalViews, TrainViews, check_cache, check_views, make_loader, warn_provenance
 from trainer.engine import CheckpointError, FitResult, Runtime, claim_out, evaluate, fit, setup_runtime, write_json
-from trainer.losses import CiTLoss, KDTerm
+from trainer.losses import CiTLoss, KDTerm, TargetModel
 from trainer.objectives import (CiTObjective, FeatureStudent, Objective, ObjectiveSpec, WeightSchedule,
                                 build_objective, model_outputs)
-from trainer.targets import CachedSource, NoSource, OnlineSource, TargetModel
+from trainer.targets import CachedSource, NoSource, OnlineSource
 
 log = logging.getLogger(__name__)
 
