@@ -203,8 +203,8 @@ class CiT(nn.Module):
 
     def forward_pooled(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{head: (B, D)}``: the token each head reads (class, conv, inv token), after the final norm."""
-        x = self.forward_features(x)
-        return {h: x[:, i] for i, h in enumerate(self.heads)}
+        tokens = self.forward_features(x)[:, :len(self.heads)]   # one slice of the big tensor: its backward is
+        return {h: tokens[:, i] for i, h in enumerate(self.heads)}  # one scatter, not one per distilled head
 
     def forward_heads(self, x: torch.Tensor) -> CitOutput:
         """Logits of every enabled head, whatever the mode."""
