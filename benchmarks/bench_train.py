@@ -441,7 +441,7 @@ def join_part(folder: str, quick: bool) -> dict:
             warnings.simplefilter("ignore")
             ps = {m: prepare(run_config(m28, c28, arch, m, batch, 0, 1, {})) for m in ("none", "cached")}
         one = next(iter(make_loader(ps["cached"].train_set, batch, 0, pin_memory=False)))
-        out["step"][arch] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=3 if quick else 10)
+        out["step"][arch] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=3 if quick else 30)
         print(f"  step {arch}: cached/none {out['step'][arch]['step_cached_over_none']:.3f}", flush=True)
     return out
 
