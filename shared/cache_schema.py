@@ -382,6 +382,19 @@ class LogitCache:
             return await asyncio.gather(*(a.getitem((view, slice(lo, hi))) for a in arrays))
         return [np.asarray(x) for x in sync(gather())]
 
+    def write_rows(self, blocks: dict[str, np.ndarray], view: int, lo: int, hi: int) -> None:
+        """Rows [lo, hi) of view ``view`` of several arrays (path -> block), written concurrently in one round trip
+        to Zarr's I/O loop, like ``read_rows``."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        targets = [(self.array(p).async_array, np.asarray(block)) for p, block in blocks.items()]
+
+        async def scatter():
+            await asyncio.gather(*(a.setitem((view, slice(lo, hi)), block) for a, block in targets))
+        sync(scatter())
+
     def read_features(self, teacher: str, view: int, lo: int, hi: int) -> np.ndarray:
         """float32 (hi - lo, D): ``teacher``'s decoded pooled features of rows [lo, hi) of view ``view``."""
         from shared.features import decode_features
@@ -414,17 +427,17 @@ class LogitCache:
                              f"got {sorted(outputs)}")
         for name, out in outputs.items():            # every block checked before anything is written
             self._check_block(name, out, f"teacher {name}, view {view}, chunk {chunk}")
-        self.array("params")[view, lo:hi] = params
-        self.array("digest")[view, lo:hi] = np.asarray(digests, dtype=np.uint32)
+        blocks = {"params": params, "digest": np.asarray(digests, dtype=np.uint32)}
         for name, out in outputs.items():
-            self._write_teacher_rows(name, view, lo, hi, out)
+            blocks.update(self._teacher_blocks(name, out))
+        self.write_rows(blocks, view, lo, hi)
         self.array("done")[view, chunk] = 1
 
     def write_teacher(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
         """Rows [lo, hi) of view ``view`` of every array of teacher ``name``'s group (no ``done``), checked like a
         ``write_unit`` block."""
         self._check_block(name, out, f"teacher {name}, view {view}, rows {lo}..{hi}")
-        self._write_teacher_rows(name, view, lo, hi, out)
+        self.write_rows(self._teacher_blocks(name, out), view, lo, hi)
 
     def _check_block(self, name: str, out: TopK, where: str) -> None:
         check_topk_block(out, where)
@@ -432,13 +445,9 @@ class LogitCache:
             raise CacheError(f"{where}: features are {'missing' if out.features is None else 'given'} but the "
                              f"cache stores {'them' if self.attrs.features else 'none'}")
 
-    def _write_teacher_rows(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
-        self.array(f"{name}/logp")[view, lo:hi] = out.logp
-        self.array(f"{name}/indices")[view, lo:hi] = out.indices
-        self.array(f"{name}/tail")[view, lo:hi] = out.tail
-        if self.attrs.features:
-            self.array(f"{name}/features")[view, lo:hi] = out.features
-            self.array(f"{name}/feature_scale")[view, lo:hi] = out.feature_scale
+    def _teacher_blocks(self, name: str, out: TopK) -> dict[str, np.ndarray]:
+        """Path -> block of teacher ``name``'s arrays (their names are ``TopK``'s fields)."""
+        return {f"{name}/{a}": getattr(out, a) for a in self.attrs.teacher_arrays()}
 
     def set_status(self, status: str) -> None:
         self.root.attrs["status"] = status
