@@ -112,12 +112,10 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
     """KL(softmax(z/τ) ‖ cached target at τ) per row, for each teacher given a checkpoint, at each cached τ.
     The views are re-rendered with the builder's ``render_rows`` and run with its ``TeacherRunner``."""
     from cache_builder.errors import BuildError
-    from cache_builder.streams import render_rows
-    from cache_builder.teachers import TeacherRunner, load_teachers, resolve_device
-    from cache_builder.verify import _read_rows
+    from cache_builder.streams import ReplayedViews
+    from cache_builder.teachers import TeacherRunner, load_recorded_teachers, resolve_device
     from shared.manifest import Manifest, ManifestError
     from shared.targets import target_log_probs
-    from shared.views import LoadedRows, make_renderer
     attrs = cache.attrs
     try:
         manifest = Manifest.load(options.data)
@@ -126,33 +124,20 @@ def live_kl(cache: LogitCache, options: FidelityOptions, picks: list[tuple[int, 
     if manifest.fingerprint != attrs.dataset_fingerprint:
         raise CacheError(f"--data {options.data} is not the dataset cache {cache.url} was built from (fingerprint "
                          f"{manifest.fingerprint[:12]}… != {attrs.dataset_fingerprint[:12]}…)")
-    spec = ViewSpec.from_dict(attrs.augment)
     device = resolve_device(options.device)
-    pairs = list(options.teachers.items())
     try:
-        loaded = load_teachers(pairs, attrs.num_classes, device, view_size=spec.image_size)
+        loaded = load_recorded_teachers(attrs, list(options.teachers.items()), device)
     except BuildError as exc:
         raise CacheError(str(exc)) from None
-    for t in loaded:
-        expected = attrs.teacher(t.name).checkpoint_sha256
-        if expected and t.record.checkpoint_sha256 and t.record.checkpoint_sha256 != expected:
-            raise CacheError(f"--teacher {t.name}={t.checkpoint} is not the checkpoint the cache was built with "
-                             f"(sha256 {t.record.checkpoint_sha256[:12]}… != {expected[:12]}…)")
     precision = attrs.build.get("precision", "fp32")
     runner = TeacherRunner(loaded, device, "fp32" if device.type != "cuda" else precision, attrs.topk,
                            tuple(attrs.temperatures))
-    renderer = make_renderer(spec, attrs.seed, manifest)
-    ranges = {row: renderer.rows_to_load(row, row + 1) for _, row in picks}
-    raws = _read_rows(manifest, sorted({r for lo, hi in ranges.values() for r in range(lo, hi)}))
+    replay = ReplayedViews(manifest, ViewSpec.from_dict(attrs.augment), attrs.seed, picks)
     taus = [float(t) for t in attrs.temperatures]
     out = {t.name: {tau: [] for tau in taus} for t in loaded}
     for a in range(0, len(picks), options.batch_size):
         batch = picks[a:a + options.batch_size]
-        views = []
-        for v, row in batch:
-            lo, hi = ranges[row]
-            views.append(render_rows(renderer, v, LoadedRows([raws[r] for r in range(lo, hi)]), row, row + 1)[0][0])
-        views = torch.stack(views).to(device)
+        views = torch.stack([replay.render(v, row)[0] for v, row in batch]).to(device)
         with torch.inference_mode():
             for t in loaded:
                 logits = runner.logits(t, views).double()

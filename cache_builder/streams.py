@@ -38,6 +38,36 @@ def read_rows(manifest: Manifest, lo: int, hi: int) -> list[RawSample]:
     return samples
 
 
+def read_scattered_rows(manifest: Manifest, rows: list[int]) -> dict[int, RawSample]:
+    """Rows -> RawSample, one read per shard touched (from its first wanted row to its last)."""
+    by_shard: dict[int, list[int]] = collections.defaultdict(list)
+    for row in rows:
+        by_shard[manifest.shard_of_row(row)].append(row)
+    out = {}
+    for shard_rows in by_shard.values():
+        for piece in pieces_for_rows(manifest, min(shard_rows), max(shard_rows) + 1):
+            for raw in read_piece(manifest, piece):
+                out[raw.row] = raw
+    return {row: out[row] for row in rows}
+
+
+class ReplayedViews:
+    """Picked (view, row) pairs of a cache rendered again by the builder's renderer (``verify --recompute``,
+    ``--fidelity``): the rows and, with exact mixing, their partners' pairing windows are read once."""
+
+    def __init__(self, manifest: Manifest, spec: ViewSpec, seed: int, picks: list[tuple[int, int]]):
+        self.renderer = make_renderer(spec, seed, manifest)
+        self.ranges = {row: self.renderer.rows_to_load(row, row + 1) for _, row in picks}
+        self.raws = read_scattered_rows(manifest, sorted({r for lo, hi in self.ranges.values() for r in range(lo, hi)}))
+
+    def render(self, view: int, row: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The uint8 view tensor (C, H, W) and its params record."""
+        lo, hi = self.ranges[row]
+        tensors, records, _ = render_rows(self.renderer, view, LoadedRows([self.raws[r] for r in range(lo, hi)]),
+                                          row, row + 1)
+        return tensors[0], records[0]
+
+
 def batch_bounds(lo: int, hi: int, batch_size: int) -> list[tuple[int, int]]:
     return [(a, min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
 

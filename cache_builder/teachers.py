@@ -62,6 +62,19 @@ def parse_teacher_args(items) -> list[tuple[str, str]]:
     return pairs
 
 
+def load_recorded_teachers(attrs, pairs: list[tuple[str, str]], device: torch.device) -> list[Teacher]:
+    """The teachers of a finished cache (``attrs``: its ``CacheAttrs``) at ``pairs`` (name, checkpoint), each checked
+    to be the checkpoint the cache recorded (sha256), for re-running them on its views."""
+    from shared.augment import ViewSpec
+    loaded = load_teachers(pairs, attrs.num_classes, device, view_size=ViewSpec.from_dict(attrs.augment).image_size)
+    for t in loaded:
+        expected = attrs.teacher(t.name).checkpoint_sha256
+        if expected and t.record.checkpoint_sha256 and t.record.checkpoint_sha256 != expected:
+            raise BuildError(f"teacher {t.name}: checkpoint {t.checkpoint} is not the one the cache was built with "
+                             f"(sha256 {t.record.checkpoint_sha256[:12]}… != {expected[:12]}…)")
+    return loaded
+
+
 def load_teachers(pairs: list[tuple[str, str]], num_classes: int, device: torch.device,
                   view_size: int | None = None) -> list[Teacher]:
     """``view_size``: the side of the views; a teacher built for another input size gets them resized."""

@@ -16,7 +16,6 @@ from shared.augment import ViewSpec
 from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, expected_arrays, open_root,
                                  read_attrs)
 from shared.manifest import Manifest, ManifestError
-from shared.reader import pieces_for_rows, read_piece
 from shared.targets import encode_logits
 
 MAX_REPORTED = 12
@@ -237,6 +236,7 @@ def pick_views(attrs: CacheAttrs, done: np.ndarray, m: int, seed: int) -> list[t
 def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, sample: int,
                   seed: int, report: VerifyReport) -> None:
     """Re-render stored views through the shared renderer; compare params records and pixel digests."""
+    from cache_builder.streams import read_scattered_rows
     from shared.views import VIEW_CODE, LoadedRows, make_renderer, view_mismatch
     if attrs.view_code != VIEW_CODE:
         report.problem("pixels", f"the views were rendered by view code {attrs.view_code or 'of an older cit'}, "
@@ -255,7 +255,7 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
     for chunk, chunk_picks in sorted(by_chunk.items()):
         lo, hi = attrs.chunk_rows_range(chunk)
         wanted = sorted({r for _, row in chunk_picks for r in range(*renderer.rows_to_load(row, row + 1))})
-        rows = LoadedRows(list(_read_rows(manifest, wanted).values()), keep_images=True)
+        rows = LoadedRows(list(read_scattered_rows(manifest, wanted).values()), keep_images=True)
         stored = {}
         for v in sorted({v for v, _ in chunk_picks}):
             stored[v] = (np.asarray(root["params"][v, lo:hi]), np.asarray(root["digest"][v, lo:hi]))
@@ -274,10 +274,9 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
     from cache_builder.errors import BuildError
-    from cache_builder.streams import render_rows
-    from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
+    from cache_builder.streams import ReplayedViews
+    from cache_builder.teachers import TeacherRunner, load_recorded_teachers, parse_teacher_args, resolve_device
     from shared.features import decode_features
-    from shared.views import LoadedRows, make_renderer
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
     for t in attrs.teachers:
@@ -288,16 +287,10 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         pairs.append((t.name, path))
     dev = resolve_device(device)
     try:
-        loaded = load_teachers(pairs, attrs.num_classes, dev, view_size=spec.image_size)
+        loaded = load_recorded_teachers(attrs, pairs, dev)
     except BuildError as exc:
         report.problem("recompute", str(exc))
         return
-    for t, record in zip(loaded, attrs.teachers):
-        if t.record.checkpoint_sha256 != record.checkpoint_sha256:
-            report.problem("recompute", f"teacher {t.name}: checkpoint {t.checkpoint} is not the one the cache was "
-                           f"built with (sha256 {t.record.checkpoint_sha256[:12]}… != "
-                           f"{record.checkpoint_sha256[:12]}…)")
-            return
     precision = attrs.build.get("precision", "fp32")
     if precision == "bf16" and dev.type != "cuda":
         precision = "fp32"     # compare with the looser bf16 tolerance below
@@ -310,9 +303,7 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
     if not picks:
         report.problem("recompute", "no written units to recompute")
         return
-    renderer = make_renderer(spec, attrs.seed, manifest)
-    ranges = {row: renderer.rows_to_load(row, row + 1) for _, row in picks}   # + mixing partners
-    raws = _read_rows(manifest, sorted({r for lo, hi in ranges.values() for r in range(lo, hi)}))
+    replay = ReplayedViews(manifest, spec, attrs.seed, picks)
     k, c = attrs.topk, attrs.num_classes
     loose = attrs.build.get("precision") == "bf16"
     rtol, atol = (5e-2, 5e-2) if loose else (4e-3, 4e-3)
@@ -334,14 +325,12 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
         batch = picks[a:a + batch_size]
         tensors = []
         for v, row in batch:
-            raw = raws[row]
-            lo, hi = ranges[row]
-            view, record, _ = render_rows(renderer, v, LoadedRows([raws[r] for r in range(lo, hi)]), row, row + 1)
-            if not np.array_equal(stored("params", v, row).view(np.uint32), record[0].view(np.uint32)):
-                report.problem("recompute", f"view {v} of {raw.key!r} (row {row}): stored params differ from the "
-                               "replayed view's")
+            view, record = replay.render(v, row)
+            if not np.array_equal(stored("params", v, row).view(np.uint32), record.view(np.uint32)):
+                report.problem("recompute", f"view {v} of {replay.raws[row].key!r} (row {row}): stored params "
+                               "differ from the replayed view's")
                 mismatches += 1
-            tensors.append(view[0])
+            tensors.append(view)
         views = torch.stack(tensors).to(dev)
         with torch.inference_mode():
             for t in loaded:
@@ -384,23 +373,10 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
                                        f"(stored step {scale[1]:.3g})")
                     if bad:
                         mismatches += 1
-                        report.problem("recompute", f"teacher {t.name}, view {v} of {raws[row].key!r} (row {row}): "
+                        report.problem("recompute", f"teacher {t.name}, view {v} of {replay.raws[row].key!r} (row {row}): "
                                        + "; ".join(bad))
     report.recomputed = len(picks)
     if mismatches == 0:
         report.passed.append(f"recompute: {len(picks)} random views re-rendered and re-run through "
                              f"{[t.name for t in loaded]}: params identical, top-k log-probabilities and tail masses "
                              + ("and pooled features " if attrs.features else "") + "match")
-
-
-def _read_rows(manifest: Manifest, rows: list[int]) -> dict:
-    """Rows -> RawSample, one read per shard touched (from its first wanted row to its last)."""
-    by_shard: dict[int, list[int]] = collections.defaultdict(list)
-    for row in rows:
-        by_shard[manifest.shard_of_row(row)].append(row)
-    out = {}
-    for shard_rows in by_shard.values():
-        for piece in pieces_for_rows(manifest, min(shard_rows), max(shard_rows) + 1):
-            for raw in read_piece(manifest, piece):
-                out[raw.row] = raw
-    return {row: out[row] for row in rows}
