@@ -60,7 +60,7 @@ def merge_caches(a: str, b: str, out: str, *, force: bool = False,
                  storage_options: dict | None = None) -> AssembleSummary:
     """C = A's teachers + B's other teachers over the union of their view ranges (see the module doc)."""
     sa, sb = _open(a, storage_options), _open(b, storage_options)
-    diff = _diff(sa.attrs, sb.attrs)
+    diff = sa.attrs.identity_diff(sb.attrs, ignore=("teachers", "views", "first_view"))
     if diff:
         raise BuildError(f"cannot merge {a} and {b}: they differ in {diff[0]}" +
                          (f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""))
@@ -128,18 +128,6 @@ def _span(views) -> str:
 def _teacher_id(record) -> dict:
     from cache_builder.grow import teacher_identity
     return teacher_identity(record)
-
-
-def _diff(a: CacheAttrs, b: CacheAttrs) -> list[str]:
-    """Identity fields (but the teachers and the view range) that differ, readable."""
-    x, y = a.identity(), b.identity()
-    return [f"{k} ({_show(x.get(k))} vs {_show(y.get(k))})" for k in sorted(set(x) | set(y))
-            if k not in ("teachers", "views", "first_view") and x.get(k) != y.get(k)]
-
-
-def _show(value) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _assemble(plan: _Plan, out: str, force: bool, storage_options: dict | None) -> AssembleSummary:

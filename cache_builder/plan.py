@@ -55,10 +55,9 @@ def _growth_hint(existing: CacheAttrs, intended: CacheAttrs, out: str) -> str:
     """When the intended cache only adds views or teachers to a complete one: the command that grows it."""
     if existing.status != STATUS_COMPLETE:
         return ""
-    a, b = existing.identity(), intended.identity()
-    others = [k for k in a if k not in ("views", "teachers") and a[k] != b.get(k)]
-    if others:
+    if existing.identity_diff(intended, ignore=("views", "teachers")):
         return ""
+    a, b = existing.identity(), intended.identity()
     if a["teachers"] == b["teachers"] and b["views"] > a["views"]:
         return (f"to add views without recomputing the others: `cit cache extend {out} --views {b['views']} --data "
                 "MANIFEST` (or --force to rebuild it)")

@@ -156,14 +156,11 @@ class CacheAttrs:
             teacher.pop("extra")
         return json.loads(json.dumps(data))
 
-    def identity_diff(self, other: "CacheAttrs") -> list[str]:
-        """Human-readable list of the identity fields that differ (for error messages)."""
+    def identity_diff(self, other: "CacheAttrs", ignore: tuple[str, ...] = ()) -> list[str]:
+        """Human-readable list of the identity fields that differ, but those in ``ignore`` (for error messages)."""
         a, b = self.identity(), other.identity()
-        out = []
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                out.append(f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}")
-        return out
+        return [f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}" for key in sorted(set(a) | set(b))
+                if key not in ignore and a.get(key) != b.get(key)]
 
     def to_json_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

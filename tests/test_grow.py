@@ -158,7 +158,7 @@ def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world
     build_cache(w["data"], [f"inv={w['inv']}"], other, views=2, topk=K, spec=SPEC, seed=6, batch_size=BATCH,
                 workers=0, threads=1, progress=False)
     r = runner.invoke(cache_cli, ["merge", a, other, "--out", str(tmp_path / "bad.zarr")])
-    assert r.exit_code == 2 and "they differ in seed (5 vs 6)" in r.output and r.output.count("\n") == 1, r.output
+    assert r.exit_code == 2 and "they differ in seed: 5 vs 6" in r.output and r.output.count("\n") == 1, r.output
     r = runner.invoke(cache_cli, ["merge", a, str(tmp_path / "inv1.zarr"), "--out", str(tmp_path / "bad.zarr")])
     assert r.exit_code == 2 and "every teacher must cover the same views" in r.output, r.output
     r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])   # finished: nothing to do
