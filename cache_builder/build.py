@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cache_builder.errors import BuildError
-from cache_builder.plan import group_units, plan_build
+from cache_builder.plan import group_units, plan_build, rank_share
 from cache_builder.runner import _run_units, write_whole_unit
 from cache_builder.store import StoreSession, _remove_partial_writes, check_out_reachable, inspect_out, remove_store
 from cache_builder.streams import (check_shards_readable, check_teacher_channels, default_chunk_rows,
@@ -213,7 +213,7 @@ def run_build(settings: BuildSettings) -> BuildSummary:
         comm.barrier()                    # everyone has read the same done map before anyone writes
         pending = [(c, v) for c in range(attrs.num_chunks) for v in range(views) if done[v, c] != 1]
         skipped = attrs.num_units - len(pending)
-        mine = pending[comm.rank * len(pending) // comm.world:(comm.rank + 1) * len(pending) // comm.world]
+        mine = rank_share(pending, comm.rank, comm.world)
         groups = group_units(mine)
 
         failed, built_views, built_units = 0, 0, 0

@@ -30,7 +30,7 @@ import torch
 
 from cache_builder.build import BuildSummary, _probe
 from cache_builder.errors import BuildError
-from cache_builder.plan import group_units
+from cache_builder.plan import group_units, rank_share
 from cache_builder.runner import _run_units, write_whole_unit
 from cache_builder.store import StoreSession, _Dist, _remove_partial_writes
 from cache_builder.streams import (check_shards_readable, check_teacher_channels, measure_accuracy,
@@ -139,7 +139,7 @@ def _follow(comm: _Dist, url: str, settings: GrowSettings) -> BuildSummary:
 
 
 def _share(units: list, comm: _Dist) -> list:
-    return units[comm.rank * len(units) // comm.world:(comm.rank + 1) * len(units) // comm.world]
+    return rank_share(units, comm.rank, comm.world)
 
 
 def _open(url: str, settings: GrowSettings) -> _Context:

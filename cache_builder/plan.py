@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from shared.cache_schema import CACHE_FORMAT, STATUS_COMPLETE, CacheAttrs
 
 
+def rank_share(units: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s contiguous share (±1) of ``units``: every rank computes the same split of the same list."""
+    return units[rank * len(units) // world:(rank + 1) * len(units) // world]
+
+
 def group_units(units: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
     """[(chunk, view)] in chunk order -> [(chunk, [views])]: a worker reads a chunk's rows once for all its views."""
     groups: list[tuple[int, list[int]]] = []
