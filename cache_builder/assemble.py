@@ -23,8 +23,8 @@ import numpy as np
 
 from cache_builder.errors import BuildError
 from cache_builder.store import inspect_out, remove_store
-from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs,
-                                 LogitCache, create_arrays, normalize_url, open_root)
+from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, LogitCache, create_store,
+                                 normalize_url)
 from shared.augment import ViewSpec
 from shared.store_lock import StoreLock
 
@@ -164,10 +164,7 @@ def _prepare_out(plan: _Plan, out: str, force: bool, storage_options: dict | Non
                              "it, or choose another --out")
         remove_store(out, storage_options)
     if not same:
-        root = open_root(out, "w", storage_options)
-        root.attrs.put(target.to_json_dict())
-        create_arrays(root, target, num_params)
-        root.attrs.put(replace(target, status=STATUS_BUILDING).to_json_dict())
+        create_store(out, target, num_params, storage_options)
     return LogitCache.open(out, "r+", allow_incomplete=True, storage_options=storage_options)
 
 

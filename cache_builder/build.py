@@ -37,7 +37,7 @@ from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_a
 from shared import provenance
 from shared.augment import ViewSpec
 from shared.cache_schema import (STATUS_BUILDING, STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, LogitCache,
-                                 create_arrays, normalize_url, open_root)
+                                 create_store, normalize_url, open_root)
 from shared.features import FEATURE_KINDS
 from shared.manifest import Manifest, ManifestError
 from shared.store_lock import StoreLock
@@ -301,12 +301,8 @@ def _prepare(settings: BuildSettings, manifest, loaded, runner, intended: CacheA
     if plan.action == "replace":                           # --force: replace whatever cache is there
         log.warning("--force: replacing the cache at %s", out)
         remove_store(out, storage_options)
-    attrs = replace(intended, teachers=records, status=STATUS_CREATING)
-    root = open_root(out, "a" if resume else "w", storage_options)
-    root.attrs.put(attrs.to_json_dict())           # creating: identity known, arrays not yet
-    create_arrays(root, attrs, num_params)
-    attrs.status = STATUS_BUILDING
-    root.attrs.put(attrs.to_json_dict())
+    attrs = replace(intended, teachers=records, status=STATUS_BUILDING)
+    create_store(out, attrs, num_params, storage_options, mode="a" if resume else "w")
     return attrs
 
 

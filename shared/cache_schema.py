@@ -52,7 +52,7 @@ Readable with plain ``zarr``:  ``g = zarr.open_group(url, mode="r"); g["t1/logp"
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import zarr
@@ -263,6 +263,17 @@ class TopK:
         return cls(np.maximum(np.asarray(logp, np.float32), low).astype(np.float16),
                    np.asarray(indices).astype(index_dtype(num_classes)),
                    np.asarray(tail, np.float32).astype(np.float16))
+
+
+def create_store(url: str, attrs: CacheAttrs, num_params: int, storage_options: dict | None = None,
+                 mode: str = "w") -> zarr.Group:
+    """A new cache store for ``attrs``: its identity first with status ``creating`` (a kill before the arrays exist
+    is then told apart from an interrupted build), then the empty arrays, then status ``building``."""
+    root = open_root(url, mode, storage_options)
+    root.attrs.put(replace(attrs, status=STATUS_CREATING).to_json_dict())
+    create_arrays(root, attrs, num_params)
+    root.attrs.put(replace(attrs, status=STATUS_BUILDING).to_json_dict())
+    return root
 
 
 def check_topk_block(out: TopK, where: str) -> None:
