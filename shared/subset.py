@@ -52,9 +52,12 @@ class SubsetRule:
 
 def shard_keys(manifest: Manifest, index: int) -> list[str]:
     """The keys of shard ``index`` that are rows of ``manifest`` (file order, skipped keys left out)."""
-    shard = manifest.shards[index]
-    skipped = manifest.skipped_keys(shard.url)
-    return [s["__key__"] for s in iter_shard(manifest.shard_url(index)) if s["__key__"] not in skipped]
+    return _rows_of(manifest, index, [s["__key__"] for s in iter_shard(manifest.shard_url(index))])
+
+
+def _rows_of(manifest: Manifest, index: int, keys_in_file: list[str]) -> list[str]:
+    skipped = manifest.skipped_keys(manifest.shards[index].url)
+    return [k for k in keys_in_file if k not in skipped]
 
 
 def _rows_with_labels(manifest: Manifest) -> tuple[list[tuple[int, str]], np.ndarray]:
@@ -148,10 +151,11 @@ def superset_rows(subset: Manifest, superset: Manifest) -> np.ndarray:
     for index, shard in enumerate(subset.shards):
         if shard.samples == 0:
             continue
-        keys = shard_keys(subset, index)
-        sup = by_sha.get(shard.sha256)
+        in_file = [s["__key__"] for s in iter_shard(subset.shard_url(index))]   # one read serves both manifests
+        keys = _rows_of(subset, index, in_file)
+        sup = by_sha.get(shard.sha256)             # the same sha256: the same file, maybe other skipped keys
         where = {} if sup is None else {k: superset.shards[sup].start + j
-                                         for j, k in enumerate(shard_keys(superset, sup))}
+                                         for j, k in enumerate(_rows_of(superset, sup, in_file))}
         for j, key in enumerate(keys):
             row = where.get(key)
             if row is None:
