@@ -415,7 +415,8 @@ JOIN_SHARDS = {28: 5000, 224: 1251}
 
 def join_part(folder: str, quick: bool) -> dict:
     """Loader cached ÷ none (images per CPU-second) at 28 px and 224 px on two shards of the usual size each, the
-    join's fixed CPU cost per piece, and step cached ÷ none at cit_nano and cit_tiny (28 px), all paired."""
+    join's fixed CPU cost per piece, and step cached ÷ none at cit_nano and cit_tiny (28 px) and the paper's
+    cit_tiny at 224 px (C = 1000), all paired."""
     import warnings
 
     from trainer.data import make_loader
@@ -443,6 +444,15 @@ def join_part(folder: str, quick: bool) -> dict:
         one = next(iter(make_loader(ps["cached"].train_set, batch, 0, pin_memory=False)))
         out["step"][arch] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=3 if quick else 30)
         print(f"  step {arch}: cached/none {out['step'][arch]['step_cached_over_none']:.3f}", flush=True)
+    # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
+    sets, batch224 = (*spec_sets(SPEC224), "data.verify_shards=false"), 2 if quick else 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ps = {m: prepare(run_config(m224, c224, "cit_tiny", m, batch224, 0, 1, {}, sets)) for m in ("none", "cached")}
+    one = next(iter(make_loader(ps["cached"].train_set, batch224, 0, pin_memory=False)))
+    out["step"]["cit_tiny@224px"] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=1 if quick else 20)
+    print(f"  step cit_tiny@224px: cached/none {out['step']['cit_tiny@224px']['step_cached_over_none']:.3f}",
+          flush=True)
     return out
 
 
