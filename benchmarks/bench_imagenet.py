@@ -338,11 +338,11 @@ def projection_text(p: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/imagenet.json")
-    parser.add_argument("--quick", action="store_true", help="60 images, small cache arrays (seconds)")
+    parser.add_argument("--quick", action="store_true", help="24 images, small cache arrays (seconds)")
     parser.add_argument("--workdir", default=None,
                         help="where images, shards and caches go (kept, and reused by a rerun with the same "
                              "settings); default: a temporary folder, removed at the end")
-    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 3000, quick 60)")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 3000, quick 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -354,8 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     started, cpu_started, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
     torch.set_num_threads(1)
-    n = args.images or (60 if args.quick else 3000)
-    shard_size = 20 if args.quick else 1000
+    n = args.images or (24 if args.quick else 3000)
+    shard_size = 12 if args.quick else 1000
     rows, views, chunk_rows = (256, 1, 256) if args.quick else (8192, 2, 4096)
     workers = [int(w) for w in args.workers.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="cit-bench-imagenet-")
