@@ -147,7 +147,9 @@ def make_dataset(workdir: str, n: int, shard_size: int, seed: int, alpha: float,
                  ) -> tuple[Manifest, dict]:
     images = os.path.join(workdir, "images")
     stats = write_image_folder(images, n, CLASSES, seed, alpha, quality)
-    manifest = prepare_image_folder(images, os.path.join(workdir, "data"), "train", shard_size=shard_size)
+    workers = 1 if n < 1000 else None        # a few images: one process (a pool starts slower than it writes them)
+    manifest = prepare_image_folder(images, os.path.join(workdir, "data"), "train", shard_size=shard_size,
+                                    workers=workers)
     shard_bytes = sum(os.path.getsize(manifest.shard_url(i)) for i in range(len(manifest.shards)))
     return manifest, {**stats, "shard_bytes_per_image": shard_bytes / manifest.num_samples}
 
