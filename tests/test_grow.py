@@ -403,10 +403,18 @@ def s3_options():
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def small_world(grow_world):
+    """20 samples in 2 shards (2 units per view) for the s3:// changes: every S3 request is slow."""
+    root = grow_world["root"] / "small"
+    data = make_shards(str(root / "train"), num_samples=20, shard_size=10, prefix="gs", seed=4)
+    return {**grow_world, "root": root, "data": data.path, "built": {}}
+
+
 @pytest.mark.slow
-def test_extend_add_teacher_export_and_merge_on_s3(grow_world, s3_options, tmp_path):
+def test_extend_add_teacher_export_and_merge_on_s3(small_world, s3_options, tmp_path):
     import s3fs
-    w, o = grow_world, s3_options
+    w, o = small_world, s3_options
     url = "s3://cit-grow/c.zarr"
     build_cache(w["data"], [f"conv={w['conv']}"], url, views=1, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
                 workers=0, threads=1, progress=False, storage_options=o)
