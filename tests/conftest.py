@@ -153,30 +153,39 @@ def tiny_teachers(tmp_path_factory) -> dict[str, str]:
             "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
 
 
-# Tests that take long (seconds on 2 idle cores, measured): they start first, one per worker in turn, so no core
-# idles at the end behind a single long test.  A test marked ``slow`` and not listed counts as 5 s.
-LONG_TESTS = {   # seconds per test, measured on 2 idle cores (pytest --durations); parametrized tests: per case
-    "tests/test_demo.py::test_demo_tells_the_story_and_reuses_its_work": 45,
-    "tests/test_readme.py::test_every_readme_command_runs_as_printed": 37,
-    "tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3": 21,
-    "tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted": 21,
+# Tests that take long (seconds, call + setup, measured with pytest --durations on 2 cores with little other load):
+# they start first, dealt to the least loaded worker, so no core idles at the end behind a single long test.  A
+# parametrized test's key is its name (every case) or its node id (one case).  A test marked ``slow`` and not listed
+# counts as 5 s.
+LONG_TESTS = {
+    "tests/test_demo.py::test_demo_tells_the_story_and_reuses_its_work": 37,
+    "tests/test_readme.py::test_every_readme_command_runs_as_printed": 28,
     "tests/test_cache.py::test_kill_9_and_resume_is_bit_identical": 18,
-    "tests/test_grow.py::test_extend_under_torchrun_equals_one_process": 16,
-    "tests/test_cache.py::test_torchrun_two_processes_equal_one": 14,
-    "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch": 14,
-    "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 14,
-    "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 13,
-    "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 12,
-    "tests/test_cache.py::test_s3_round_trip": 11,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 7,
-    "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical": 6,
-    "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache": 8,
-    "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical": 8,
-    "tests/test_reader.py::test_torchrun_two_processes_split_rows": 8,
-    "tests/test_data.py::test_real_fashion_mnist": 7,
-    "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 6,
-    "tests/test_errors.py::test_endpoint_lost_mid_build_is_one_line_that_says_rerun": 5,
+    "tests/test_cache.py::test_torchrun_two_processes_equal_one": 12,
+    "tests/test_cache.py::test_s3_round_trip": 6,
+    "tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted": 14,
+    "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch": 12,
+    "tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3": 13,
     "tests/test_grow.py::test_an_s3_lease_is_a_conditional_put": 1,
+    "tests/test_grow.py::test_extend_under_torchrun_equals_one_process": 12,
+    "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache": 6,
+    "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical": 6,
+    "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical": 4,
+    "tests/test_grow.py::test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_complete_cache": 3.5,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 2.5,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_train.py]": 16,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]": 10,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_cache.py]": 6,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_loader.py]": 1,
+    "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 2.5,
+    "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 6.5,
+    "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 5.5,
+    "tests/test_exact_views.py::test_golden_views_identical_under_every_cpu_capability": 2.6,
+    "tests/test_data.py::test_real_fashion_mnist": 7,
+    "tests/test_reader.py::test_torchrun_two_processes_split_rows": 6.5,
+    "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 5,
+    "tests/test_errors.py::test_endpoint_lost_mid_build_is_one_line_that_says_rerun": 5,
+    "tests/test_errors.py::test_missing_bucket_is_found_before_anything_is_written": 3,
 }
 
 
@@ -192,6 +201,8 @@ TOGETHER = [
      "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical[export]",
      "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache",
      "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical"),
+    ("tests/test_cache.py::test_kill_9_and_resume_is_bit_identical",
+     "tests/test_cache.py::test_torchrun_two_processes_equal_one", "tests/test_cache.py::test_s3_round_trip"),
     ("tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted",
      "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch"),
     ("tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3",
@@ -201,7 +212,8 @@ SHORT_SECONDS = 0.3     # a test not listed above, for balancing
 
 
 def expected_seconds(item: pytest.Item) -> float:
-    return LONG_TESTS.get(item.nodeid.split("[")[0], 5.0 if item.get_closest_marker("slow") else 0.0)
+    default = 5.0 if item.get_closest_marker("slow") else 0.0
+    return LONG_TESTS.get(item.nodeid, LONG_TESTS.get(item.nodeid.split("[")[0], default))
 
 
 def worker_shares(n: int, workers: int) -> list[int]:
