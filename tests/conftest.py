@@ -180,7 +180,6 @@ LONG_TESTS = {
     "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 2.5,
     "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 6.5,
     "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 5.5,
-    "tests/test_exact_views.py::test_golden_views_identical_under_every_cpu_capability": 2.6,
     "tests/test_data.py::test_real_fashion_mnist": 7,
     "tests/test_reader.py::test_torchrun_two_processes_split_rows": 6.5,
     "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 5,
@@ -252,7 +251,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for i in items:
         if expected_seconds(i) == 0:
             short.setdefault(module_of(i), []).append(i)
-    home = {module_of(i): w for w in range(workers) for i in bins[w]}
+    seconds: dict[tuple[str, int], float] = {}
+    for w in range(workers):
+        for i in bins[w]:
+            seconds[module_of(i), w] = seconds.get((module_of(i), w), 0.0) + expected_seconds(i)
+    home = {m: w for (m, w), t in sorted(seconds.items(), key=lambda kv: kv[1])}    # most of its long tests
     for module in sorted(short, key=lambda m: m not in home):
         tests = short[module]
         while tests:
