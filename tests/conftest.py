@@ -180,7 +180,7 @@ LONG_TESTS = {
     "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 2.5,
     "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 6.5,
     "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 5.5,
-    "tests/test_data.py::test_real_fashion_mnist": 7,
+    "tests/test_data.py::test_real_fashion_mnist": 5,
     "tests/test_reader.py::test_torchrun_two_processes_split_rows": 6.5,
     "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 5,
     "tests/test_errors.py::test_endpoint_lost_mid_build_is_one_line_that_says_rerun": 5,
