@@ -147,7 +147,9 @@ def make_dataset(workdir: str, n: int, shard_size: int, seed: int, alpha: float,
                  ) -> tuple[Manifest, dict]:
     images = os.path.join(workdir, "images")
     stats = write_image_folder(images, n, CLASSES, seed, alpha, quality)
-    manifest = prepare_image_folder(images, os.path.join(workdir, "data"), "train", shard_size=shard_size)
+    workers = 1 if n < 1000 else None        # a few images: one process (a pool starts slower than it writes them)
+    manifest = prepare_image_folder(images, os.path.join(workdir, "data"), "train", shard_size=shard_size,
+                                    workers=workers)
     shard_bytes = sum(os.path.getsize(manifest.shard_url(i)) for i in range(len(manifest.shards)))
     return manifest, {**stats, "shard_bytes_per_image": shard_bytes / manifest.num_samples}
 
@@ -338,11 +340,11 @@ def projection_text(p: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/imagenet.json")
-    parser.add_argument("--quick", action="store_true", help="60 images, small cache arrays (seconds)")
+    parser.add_argument("--quick", action="store_true", help="24 images, small cache arrays (seconds)")
     parser.add_argument("--workdir", default=None,
                         help="where images, shards and caches go (kept, and reused by a rerun with the same "
                              "settings); default: a temporary folder, removed at the end")
-    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 3000, quick 60)")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default 3000, quick 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -354,8 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     started, cpu_started, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
     torch.set_num_threads(1)
-    n = args.images or (60 if args.quick else 3000)
-    shard_size = 20 if args.quick else 1000
+    n = args.images or (24 if args.quick else 3000)
+    shard_size = 12 if args.quick else 1000
     rows, views, chunk_rows = (256, 1, 256) if args.quick else (8192, 2, 4096)
     workers = [int(w) for w in args.workers.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="cit-bench-imagenet-")

@@ -209,7 +209,7 @@ def dataset(args: argparse.Namespace) -> Manifest:
     per_class = 20 if args.quick else None
     out = os.path.join(args.data_dir, "quick" if args.quick else "full")
     return prepare_fashion_mnist(args.source, out, shard_size=5000 if not args.quick else 50,
-                                 per_class=per_class)["train"]
+                                 per_class=per_class, workers=1 if args.quick else None)["train"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -64,7 +64,10 @@ def free_port() -> int:
 def start_moto():
     """A moto S3 server on 127.0.0.1 at a port the kernel picks when the server binds (no window in which a
     parallel test worker could take the same port); returns the server and its port."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)      # not a log record per request: it runs in here
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     return server, server.get_host_and_port()[1]

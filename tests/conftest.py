@@ -153,40 +153,66 @@ def tiny_teachers(tmp_path_factory) -> dict[str, str]:
             "inv": make_teacher(str(root / "inv.safetensors"), "inv", seed=2)}
 
 
-# Tests that take long (seconds on 2 idle cores, measured): they start first, one per worker in turn, so no core
-# idles at the end behind a single long test.  A test marked ``slow`` and not listed counts as 5 s.
-LONG_TESTS = {   # seconds per test, measured on 2 idle cores (pytest --durations); parametrized tests: per case
-    "tests/test_demo.py::test_demo_tells_the_story_and_reuses_its_work": 45,
-    "tests/test_readme.py::test_every_readme_command_runs_as_printed": 37,
-    "tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3": 21,
-    "tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted": 21,
+# Tests that take long (seconds, call + setup, measured with pytest --durations on 2 cores with little other load):
+# they start first, dealt to the least loaded worker, so no core idles at the end behind a single long test.  A
+# parametrized test's key is its name (every case) or its node id (one case).  A test marked ``slow`` and not listed
+# counts as 5 s.
+LONG_TESTS = {
+    "tests/test_demo.py::test_demo_tells_the_story_and_reuses_its_work": 37,
+    "tests/test_readme.py::test_every_readme_command_runs_as_printed": 28,
     "tests/test_cache.py::test_kill_9_and_resume_is_bit_identical": 18,
-    "tests/test_grow.py::test_extend_under_torchrun_equals_one_process": 16,
-    "tests/test_cache.py::test_torchrun_two_processes_equal_one": 14,
-    "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch": 14,
-    "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 14,
-    "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 13,
-    "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 12,
-    "tests/test_cache.py::test_s3_round_trip": 11,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 7,
-    "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical": 6,
-    "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache": 8,
-    "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical": 8,
-    "tests/test_reader.py::test_torchrun_two_processes_split_rows": 8,
-    "tests/test_data.py::test_real_fashion_mnist": 7,
-    "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 6,
+    "tests/test_cache.py::test_torchrun_two_processes_equal_one": 12,
+    "tests/test_cache.py::test_s3_round_trip": 6,
+    "tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted": 14,
+    "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch": 12,
+    "tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3": 13,
+    "tests/test_grow.py::test_an_s3_lease_is_a_conditional_put": 1,
+    "tests/test_grow.py::test_extend_under_torchrun_equals_one_process": 12,
+    "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache": 6,
+    "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical": 6,
+    "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical": 4,
+    "tests/test_grow.py::test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_complete_cache": 3.5,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 2.5,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_train.py]": 16,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]": 10,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_cache.py]": 6,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_loader.py]": 1,
+    "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 2.5,
+    "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 6.5,
+    "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 5.5,
+    "tests/test_data.py::test_real_fashion_mnist": 5,
+    "tests/test_reader.py::test_torchrun_two_processes_split_rows": 6.5,
+    "tests/test_errors.py::test_sigint_says_how_to_resume_and_exits_130": 5,
     "tests/test_errors.py::test_endpoint_lost_mid_build_is_one_line_that_says_rerun": 5,
+    "tests/test_errors.py::test_missing_bucket_is_found_before_anything_is_written": 3,
 }
 
 
-# Long tests that share work through a module fixture, so they go to the same worker (the mixing, families and
-# recipes benchmarks reuse the data and teachers bench_claims trains).
-TOGETHER = [tuple(f"tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[{script}]"
-                   for script in ("bench_claims.py", "bench_mixing.py", "bench_families.py", "bench_recipes.py"))]
+# Long tests that share an expensive module fixture go to the same worker (a module fixture is built once per worker
+# that runs one of its tests): the accuracy benchmarks reuse the data and teachers bench_claims trains; the others
+# share a built cache (or an S3 server).
+TOGETHER = [
+    tuple(f"tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[{script}]"
+          for script in ("bench_claims.py", "bench_mixing.py", "bench_families.py", "bench_recipes.py")),
+    ("tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another",
+     "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify"),
+    ("tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical[merge]",
+     "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical[export]",
+     "tests/test_grow.py::test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache",
+     "tests/test_grow.py::test_kill_9_during_add_teacher_then_rerun_is_identical"),
+    ("tests/test_cache.py::test_kill_9_and_resume_is_bit_identical",
+     "tests/test_cache.py::test_torchrun_two_processes_equal_one", "tests/test_cache.py::test_s3_round_trip"),
+    ("tests/test_train.py::test_kill_mid_epoch_then_resume_equals_uninterrupted",
+     "tests/test_train.py::test_torchrun_two_ranks_see_every_sample_once_per_epoch"),
+    ("tests/test_grow.py::test_extend_add_teacher_export_and_merge_on_s3",
+     "tests/test_grow.py::test_an_s3_lease_is_a_conditional_put"),
+]
+SHORT_SECONDS = 0.3     # a test not listed above, for balancing
 
 
 def expected_seconds(item: pytest.Item) -> float:
-    return LONG_TESTS.get(item.nodeid.split("[")[0], 5.0 if item.get_closest_marker("slow") else 0.0)
+    default = 5.0 if item.get_closest_marker("slow") else 0.0
+    return LONG_TESTS.get(item.nodeid, LONG_TESTS.get(item.nodeid.split("[")[0], default))
 
 
 def worker_shares(n: int, workers: int) -> list[int]:
@@ -211,7 +237,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if expected_seconds(item) > 0:
             units.setdefault(group.get(item.nodeid, item.nodeid), []).append(item)
     long = sorted(units.values(), key=lambda unit: -sum(map(expected_seconds, unit)))
-    short = [i for i in items if expected_seconds(i) == 0]
     shares = worker_shares(len(items), workers)
     bins: list[list[pytest.Item]] = [[] for _ in range(workers)]
     load = [0.0] * workers
@@ -220,10 +245,26 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         w = min(free, key=lambda w: load[w])
         bins[w] += unit
         load[w] += sum(map(expected_seconds, unit))
+    # Short tests module by module: to the worker that already runs the module's long tests (its module fixtures
+    # are built there anyway), else to the least loaded one; split only where a worker's share is full.
+    short: dict[str, list[pytest.Item]] = {}
+    for i in items:
+        if expected_seconds(i) == 0:
+            short.setdefault(module_of(i), []).append(i)
+    seconds: dict[tuple[str, int], float] = {}
     for w in range(workers):
-        take = shares[w] - len(bins[w])
-        bins[w] += short[:take]
-        short = short[take:]
+        for i in bins[w]:
+            seconds[module_of(i), w] = seconds.get((module_of(i), w), 0.0) + expected_seconds(i)
+    home = {m: w for (m, w), t in sorted(seconds.items(), key=lambda kv: kv[1])}    # most of its long tests
+    for module in sorted(short, key=lambda m: m not in home):
+        tests = short[module]
+        while tests:
+            room = [w for w in range(workers) if len(bins[w]) < shares[w]]
+            w = home[module] if home.get(module) in room else min(room, key=lambda w: load[w])
+            take = tests[:shares[w] - len(bins[w])]
+            bins[w] += take
+            load[w] += SHORT_SECONDS * len(take)
+            tests = tests[len(take):]
     items[:] = [i for b in bins for i in modules_together(b, items)]
 
 
@@ -234,7 +275,11 @@ def modules_together(run: list[pytest.Item], order: list[pytest.Item]) -> list[p
     position = {id(i): n for n, i in enumerate(order)}
     longest: dict[str, float] = {}
     for i in run:
-        longest[i.module.__name__] = max(longest.get(i.module.__name__, 0.0), expected_seconds(i))
-    first_seen = {m: n for n, m in reversed(list(enumerate(i.module.__name__ for i in run)))}
-    return sorted(run, key=lambda i: (-longest[i.module.__name__], first_seen[i.module.__name__],
-                                      -expected_seconds(i), position[id(i)]))
+        longest[module_of(i)] = max(longest.get(module_of(i), 0.0), expected_seconds(i))
+    first_seen = {m: n for n, m in reversed(list(enumerate(module_of(i) for i in run)))}
+    return sorted(run, key=lambda i: (-longest[module_of(i)], first_seen[module_of(i)], -expected_seconds(i),
+                                      position[id(i)]))
+
+
+def module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]

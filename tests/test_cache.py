@@ -17,6 +17,7 @@ import zarr
 from click.testing import CliRunner
 
 from cache_builder import BuildError, build_cache, cache_info, verify_cache
+from cache_builder.assemble import export_cache
 from cache_builder.cli import cache as cache_cli
 from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
 from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
@@ -200,18 +201,20 @@ def test_s3_round_trip(world, tmp_path, monkeypatch):
         fs.mkdir("cit-test")
         fs.put(os.path.dirname(world["data"]) + "/", "cit-test/train/", recursive=True)
         # shards and cache both on S3; the endpoint comes from the environment for the shards, and from an
-        # explicit storage option for the cache
+        # explicit storage option for the cache.  One view (S3 requests are slow): the local build's view 0
         options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "test", "secret": "test"}
         url = "s3://cit-test/caches/c.zarr"
-        summary = build_cache("s3://cit-test/train/tr.json", world["teachers"], url, views=E, topk=K, spec=SPEC,
+        summary = build_cache("s3://cit-test/train/tr.json", world["teachers"], url, views=1, topk=K, spec=SPEC,
                               seed=5, batch_size=BATCH, workers=1, threads=1, test_data=world["test"],
                               progress=False,
                               storage_options=options)
-        assert summary.complete
-        assert_bit_identical(world["ref"], url, options)
+        assert summary.complete and summary.units_built == N // SHARD
+        local = export_cache(world["ref"], str(tmp_path / "view0.zarr"), views=1).url
+        assert_bit_identical(local, url, options)
         cache = LogitCache.open(url, storage_options=options)
         ref = LogitCache.open(world["ref"])
-        np.testing.assert_array_equal(cache.read_topk("inv", 2, 10, 60).logp, ref.read_topk("inv", 2, 10, 60).logp)
+        np.testing.assert_array_equal(cache.read_topk("inv", 0, 10, 60).logp, ref.read_topk("inv", 0, 10, 60).logp)
+        assert [t.test_accuracy for t in cache.attrs.teachers] == [t.test_accuracy for t in ref.attrs.teachers]
         info = cache_info(url, options)
         assert info["complete"] and info["size_bytes"] > 0
         report = verify_cache(url, data="s3://cit-test/train/tr.json", recompute=3, storage_options=options)

@@ -187,10 +187,11 @@ def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):
     from shared.cli import main as cit
     result = CliRunner().invoke(cit, ["train", *_train_args(edited, str(tmp_path / "run0"))])
     assert result.exit_code == 2 and "ex-0001.tar does not match manifest" in result.stderr, result.output[-2000:]
-    result = _train(edited, str(tmp_path / "run"), "default", "--no-verify-shards")   # ... else the pixel digest
-    assert result.returncode == 2, result.stderr[-2000:]       # a user error, raised mid-run: exit 2, one line
+    result = CliRunner().invoke(cit, ["train", *_train_args(edited, str(tmp_path / "run"), "--no-verify-shards")])
+    assert result.exit_code == 2, result.output[-2000:]        # ... else the pixel digest: a user error, mid-run
     assert f"sample {victim!r}" in result.stderr and "pixels check failed" in result.stderr
     assert "ex-0001.tar" in result.stderr and "Traceback" not in result.stderr
+    assert isinstance(result.exception, SystemExit)            # handled by the CLI, not an escaped exception
     verify = invoke_cli("verify", built["cache"], "--data", edited["data"], "--pixels")
     assert verify.returncode == 1
     lines = [line for line in verify.stdout.splitlines() if "pixels check failed" in line]

@@ -36,13 +36,29 @@ SPEC = ViewSpec.from_dict(AUG)
 def grow_world(tmp_path_factory, tiny_teachers):
     root = tmp_path_factory.mktemp("grow")
     data = make_shards(str(root / "train"), num_samples=N, shard_size=SHARD, prefix="gr", seed=3)
-    return {"root": root, "data": data.path, "conv": tiny_teachers["conv"], "inv": tiny_teachers["inv"]}
+    return {"root": root, "data": data.path, "conv": tiny_teachers["conv"], "inv": tiny_teachers["inv"], "built": {}}
 
 
-def fresh(w, out: str, views: int, names: tuple[str, ...]) -> str:
-    build_cache(w["data"], [f"{n}={w[n]}" for n in names], out, views=views, topk=K, spec=SPEC, seed=5,
-                batch_size=BATCH, workers=0, threads=1, progress=False)
+def fresh(w, out: str, views: int, names: tuple[str, ...], **options) -> str:
+    build_cache(w["data"], [f"{n}={w[n]}" for n in names], out, views=views,
+                **{**dict(topk=K, spec=SPEC, seed=5, batch_size=BATCH, workers=0, threads=1, progress=False),
+                   **options})
     return out
+
+
+def reference(w, views: int, names: tuple[str, ...], fine: bool = False) -> str:
+    """A fresh build of ``views`` x ``names`` (``fine``: 5-row chunks, see ``FINE``), made once per module and
+    shared: read it, never change it (``copy_of`` for a cache a test grows)."""
+    key = (views, names, fine)
+    if key not in w["built"]:
+        out = str(w["root"] / f"ref-{views}-{'+'.join(names)}{'-fine' if fine else ''}.zarr")
+        w["built"][key] = fresh(w, out, views, names, **(FINE if fine else {}))
+    return w["built"][key]
+
+
+def copy_of(w, views: int, names: tuple[str, ...], out: str, fine: bool = False) -> str:
+    """A private copy of ``reference`` (file times kept) for a test that changes it."""
+    return shutil.copytree(reference(w, views, names, fine), out)
 
 
 def settings(w, **kw) -> GrowSettings:
@@ -63,14 +79,14 @@ def assert_same_cache(a: str, b: str) -> None:
 
 def test_extend_2_to_4_equals_a_fresh_4_view_build(grow_world, tmp_path):
     w = grow_world
-    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    grown = copy_of(w, 2, ("conv",), str(tmp_path / "grown.zarr"))
     old = {p: zarr.open_group(grown, mode="r")[p][:2] for p in ("params", "conv/logp", "conv/tail")}
     chunk_files = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv", "logp", "c"))}
     reader = LogitCache.open(grown)             # a training that opened the cache before the change
     seen = reader.read_topk("conv", 1, 0, N)
     summary = extend_cache(grown, 4, settings(w))
     assert summary.complete and summary.units_built == 2 * (N // SHARD) and summary.units_skipped == 2 * (N // SHARD)
-    assert_same_cache(fresh(w, str(tmp_path / "four.zarr"), 4, ("conv",)), grown)
+    assert_same_cache(reference(w, 4, ("conv",)), grown)
     g = zarr.open_group(grown, mode="r")
     assert all(np.array_equal(g[p][:2], v, equal_nan=True) for p, v in old.items())
     assert all(os.path.getmtime(f) == t for f, t in chunk_files.items())     # old chunks never rewritten
@@ -80,18 +96,18 @@ def test_extend_2_to_4_equals_a_fresh_4_view_build(grow_world, tmp_path):
 
 def test_add_teacher_equals_a_fresh_two_teacher_build(grow_world, tmp_path):
     w = grow_world
-    grown = fresh(w, str(tmp_path / "grown.zarr"), 2, ("conv",))
+    grown = copy_of(w, 2, ("conv",), str(tmp_path / "grown.zarr"))
     before = {f: os.path.getmtime(f) for f in _files(os.path.join(grown, "conv"))}
     summary = add_teachers(grown, [f"inv={w['inv']}"], settings(w))
     assert summary.complete and summary.units_built == 2 * (N // SHARD)
-    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), grown)
+    assert_same_cache(reference(w, 2, ("conv", "inv")), grown)
     assert all(os.path.getmtime(f) == t for f, t in before.items())
     assert LogitCache.open(grown).teacher_names == ["conv", "inv"]
 
 
 def test_grow_refusals_are_one_line(grow_world, tmp_path):
     w = grow_world
-    url = fresh(w, str(tmp_path / "c.zarr"), 2, ("conv",))
+    url = copy_of(w, 2, ("conv",), str(tmp_path / "c.zarr"))
     runner = CliRunner()
     for args, message in [(["extend", url, "--views", "1"], "fewer than the cache's E=2"),
                           (["extend", url, "--views", "3", "--teacher", f"conv={w['inv']}"], "is not the teacher"),
@@ -105,12 +121,8 @@ def test_grow_refusals_are_one_line(grow_world, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
     w = grow_world
-    ref = str(tmp_path / "ref.zarr")
-    build_cache(w["data"], [f"conv={w['conv']}"], ref, views=4, topk=K, spec=SPEC, seed=5, batch_size=4,
-                chunk_rows=5, workers=0, threads=1, progress=False)
-    url = str(tmp_path / "killed.zarr")
-    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, topk=K, spec=SPEC, seed=5, batch_size=4,
-                chunk_rows=5, workers=0, threads=1, progress=False)
+    ref = reference(w, 4, ("conv",), fine=True)
+    url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
     proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 90
@@ -142,17 +154,17 @@ def _files(folder: str) -> list[str]:
 
 def test_merge_of_two_one_teacher_caches_equals_the_two_teacher_build(grow_world, tmp_path):
     w = grow_world
-    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
-    b = fresh(w, str(tmp_path / "b.zarr"), 2, ("inv",))
+    a, b = reference(w, 2, ("conv",)), reference(w, 2, ("inv",))
     runner = CliRunner()
     r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
     assert r.exit_code == 0, r.output
-    assert_same_cache(fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv")), str(tmp_path / "ab.zarr"))
+    both = reference(w, 2, ("conv", "inv"))
+    assert_same_cache(both, str(tmp_path / "ab.zarr"))
     # export of one teacher (and fewer views) equals a one-teacher build
-    r = runner.invoke(cache_cli, ["export", str(tmp_path / "both.zarr"), "--teachers", "inv", "--views", "1",
+    r = runner.invoke(cache_cli, ["export", both, "--teachers", "inv", "--views", "1",
                                   "--out", str(tmp_path / "inv1.zarr")])
     assert r.exit_code == 0, r.output
-    assert_same_cache(fresh(w, str(tmp_path / "inv-fresh.zarr"), 1, ("inv",)), str(tmp_path / "inv1.zarr"))
+    assert_same_cache(reference(w, 1, ("inv",)), str(tmp_path / "inv1.zarr"))
     # what they join is verified: one line naming what differs
     other = str(tmp_path / "other.zarr")
     build_cache(w["data"], [f"inv={w['inv']}"], other, views=2, topk=K, spec=SPEC, seed=6, batch_size=BATCH,
@@ -192,11 +204,8 @@ def test_the_build_plan_is_a_pure_function_of_what_is_there_and_what_is_intended
 @pytest.mark.slow
 def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path):
     w = grow_world
-    small = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, threads=1, progress=False)
-    ref = str(tmp_path / "ref.zarr")
-    build_cache(w["data"], [f"conv={w['conv']}", f"inv={w['inv']}"], ref, views=2, **small)
-    url = str(tmp_path / "killed.zarr")
-    build_cache(w["data"], [f"conv={w['conv']}"], url, views=2, **small)
+    ref = reference(w, 2, ("conv", "inv"), fine=True)
+    url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
     proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 90
@@ -221,7 +230,7 @@ def test_extend_and_add_teacher_on_an_fsspec_url(grow_world, tmp_path):
     fresh(w, url, 1, ("conv",))
     extend_cache(url, 2, settings(w))
     add_teachers(url, [f"inv={w['inv']}"], settings(w))
-    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+    ref = reference(w, 2, ("conv", "inv"))
     x, y = store_arrays(ref), store_arrays(url)
     assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k], equal_nan=True) for k in x)
     assert LogitCache.open(url).teacher_names == ["conv", "inv"] and LogitCache.open(url).attrs.views == 2
@@ -233,7 +242,7 @@ def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
 
     from tests.cache_fixtures import free_port
     w = grow_world
-    url = fresh(w, str(tmp_path / "ddp.zarr"), 1, ("conv",))
+    url = copy_of(w, 1, ("conv",), str(tmp_path / "ddp.zarr"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
            "-m", "cache_builder.cli", "extend", url, "--views", "3", "--data", w["data"], "--no-progress",
            "--workers", "0"]
@@ -241,14 +250,14 @@ def test_extend_under_torchrun_equals_one_process(grow_world, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("complete") == 1 and "built 6 units" in result.stdout, result.stdout
-    assert_same_cache(fresh(w, str(tmp_path / "three.zarr"), 3, ("conv",)), url)
+    assert_same_cache(reference(w, 3, ("conv",)), url)
 
 
 def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path):
     """Views 0..1 built here, views 2..3 "on another machine" (`build --views-from 2`): merged, a fresh 4-view
     build; an overlap is joined only where both agree bit for bit; a gap is refused naming the missing views."""
     w = grow_world
-    a = fresh(w, str(tmp_path / "a.zarr"), 2, ("conv",))
+    a = reference(w, 2, ("conv",))
     b = str(tmp_path / "b.zarr")
     runner = CliRunner()
     r = runner.invoke(cache_cli, ["build", "--data", w["data"], "--teacher", f"conv={w['conv']}", "--views", "4",
@@ -260,7 +269,7 @@ def test_merge_of_two_view_ranges_equals_a_fresh_full_build(grow_world, tmp_path
     assert stored.attrs["first_view"] == 2 and not np.any(stored["done"][:2]) and np.all(stored["done"][2:] == 1)
     with pytest.raises(CacheError, match=r"holds views 2\.\.3 only \(a view range\).*cit cache merge"):
         LogitCache.open(b)                       # what a training opens: a range is refused
-    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv",))
+    full = reference(w, 4, ("conv",))
     r = runner.invoke(cache_cli, ["merge", a, b, "--out", str(tmp_path / "ab.zarr")])
     assert r.exit_code == 0 and "E=4" in r.output, r.output
     assert_same_cache(full, str(tmp_path / "ab.zarr"))
@@ -298,9 +307,8 @@ def fine_caches(grow_world, tmp_path_factory):
     """Caches of 5-row chunks (12 chunks x 4 views): copying them takes long enough to be killed in the middle."""
     w = grow_world
     root = tmp_path_factory.mktemp("fine")
-    out = {name: str(root / f"{name}.zarr") for name in ("conv", "inv", "both")}
-    for name in ("conv", "inv"):
-        build_cache(w["data"], [f"{name}={w[name]}"], out[name], views=4, **FINE)
+    out = {name: reference(w, 4, (name,), fine=True) for name in ("conv", "inv")}
+    out["both"] = str(root / "both.zarr")
     merge_caches(out["conv"], out["inv"], out["both"])      # equal to a fresh build (tested above)
     return out
 
@@ -365,9 +373,8 @@ def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_comp
     while this process extends it 2 -> 4 views and then adds a teacher: each sees only complete states, in
     order, and never a wrong value."""
     w = grow_world
-    url, stop = fresh(w, str(tmp_path / "shared.zarr"), 2, ("conv",)), str(tmp_path / "stop")
-    reference = fresh(w, str(tmp_path / "final.zarr"), 4, ("conv", "inv"))
-    readers = start_readers(url, reference, stop, 3)
+    url, stop = copy_of(w, 2, ("conv",), str(tmp_path / "shared.zarr")), str(tmp_path / "stop")
+    readers = start_readers(url, reference(w, 4, ("conv", "inv")), stop, 3)
     extend_cache(url, 4, settings(w))                          # the change, in this process
     add_teachers(url, [f"inv={w['inv']}"], settings(w))
     reports = reader_reports(readers, stop)
@@ -396,14 +403,22 @@ def s3_options():
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def small_world(grow_world):
+    """20 samples in 2 shards (2 units per view) for the s3:// changes: every S3 request is slow."""
+    root = grow_world["root"] / "small"
+    data = make_shards(str(root / "train"), num_samples=20, shard_size=10, prefix="gs", seed=4)
+    return {**grow_world, "root": root, "data": data.path, "built": {}}
+
+
 @pytest.mark.slow
-def test_extend_add_teacher_export_and_merge_on_s3(grow_world, s3_options, tmp_path):
+def test_extend_add_teacher_export_and_merge_on_s3(small_world, s3_options, tmp_path):
     import s3fs
-    w, o = grow_world, s3_options
+    w, o = small_world, s3_options
     url = "s3://cit-grow/c.zarr"
     build_cache(w["data"], [f"conv={w['conv']}"], url, views=1, topk=K, spec=SPEC, seed=5, batch_size=BATCH,
                 workers=0, threads=1, progress=False, storage_options=o)
-    ref = fresh(w, str(tmp_path / "ref.zarr"), 2, ("conv", "inv"))
+    ref = reference(w, 2, ("conv", "inv"))
     stop = str(tmp_path / "stop")
     readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.3")     # trainings reading the s3 cache meanwhile
     extend_cache(url, 2, settings(w, storage_options=o))
@@ -454,5 +469,5 @@ def test_a_view_range_grows_like_a_cache(grow_world, tmp_path):
                 batch_size=BATCH, workers=0, threads=1, progress=False)
     assert add_teachers(url, [f"inv={w['inv']}"], settings(w)).units_built == N // SHARD
     assert extend_cache(url, 4, settings(w)).units_built == N // SHARD
-    full = fresh(w, str(tmp_path / "full.zarr"), 4, ("conv", "inv"))
+    full = reference(w, 4, ("conv", "inv"))
     assert_same_cache(export_cache(full, str(tmp_path / "full24.zarr"), first_view=2).url, url)

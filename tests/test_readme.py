@@ -2,8 +2,8 @@
 breaks the suite, not the user.
 
 The only thing the test adds to a README command is options that make the data small (a fake Fashion-MNIST
-source, few images per class, one epoch, one view, four after `cache extend`); the README's own options come first
-and are all kept.
+source, few images per class, one epoch, one view, four after `cache extend`) or the work quick (one process for
+`data prepare`); the README's own options come first and are all kept.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from shared.cli import SUBCOMMANDS, main as cit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Appended to the README's command (click: the last value of an option wins) to make it small and fast
+# Appended to the README's command (click: the last value of an option wins) to make it small and fast; prepare also
+# gets --source <fake IDX>, and one process (a process pool starts slower than it writes a few images)
 SMALL = {
-    ("data", "prepare", "fashion-mnist"): ["--per-class", "2", "--severities", "1"],   # + --source <fake IDX>
+    ("data", "prepare", "fashion-mnist"): ["--per-class", "2", "--severities", "1", "--workers", "1"],
     ("teacher", "train"): ["--epochs", "1"],
     ("cache", "build"): ["--views", "1"],
     ("cache", "extend"): ["--views", "4"],          # as many as the README's `cache export --views 4` needs

@@ -352,7 +352,7 @@ def _cli(data, out, *extra: str, epochs: int = 3, launcher: tuple[str, ...] = ()
 
 def _cli_in_process(data, out, *extra: str, epochs: int = 3):
     """``cit train`` with ``_cli``'s arguments through the real entry point, in this process (one OpenMP thread, as
-    in the subprocesses): for a reference run, where no process is killed."""
+    in the subprocesses): for a run that is not killed (a reference, a resume)."""
     from click.testing import CliRunner
 
     from shared.cli import main as cit
@@ -374,8 +374,8 @@ def test_kill_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path):
     from trainer.engine import load_state
     _, info = load_state(str(tmp_path / "cut/state.safetensors"))
     assert info["meta"]["epoch"] == 0                                  # died inside epoch 1
-    resumed = _cli(data, tmp_path / "cut", "data.num_workers=2", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = _cli_in_process(data, tmp_path / "cut", "data.num_workers=2", "--resume")   # not killed: here
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
