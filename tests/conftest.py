@@ -173,10 +173,11 @@ LONG_TESTS = {
     "tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical": 4,
     "tests/test_grow.py::test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_complete_cache": 3.5,
     "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads": 2.5,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_train.py]": 16,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_claims.py]": 10,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_cache.py]": 6,
-    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[bench_loader.py]": 1,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[train]": 16,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[train_join]": 8,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[claims]": 10,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[cache]": 6,
+    "tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[loader]": 1,
     "tests/test_bench_imagenet.py::test_bench_imagenet_quick": 2.5,
     "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify": 6.5,
     "tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another": 5.5,
@@ -192,8 +193,8 @@ LONG_TESTS = {
 # that runs one of its tests): the accuracy benchmarks reuse the data and teachers bench_claims trains; the others
 # share a built cache (or an S3 server).
 TOGETHER = [
-    tuple(f"tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[{script}]"
-          for script in ("bench_claims.py", "bench_mixing.py", "bench_families.py", "bench_recipes.py")),
+    tuple(f"tests/test_benchmarks.py::test_quick_mode_writes_what_the_readme_reads[{name}]"
+          for name in ("claims", "mixing", "families", "recipes")),
     ("tests/test_exact_views.py::test_cache_built_under_one_capability_trains_under_another",
      "tests/test_exact_views.py::test_edited_shard_is_refused_by_train_and_found_by_verify"),
     ("tests/test_grow.py::test_kill_9_during_merge_and_export_then_rerun_is_identical[merge]",

@@ -89,11 +89,12 @@ QUICK = [  # (script, result name in FIELDS or None, extra arguments); {fmnist}:
     ("bench_models.py", "models_cpu", ["--clock", "cpu"]),
     ("bench_cache.py", "cache", []),
     ("bench_train.py", "train", []),
+    ("bench_train.py", "train_join", ["--part", "join"]),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,name,extra", QUICK, ids=[q[0] for q in QUICK])
+@pytest.mark.parametrize("script,name,extra", QUICK, ids=[q[1] for q in QUICK])
 def test_quick_mode_writes_what_the_readme_reads(script, name, extra, workdir, fake_fashion_mnist, tmp_path,
                                                 monkeypatch, capsys):
     out = tmp_path / f"{name}.json"

@@ -228,6 +228,17 @@ def _copy(src: str, dst: str) -> str:
     return dst
 
 
+def test_recompute_and_fidelity_name_a_checkpoint_that_is_not_the_recorded_one(world):
+    """Another checkpoint than the one the cache recorded (sha256) is named, never compared as if it were."""
+    report = verify_cache(world["ref"], data=world["data"], recompute=2, teachers=[f"conv={world['inv']}"])
+    assert not report.ok and any("teacher conv: checkpoint" in p and "is not the one the cache was built with" in p
+                                 for p in report.problems), report.text()
+    out = CliRunner().invoke(cache_cli, ["info", world["ref"], "--fidelity", "--sample", "4", "--data", world["data"],
+                                         "--teacher", f"conv={world['inv']}", "--device", "cpu"])
+    assert out.exit_code == 2 and "is not the one the cache was built with" in out.output, out.output
+    assert out.output.strip().count("\n") == 0
+
+
 def test_verify_catches_tampering_other_shards_and_incomplete(world, tmp_path):
     # 1) a chunk whose classes were moved to other rows (still sorted, finite, in range, masses adding up to 1):
     # only the recompute sees it

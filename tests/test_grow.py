@@ -105,6 +105,24 @@ def test_add_teacher_equals_a_fresh_two_teacher_build(grow_world, tmp_path):
     assert LogitCache.open(grown).teacher_names == ["conv", "inv"]
 
 
+def test_add_teacher_measures_the_new_teachers_accuracy_like_a_build(grow_world, tmp_path):
+    """``add-teacher --test-data``: the new teacher's accuracy and its test set recorded as a fresh build with both
+    teachers records them; a test set of another channel count is refused before any work."""
+    w = grow_world
+    test = make_shards(str(tmp_path / "test"), num_samples=24, shard_size=12, prefix="te", seed=9)
+    rgb = make_shards(str(tmp_path / "rgb"), num_samples=12, shard_size=12, channels=3, prefix="rgb", seed=9)
+    grown = copy_of(w, 2, ("conv",), str(tmp_path / "grown.zarr"))
+    with pytest.raises(BuildError, match=r"--test-data .*rgb.* has 3-channel images, --data 1"):
+        add_teachers(grown, [f"inv={w['inv']}"], settings(w, test_data=rgb.path))
+    assert LogitCache.open(grown).teacher_names == ["conv"]
+    add_teachers(grown, [f"inv={w['inv']}"], settings(w, test_data=test.path))
+    both = fresh(w, str(tmp_path / "both.zarr"), 2, ("conv", "inv"), test_data=test.path)
+    got, want = LogitCache.open(grown).attrs.teacher("inv"), LogitCache.open(both).attrs.teacher("inv")
+    assert got.test_accuracy is not None and got.test_accuracy == want.test_accuracy
+    assert got.extra["test_fingerprint"] == want.extra["test_fingerprint"] == test.fingerprint
+    assert got.extra["test_samples"] == 24
+
+
 def test_grow_refusals_are_one_line(grow_world, tmp_path):
     w = grow_world
     url = copy_of(w, 2, ("conv",), str(tmp_path / "c.zarr"))
