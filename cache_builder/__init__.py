@@ -7,12 +7,17 @@ Python API (the CLI ``cit cache ...`` calls exactly these):
     extend_cache("cache.zarr", 8, GrowSettings(data="data/train.json"))   # and add_teachers, merge_caches, ...
     info = cache_info("cache.zarr"); report = verify_cache("cache.zarr", data="data/train.json", recompute=32)
 """
-from cache_builder.assemble import export_cache, merge_caches
-from cache_builder.build import BuildSettings, BuildSummary, build_cache
-from cache_builder.errors import BuildError
-from cache_builder.grow import GrowSettings, add_teachers, extend_cache
-from cache_builder.info import cache_info, format_info
-from cache_builder.verify import VerifyReport, verify_cache
+import importlib
 
-__all__ = ["BuildError", "BuildSettings", "BuildSummary", "build_cache", "extend_cache", "add_teachers",
-           "GrowSettings", "merge_caches", "export_cache", "cache_info", "format_info", "VerifyReport", "verify_cache"]
+# name -> module: imported on first use, so ``import cache_builder.cli`` (``cit --help``) does not start torch
+_EXPORTS = {"export_cache": "assemble", "merge_caches": "assemble", "BuildSettings": "build", "BuildSummary": "build",
+            "build_cache": "build", "BuildError": "errors", "GrowSettings": "grow", "add_teachers": "grow",
+            "extend_cache": "grow", "cache_info": "info", "format_info": "info", "VerifyReport": "verify",
+            "verify_cache": "verify"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"cache_builder.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'cache_builder' has no attribute {name!r}")

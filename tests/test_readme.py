@@ -12,6 +12,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 
 import click
 import pytest
@@ -177,3 +179,31 @@ def test_help_of_every_command_and_subcommand():
         result = CliRunner().invoke(cit, [*path, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, f"cit {' '.join(path)} --help\n{result.output}"
         assert (command.help or command.short_help), f"cit {' '.join(path)} has no help text"
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+import click
+from click.testing import CliRunner
+from shared.cli import main as cit
+
+def walk(command, path=()):
+    yield path
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from walk(command.get_command(ctx, name), path + (name,))
+
+for path in walk(cit):
+    assert CliRunner().invoke(cit, [*path, "--help"]).exit_code == 0, path
+heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+print("imported:", heavy)
+"""
+
+
+def test_help_and_argument_parsing_do_not_start_torch():
+    """Every command's ``--help`` in a fresh interpreter: none imports torch (seconds a user waits for nothing)."""
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("imported: []"), proc.stdout + proc.stderr[-2000:]
