@@ -24,7 +24,7 @@ OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|dese
 
 def run_suite(extra: list[str]) -> dict:
     """``python -m pytest -q --durations=10`` in the repository; its own CPU time and that of all its children."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "--durations=10", "-p", "no:cacheprovider", *extra]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider", *extra]
     env = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"]
                                               if os.environ.get("PYTHONPATH") else ""))
     load_start = os.getloadavg()
@@ -36,12 +36,14 @@ def run_suite(extra: list[str]) -> dict:
     code = os.waitstatus_to_exitcode(status)
     tail = output.strip().splitlines()[-1] if output.strip() else ""
     outcomes = {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in OUTCOME.findall(tail)}
+    failed = [line.split(" ", 2)[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     slowest = [{"seconds": float(m.group(1)), "phase": m.group(2), "test": m.group(3)}
                for m in map(DURATION.match, output.splitlines()) if m][:10]
     return {"command": " ".join(["python", "-m", "pytest", "-q", *extra]), "exit_code": code,
             "wall_seconds": round(wall, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
             "user_seconds": round(usage.ru_utime, 1), "sys_seconds": round(usage.ru_stime, 1),
-            "passed": outcomes.get("passed", 0), "outcomes": outcomes, "summary": tail, "slowest": slowest,
+            "passed": outcomes.get("passed", 0), "outcomes": outcomes, "summary": tail, "failed": failed,
+            "slowest": slowest,
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "usable_cpus": len(os.sched_getaffinity(0)), "loadavg_start": list(load_start),
                         "loadavg_end": list(os.getloadavg())}}
@@ -58,6 +60,8 @@ def main() -> None:
         json.dump(result, f, indent=1)
         f.write("\n")
     la = result["machine"]["loadavg_start"][0], result["machine"]["loadavg_end"][0]
+    for nodeid in result["failed"]:
+        print(f"FAILED {nodeid}")
     print(f"{result['summary']}\nwall {result['wall_seconds']:.0f} s, CPU {result['cpu_seconds']:.0f} s "
           f"(user + sys), load average {la[0]:.1f} at start, {la[1]:.1f} at the end -> {args.out}")
     sys.exit(result["exit_code"])

@@ -421,7 +421,7 @@ def join_part(folder: str, quick: bool) -> dict:
 
     from trainer.data import make_loader
     from trainer.train import prepare
-    shard28, shard224 = (64, 8) if quick else (JOIN_SHARDS[28], JOIN_SHARDS[224])
+    shard28, shard224 = (64, 4) if quick else (JOIN_SHARDS[28], JOIN_SHARDS[224])
     batch, passes = (16, 2) if quick else (32, 4)
     m28 = make_data(os.path.join(folder, "data28"), 2 * shard28, shard_size=shard28)
     c28 = os.path.join(folder, "cache28.zarr")
