@@ -262,8 +262,11 @@ def test_sigint_says_how_to_resume_and_exits_130(shards, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     args = train_args(shards, run)
     args[args.index("--epochs") + 1] = "200"
+    # as a terminal's Ctrl-C meets it: a suite started in the background (`cmd &`) hands its children SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (run / "state.safetensors").exists() and time.time() < deadline and proc.poll() is None:
