@@ -207,28 +207,6 @@ def loader_ratio(manifest: str, spec: ViewSpec, cache: str, teachers: tuple[str,
             "image_size": spec.image_size, "batch_size": batch_size}
 
 
-def components(manifest: str, cache: str, arch: str, batch_size: int, reps: int) -> dict:
-    """Where a cached-KD step could cost more than a no-KD step, each part timed on its own, interleaved:
-
-    * ``step_ms``: forward + Eq. 1 + backward + AdamW on one fixed batch already on the device — with the cached
-      targets (top-k -> dense targets of both teachers at once, one fused KL) vs labels only;
-    * ``loader``: one process iterating the epoch's batches (read, decode, replay) with the cache join (one block
-      read per piece and array, one indexed gather per batch, params + digest check) vs without, in images per
-      CPU-second (``loader_ratio``).
-    """
-    import warnings
-
-    from trainer.data import make_loader
-    from trainer.train import prepare
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ps = {m: prepare(run_config(manifest, cache, arch, m, batch_size, 0, 1, {})) for m in ("none", "cached")}
-    p = ps["cached"]
-    batch = next(iter(make_loader(p.train_set, batch_size, 0, pin_memory=False))).to(p.runtime.device)
-    return {**step_ratio(ps, batch, reps), "loader": loader_ratio(manifest, SPEC, cache, ("conv", "inv"), batch_size,
-                                                                  passes=3)}
-
-
 def step_ratio(ps: dict, batch, reps: int) -> dict:
     """Median step time (forward + Eq. 1 + backward + AdamW) on one fixed device batch, no-KD vs cached KD,
     interleaved; the ratio is the median of back-to-back pairs."""
@@ -520,8 +498,9 @@ def main() -> None:
                              "--out JSON")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--part", choices=("all", "join", "paper224"), default="all",
-                        help="all: throughput, components and memory; join: loader cached/none at 28 and 224 px and "
-                             "step cached/none; paper224: the paper's 224 px setting (RegNetY-4GF + RedNet teachers)")
+                        help="all: throughput and memory; join: where a cached-KD step could cost more: the loader "
+                             "cached/none at 28 and 224 px and the step cached/none on a fixed batch; paper224: the "
+                             "paper's 224 px setting (RegNetY-4GF + RedNet teachers)")
     parser.add_argument("--inv", default="rednet26", help="paper224: RedNet teachers, comma-separated "
                         "(rednet26,rednet101)")
     args = parser.parse_args()
@@ -565,8 +544,6 @@ def main() -> None:
                   + f"; cached/none {r['cached_over_none']:.3f} (paired {r['cached_over_none_paired_median']:.3f})"
                   + f", cached/online {r['cached_over_online']:.2f} (paired {r['cached_over_online_paired_median']:.2f})",
                   flush=True)
-            r["components"] = components(manifest, cache, arch, batch, reps=3 if quick else 20)
-            print(f"  {arch} components: {json.dumps(r['components'])}", flush=True)
         print("memory ...", flush=True)
         result["memory"] = memory_curve(folder, sizes, args.workers)
         result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build")
