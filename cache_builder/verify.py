@@ -373,7 +373,8 @@ def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done
                                        f"(stored step {scale[1]:.3g})")
                     if bad:
                         mismatches += 1
-                        report.problem("recompute", f"teacher {t.name}, view {v} of {replay.raws[row].key!r} (row {row}): "
+                        key = replay.raws[row].key
+                        report.problem("recompute", f"teacher {t.name}, view {v} of {key!r} (row {row}): "
                                        + "; ".join(bad))
     report.recomputed = len(picks)
     if mismatches == 0:

@@ -48,9 +48,9 @@ def encode_logits(logits: torch.Tensor, k: int, temperatures: tuple[float, ...] 
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − eˣ) for x ≤ 0: exact near x → 0⁻ (a tail holding almost all the mass), absolute error ≤ 6e-8 as
-    x → −inf, where the result is ~−eˣ: what a log-probability needs (its fp16 top-k are coarser), in three ops
-    instead of the two-branch form that also keeps the relative error of that tiny result."""
+    """log(1 − eˣ) for x ≤ 0: exact near x → 0⁻ (a tail holding almost all the mass), absolute error ≤ 6e-8
+    as x → −inf, where the result is ~−eˣ: what a log-probability needs (its fp16 top-k are coarser), in three
+    ops instead of the two-branch form that also keeps the relative error of that tiny result."""
     return torch.log(torch.expm1(x.clamp_max(0.0)).neg_())
 
 

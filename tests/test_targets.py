@@ -248,3 +248,15 @@ def test_verify_checks_every_cached_temperature(built, tmp_path):
     g["t/tail"][0, 0:20] = tail.astype(np.float16)
     report = verify_cache(bad, data=built["data"], recompute=N)
     assert any("tail mass at τ=2" in p for p in report.problems), report.text()
+
+
+def test_log1mexp_against_float64_math():
+    """log(1 − eˣ) in fp32 against float64 ``math`` on the same (fp32) inputs: within fp32 rounding (1e-7 relative,
+    1e-7 absolute where the result is small) from x = −1e-7 to −100; −inf at 0 and 0 at −inf."""
+    import math
+    from shared.targets import log1mexp
+    x = torch.tensor([-1e-7, -1e-4, -0.1, -0.5, -math.log(2), -1.0, -3.0, -10.0, -17.0, -30.0, -100.0])
+    got = log1mexp(x).double()
+    want = torch.tensor([math.log(-math.expm1(v)) for v in x.double().tolist()], dtype=torch.float64)
+    assert ((got - want).abs() <= 1e-7 * want.abs().clamp_min(1.0)).all(), (got - want).abs().max()
+    assert log1mexp(torch.tensor([0.0])).item() == -math.inf and log1mexp(torch.tensor([-math.inf])).item() == 0.0
