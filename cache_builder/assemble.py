@@ -181,20 +181,8 @@ def _copy_unit(plan: _Plan, cache: LogitCache, view: int, chunk: int) -> None:
         if mine:
             read.update({(i, p): block for p, block in zip(mine, source.read_rows(mine, view, lo, hi))})
     blocks = {p: _agreed(plan, holders[p], p, read, f"view {view}, rows {lo}..{hi}") for p in paths}
-    _write_rows(cache, blocks, view, lo, hi)
+    cache.write_rows(blocks, view, lo, hi)
     cache.array("done")[view, chunk] = 1                  # last: a kill before it leaves the unit undone
-
-
-def _write_rows(cache: LogitCache, blocks: dict[str, np.ndarray], view: int, lo: int, hi: int) -> None:
-    import asyncio
-
-    from zarr.core.sync import sync
-
-    arrays = {p: cache.array(p).async_array for p in blocks}      # opened here: no sync call inside the loop
-
-    async def put():
-        await asyncio.gather(*(arrays[p].setitem((view, slice(lo, hi)), b) for p, b in blocks.items()))
-    sync(put())
 
 
 def _agreed(plan: _Plan, holders: list[int], path: str, read: dict, where: str) -> np.ndarray:

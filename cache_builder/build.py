@@ -328,14 +328,15 @@ def _probe(runner: TeacherRunner, manifest: Manifest, spec: ViewSpec, seed: int,
                 raise BuildError(f"teacher {teacher.name} produced non-finite logits (NaN/Inf) on sample "
                                  f"{keys[int(np.argmin(ok))]!r} (view 0) before the build started; nothing written")
             if runner.features:
-                _probe_features(runner, teacher, views, keys)
+                _probe_features(runner, teacher, views, logits, keys)
 
 
-def _probe_features(runner: TeacherRunner, teacher, views: torch.Tensor, keys: list[str]) -> None:
+def _probe_features(runner: TeacherRunner, teacher, views: torch.Tensor, logits: torch.Tensor,
+                    keys: list[str]) -> None:
     """The pooled features of the probe views: (n, feature_dim), finite, and the logits beside them those of
     ``model(x)`` (one ``forward_features`` pass gives both only for a timm-style ``forward``)."""
     try:
-        logits, pooled = runner.logits_and_pooled(teacher, views)
+        one_pass, pooled = runner.logits_and_pooled(teacher, views)
     except (RuntimeError, TypeError) as exc:
         raise BuildError(f"teacher {teacher.name} ({teacher.checkpoint}): cannot compute its pooled features "
                          f"(forward_head(forward_features(x), pre_logits=True)): {exc}") from None
@@ -343,7 +344,7 @@ def _probe_features(runner: TeacherRunner, teacher, views: torch.Tensor, keys: l
     if pooled.ndim != 2 or pooled.shape[1] != dim:
         raise BuildError(f"teacher {teacher.name}: pooled features of shape {tuple(pooled.shape)}, expected "
                          f"(batch, {dim}) (its num_features)")
-    if not torch.equal(logits, runner.logits(teacher, views)):
+    if not torch.equal(one_pass, logits):
         raise BuildError(f"teacher {teacher.name}: forward_head(forward_features(x)) is not its forward(x), so its "
                          "features and logits cannot come from one pass; build without --features")
     ok = torch.isfinite(pooled).all(dim=1).cpu().numpy()

@@ -132,14 +132,10 @@ def _follow(comm: _Dist, url: str, settings: GrowSettings) -> BuildSummary:
                 sink = write_whole_unit(LogitCache(ctx.cache.root, CacheAttrs.from_json_dict(target_json), url))
             else:
                 sink = _teacher_sink(ctx)
-            built, views_built = _run_share(ctx, runner, sink, _share(units, comm), settings)
+            built, views_built = _run_share(ctx, runner, sink, rank_share(units, comm.rank, comm.world), settings)
         except Exception as exc:  # noqa: BLE001 — reported after the collective below, so no rank hangs
             failed, failure = 1, exc
         comm.sum(failed), comm.sum(built), comm.sum(views_built)
-
-
-def _share(units: list, comm: _Dist) -> list:
-    return rank_share(units, comm.rank, comm.world)
 
 
 def _open(url: str, settings: GrowSettings) -> _Context:
@@ -183,7 +179,7 @@ def _run(ctx: _Context, runner: TeacherRunner, sink, units: list[tuple[int, int]
     comm.broadcast(("units", kind, pairs, units, target.to_json_dict()))
     failed = built = views_built = 0
     try:
-        built, views_built = _run_share(ctx, runner, sink, _share(units, comm), settings)
+        built, views_built = _run_share(ctx, runner, sink, rank_share(units, comm.rank, comm.world), settings)
     except BaseException:
         failed = 1
         raise
@@ -318,7 +314,7 @@ def _teacher_sink(ctx: _Context):
 
     def sink(view: int, chunk: int, params: np.ndarray, outputs: dict, digests: np.ndarray) -> None:
         lo, hi = cache.attrs.chunk_rows_range(chunk)
-        stored_params, stored_digests = cache.read_params(view, lo, hi), cache.read_digests(view, lo, hi)
+        stored_params, stored_digests = cache.read_rows(["params", "digest"], view, lo, hi)
         same = np.array_equal(stored_params.view(np.uint32), np.asarray(params, np.float32).view(np.uint32))
         if not same or not np.array_equal(stored_digests, np.asarray(digests, np.uint32)):
             bad = int(np.argmax((stored_digests != np.asarray(digests, np.uint32))
@@ -326,8 +322,7 @@ def _teacher_sink(ctx: _Context):
             raise BuildError(f"view {view} of row {lo + bad} renders differently here than when cache {ctx.url} "
                              "was built (another Pillow/numpy, or changed shards); a new teacher would see other "
                              "pixels than the cached ones — add it where the cache was built")
-        for name, out in outputs.items():
-            cache.write_teacher(name, view, lo, hi, out)
+        cache.write_teachers(outputs, view, lo, hi)
         cache.array(GROWTH_DONE)[view, chunk] = 1
     return sink
 

@@ -69,7 +69,7 @@ def load_recorded_teachers(attrs, pairs: list[tuple[str, str]], device: torch.de
     loaded = load_teachers(pairs, attrs.num_classes, device, view_size=ViewSpec.from_dict(attrs.augment).image_size)
     for t in loaded:
         expected = attrs.teacher(t.name).checkpoint_sha256
-        if expected and t.record.checkpoint_sha256 and t.record.checkpoint_sha256 != expected:
+        if expected and t.record.checkpoint_sha256 != expected:
             raise BuildError(f"teacher {t.name}: checkpoint {t.checkpoint} is not the one the cache was built with "
                              f"(sha256 {t.record.checkpoint_sha256[:12]}… != {expected[:12]}…)")
     return loaded

@@ -441,11 +441,13 @@ class LogitCache:
         self.write_rows(blocks, view, lo, hi)
         self.array("done")[view, chunk] = 1
 
-    def write_teacher(self, name: str, view: int, lo: int, hi: int, out: TopK) -> None:
-        """Rows [lo, hi) of view ``view`` of every array of teacher ``name``'s group (no ``done``), checked like a
-        ``write_unit`` block."""
-        self._check_block(name, out, f"teacher {name}, view {view}, rows {lo}..{hi}")
-        self.write_rows(self._teacher_blocks(name, out), view, lo, hi)
+    def write_teachers(self, outputs: dict[str, TopK], view: int, lo: int, hi: int) -> None:
+        """Rows [lo, hi) of view ``view`` of every array of the teachers in ``outputs`` (no ``done``): every block
+        checked like a ``write_unit`` block first, then one concurrent write."""
+        for name, out in outputs.items():
+            self._check_block(name, out, f"teacher {name}, view {view}, rows {lo}..{hi}")
+        self.write_rows({p: b for name, out in outputs.items() for p, b in self._teacher_blocks(name, out).items()},
+                        view, lo, hi)
 
     def _check_block(self, name: str, out: TopK, where: str) -> None:
         check_topk_block(out, where)
