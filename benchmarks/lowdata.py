@@ -118,23 +118,19 @@ def variant_sets(args, world: World, v: Variant, seed: int) -> list[str]:
 def claim(out: str) -> bool:
     """Take run folder ``out`` for this process (False: a live process has it).  Parts with different plans (other
     ``--only`` or ``--seeds``) may meet on a run; the first one trains it."""
+    from shared.io import atomic_write_text
+    from shared.store_lock import pid_alive
     path = out.rstrip("/") + ".claim"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(path) as f:
             pid = int(f.read().strip() or 0)
-        if pid != os.getpid():
-            os.kill(pid, 0)
+        if pid != os.getpid() and pid_alive(pid):
             return False
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         pass                                   # no claim, or its process is gone: take it over
-    write_result_text(path, str(os.getpid()))
+    atomic_write_text(path, str(os.getpid()))
     return True
-
-
-def write_result_text(path: str, text: str) -> None:
-    from shared.io import atomic_write_text
-    atomic_write_text(path, text)
 
 
 def run_plan(args, world: World, variants: list[Variant], on_run=None) -> dict[str, list]:

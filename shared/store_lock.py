@@ -52,12 +52,15 @@ class Lease:
 
     def stale(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
-        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+        if self.host == socket.gethostname() and not pid_alive(self.pid):
             return True
         return now - self.renewed > LEASE_SECONDS
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (one owned by another user counts)."""
+    if pid <= 0:                 # os.kill(0, 0) would signal our own process group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

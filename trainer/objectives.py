@@ -217,11 +217,10 @@ class FeatureStudent(nn.Module):
                                          if project else {})
 
     def forward(self, x: torch.Tensor):
+        if not self.training:              # inference: the student as it is
+            return self.student(x)
         pooled = self.student.forward_pooled(x)
         heads = {h: head(pooled[h]) for h, head in self.student.head_modules().items()}
-        if not self.training:
-            from shared.models.cit import combine_heads
-            return combine_heads(heads, self.student.eval_head)
         projected = {t: self.projections[t](pooled[h]) for t, h in self.pairs if t in self.projections}
         return {**heads, POOLED: pooled, PROJECTED: projected}
 
