@@ -415,22 +415,18 @@ def join_part(folder: str, quick: bool) -> dict:
         out["loader"][str(size)] = row
         print(f"  loader {size} px: {json.dumps(row['images_per_cpu_s'])} images/CPU-s, cached/none "
               f"{row['cached_over_none']:.3f}; {row['piece_read_ms']:.1f} ms CPU per piece read", flush=True)
-    for arch in ("cit_nano",) if quick else ("cit_nano", "cit_tiny"):
+    runs = [(arch, m28, c28, arch, batch, (), 3 if quick else 30)
+            for arch in (("cit_nano",) if quick else ("cit_nano", "cit_tiny"))]
+    # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
+    runs.append(("cit_tiny@224px", m224, c224, "cit_tiny", 2 if quick else 8,
+                 (*spec_sets(SPEC224), "data.verify_shards=false"), 1 if quick else 20))
+    for name, manifest, cache, arch, size, sets, reps in runs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ps = {m: prepare(run_config(m28, c28, arch, m, batch, 0, 1, {})) for m in ("none", "cached")}
-        one = next(iter(make_loader(ps["cached"].train_set, batch, 0, pin_memory=False)))
-        out["step"][arch] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=3 if quick else 30)
-        print(f"  step {arch}: cached/none {out['step'][arch]['step_cached_over_none']:.3f}", flush=True)
-    # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
-    sets, batch224 = (*spec_sets(SPEC224), "data.verify_shards=false"), 2 if quick else 8
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ps = {m: prepare(run_config(m224, c224, "cit_tiny", m, batch224, 0, 1, {}, sets)) for m in ("none", "cached")}
-    one = next(iter(make_loader(ps["cached"].train_set, batch224, 0, pin_memory=False)))
-    out["step"]["cit_tiny@224px"] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=1 if quick else 20)
-    print(f"  step cit_tiny@224px: cached/none {out['step']['cit_tiny@224px']['step_cached_over_none']:.3f}",
-          flush=True)
+            ps = {m: prepare(run_config(manifest, cache, arch, m, size, 0, 1, {}, sets)) for m in ("none", "cached")}
+        one = next(iter(make_loader(ps["cached"].train_set, size, 0, pin_memory=False)))
+        out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps)
+        print(f"  step {name}: cached/none {out['step'][name]['step_cached_over_none']:.3f}", flush=True)
     return out
 
 
