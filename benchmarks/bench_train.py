@@ -17,7 +17,7 @@ of the two default teachers over each dataset (``build_memory``): the builder st
     python benchmarks/bench_train.py [--quick] [--out benchmarks/results/train.json]
 
 ``--quick`` (a smoke run, numbers not meaningful): cit_nano only, 64 samples, one timed epoch per mode, one small
-dataset size per memory curve.
+dataset size per memory curve, run in this process (the code path; a fresh process per point makes the numbers).
 """
 from __future__ import annotations
 
@@ -207,13 +207,13 @@ def loader_ratio(manifest: str, spec: ViewSpec, cache: str, teachers: tuple[str,
             "image_size": spec.image_size, "batch_size": batch_size}
 
 
-def step_ratio(ps: dict, batch, reps: int) -> dict:
+def step_ratio(ps: dict, batch, reps: int, warmup: int = 2) -> dict:
     """Median step time (forward + Eq. 1 + backward + AdamW) on one fixed device batch, no-KD vs cached KD,
-    interleaved; the ratio is the median of back-to-back pairs."""
+    interleaved after ``warmup`` untimed pairs; the ratio is the median of back-to-back pairs."""
     from trainer.engine import make_optimizer
     opts = {m: make_optimizer(q.student, q.cfg.train, q.runtime.device) for m, q in ps.items()}
     step = {m: [] for m in ps}
-    for r in range(reps + 2):
+    for r in range(reps + warmup):
         for m in (("none", "cached") if r % 2 else ("cached", "none")):
             q = ps[m]
             q.student.train()
@@ -224,7 +224,7 @@ def step_ratio(ps: dict, batch, reps: int) -> dict:
             opts[m].step()
             if q.runtime.device.type == "cuda":
                 torch.cuda.synchronize()
-            if r >= 2:
+            if r >= warmup:
                 step[m].append(time.perf_counter() - started)
     pairs = [n / c for n, c in zip(step["none"], step["cached"])]
     return {"step_ms": {m: 1e3 * statistics.median(v) for m, v in step.items()},
@@ -415,7 +415,7 @@ def join_part(folder: str, quick: bool) -> dict:
         out["loader"][str(size)] = row
         print(f"  loader {size} px: {json.dumps(row['images_per_cpu_s'])} images/CPU-s, cached/none "
               f"{row['cached_over_none']:.3f}; {row['piece_read_ms']:.1f} ms CPU per piece read", flush=True)
-    runs = [(arch, m28, c28, arch, batch, (), 3 if quick else 30)
+    runs = [(arch, m28, c28, arch, batch, (), 1 if quick else 30)
             for arch in (("cit_nano",) if quick else ("cit_nano", "cit_tiny"))]
     # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
     runs.append(("cit_tiny@224px", m224, c224, "cit_tiny", 2 if quick else 8,
@@ -425,7 +425,7 @@ def join_part(folder: str, quick: bool) -> dict:
             warnings.simplefilter("ignore")
             ps = {m: prepare(run_config(manifest, cache, arch, m, size, 0, 1, {}, sets)) for m in ("none", "cached")}
         one = next(iter(make_loader(ps["cached"].train_set, size, 0, pin_memory=False)))
-        out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps)
+        out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps, warmup=1 if quick else 2)
         print(f"  step {name}: cached/none {out['step'][name]['step_cached_over_none']:.3f}", flush=True)
     return out
 
@@ -433,10 +433,10 @@ def join_part(folder: str, quick: bool) -> dict:
 MEMORY_STUDENT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "stem_width": 32}   # the data path is measured
 
 
-def memory_child(stage: str, manifest: str, cache: str, workers: int) -> None:
+def memory_child(stage: str, manifest: str, cache: str, workers: int) -> dict:
     """``train``: one cached-KD epoch of a cut-down cit_nano from ``cache``; ``build``: build ``cache`` (one view,
-    the two default teachers, random weights, from the folder beside it).  Prints peak RSS (MiB) of this process
-    and of its workers."""
+    the two default teachers, random weights, from the folder beside it).  Peak RSS (MiB) of this process and of its
+    workers: meaningful in a fresh process (``--memory-child``), which prints it."""
     baseline = vm_hwm_mib()
     if stage == "build":
         from cache_builder.build import build_cache
@@ -451,8 +451,7 @@ def memory_child(stage: str, manifest: str, cache: str, workers: int) -> None:
     # VmHWM, not ru_maxrss: ru_maxrss survives execve, so it would report the (large) benchmark parent that forked
     # this process.  Workers are forked from this process, so their peak includes the pages they share with it.
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mib": vm_hwm_mib(), "rss_after_imports_mib": baseline,
-                      "worker_peak_rss_mib": children}))
+    return {"peak_rss_mib": vm_hwm_mib(), "rss_after_imports_mib": baseline, "worker_peak_rss_mib": children}
 
 
 def vm_hwm_mib() -> float:
@@ -463,8 +462,9 @@ def vm_hwm_mib() -> float:
     return float("nan")
 
 
-def memory_curve(folder: str, sizes: list[int], workers: int, stage: str = "train") -> list[dict]:
-    """Peak RSS of a fresh ``stage`` (train | build) process per dataset size."""
+def memory_curve(folder: str, sizes: list[int], workers: int, stage: str = "train", fresh: bool = True) -> list[dict]:
+    """Peak RSS of a fresh ``stage`` (train | build) process per dataset size; ``fresh=False`` (``--quick``): the
+    same work in this process, which checks the code path without the interpreter start (its RSS means nothing)."""
     rows = []
     for n in sizes:
         sub = os.path.join(folder, f"{stage}{n}")
@@ -472,14 +472,16 @@ def memory_curve(folder: str, sizes: list[int], workers: int, stage: str = "trai
         cache = os.path.join(sub, "cache.zarr")
         if stage == "train":
             write_random_cache(cache, manifest, views=1)
-        env = dict(os.environ, PYTHONPATH=REPO)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", stage, manifest, cache, str(workers)],
-                              capture_output=True, text=True, env=env, cwd=REPO)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
-        rows.append({"samples": n, **json.loads(proc.stdout.strip().splitlines()[-1]),
-                     "seconds": time.perf_counter() - started})
+        if fresh:
+            proc = subprocess.run([sys.executable, __file__, "--memory-child", stage, manifest, cache, str(workers)],
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            peaks = memory_child(stage, manifest, cache, workers)
+        rows.append({"samples": n, **peaks, "seconds": time.perf_counter() - started})
         print(f"  {stage} memory: {rows[-1]}", flush=True)
     return rows
 
@@ -502,7 +504,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_child:
         stage, manifest, cache, workers = args.memory_child
-        memory_child(stage, manifest, cache, int(workers))
+        print(json.dumps(memory_child(stage, manifest, cache, int(workers))))
         return
     if args.memory_only:
         with open(args.out) as f:
@@ -511,7 +513,7 @@ def main() -> None:
             sizes = [64] if args.quick else [1000, 4000, 16000]
             for stage in args.memory_only.split(","):
                 key = {"train": "memory", "build": "build_memory"}[stage]
-                result[key] = memory_curve(folder, sizes, args.workers, stage=stage)
+                result[key] = memory_curve(folder, sizes, args.workers, stage=stage, fresh=not args.quick)
         atomic_write_text(args.out, json.dumps(result, indent=1))
         print(f"updated the memory curves in {args.out}")
         return
@@ -541,8 +543,8 @@ def main() -> None:
                   + f", cached/online {r['cached_over_online']:.2f} (paired {r['cached_over_online_paired_median']:.2f})",
                   flush=True)
         print("memory ...", flush=True)
-        result["memory"] = memory_curve(folder, sizes, args.workers)
-        result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build")
+        result["memory"] = memory_curve(folder, sizes, args.workers, fresh=not quick)
+        result["build_memory"] = memory_curve(folder, sizes, args.workers, stage="build", fresh=not quick)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds"] = time.perf_counter() - started
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -10,7 +10,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -113,14 +112,13 @@ def prepare_fmnist(work: str, per_class: int, test_samples: int = 0, corruptions
     """(train manifest, test manifest) of Fashion-MNIST with ``per_class`` training images per class; the test set
     is the full 10k, or its first ``test_samples`` (whole shards); corrupted test sets (severity 3) under
     ``<work>/data/corrupt``."""
+    from shared.prepare import DEFAULT_FASHION_MNIST, prepare_fashion_mnist
     from trainer.demo import subset_manifest
     data = os.path.join(work, "data")
     train_json, test_json = os.path.join(data, "train.json"), os.path.join(data, "test.json")
-    if not os.path.exists(train_json):
-        cmd = [sys.executable, "-m", "shared.cli", "data", "prepare", "fashion-mnist", "--out", data,
-               "--per-class", str(per_class), "--shard-size", str(shard_size), "--workers", "1"]
-        cmd += ["--source", source] if source else []
-        subprocess.run(cmd + (["--corruptions", "--severities", "3"] if corruptions else []), check=True, cwd=ROOT)
+    if not os.path.exists(train_json):     # what `cit data prepare fashion-mnist` runs, in this process
+        prepare_fashion_mnist(source or DEFAULT_FASHION_MNIST, data, shard_size, per_class, corruptions=corruptions,
+                              severities=(3,), workers=1)
     return train_json, (subset_manifest(test_json, test_samples) if test_samples else test_json)
 
 

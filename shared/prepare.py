@@ -43,7 +43,7 @@ from tqdm import tqdm
 from shared.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from shared.errors import CitUserError
 from shared.io import is_local, local_path
-from shared.manifest import Manifest, ManifestError, ShardInfo, file_sha256, stream_digest, verify_shards
+from shared.manifest import Manifest, ManifestError, ShardInfo, stream_digest, verify_shards
 from shared.shards import IMAGE_EXTS, ShardError, ShardWriter, check_key, decode_image, encode_png, is_pipe, \
     iter_shard, mode_channels, open_image, read_label, to_channels
 
@@ -102,6 +102,14 @@ def _find_idx(source_dir: str, stem: str) -> str:
                        f"*-ubyte.gz files: {', '.join(s + '.gz' for pair in FASHION_MNIST_FILES.values() for s in pair)})")
 
 
+def local_sha256(path: str) -> str:
+    """sha256 of a local file this process reads or wrote itself, with ``open`` (as ``read_idx`` and ``ShardWriter``
+    do): going through the shard readers' ``gopen`` would import webdataset, and with it torch, into every worker
+    that writes shards."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_fashion_mnist(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """(images uint8 N×H×W, labels int64 N, {file name: sha256}) of one split, validated."""
     image_path, label_path = (_find_idx(source_dir, stem) for stem in FASHION_MNIST_FILES[split])
@@ -114,7 +122,7 @@ def load_fashion_mnist(source_dir: str, split: str) -> tuple[np.ndarray, np.ndar
         raise PrepareError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
     if len(labels) and labels.max() >= len(FASHION_MNIST_CLASSES):
         raise PrepareError(f"{label_path} has label {labels.max()}, outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
-    hashes = {os.path.basename(p): file_sha256(p) for p in (image_path, label_path)}
+    hashes = {os.path.basename(p): local_sha256(p) for p in (image_path, label_path)}
     return images, labels.astype(np.int64), hashes
 
 
@@ -251,7 +259,7 @@ def write_shard(path: str, source: Callable[[ImageStats], Iterable[dict]]) -> Sh
     if not writer.written:
         raise PrepareError(f"no samples for shard {path}")
     os.replace(writer.written[0].path, path)
-    return ShardResult(writer.written[0].samples, file_sha256(path), stats, os.path.getsize(path))
+    return ShardResult(writer.written[0].samples, local_sha256(path), stats, os.path.getsize(path))
 
 
 def default_workers() -> int:

@@ -25,8 +25,6 @@ from urllib.parse import urlparse
 import fsspec
 import numpy as np
 from PIL import Image
-from webdataset.gopen import gopen as wds_gopen, gopen_schemes
-from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from shared.errors import CitUserError
 
@@ -178,9 +176,10 @@ def has_scheme(url: str) -> bool:
 def open_shard(url: str, storage_options: dict | None = None):
     """A readable binary stream of shard ``url``: webdataset's ``gopen`` for the schemes it knows (paths,
     ``file://``, ``pipe:``, http(s), ...), fsspec for the rest (``s3://`` and other fsspec URLs)."""
+    from webdataset.gopen import gopen, gopen_schemes     # here, not above: group_members says why
     scheme = urlparse(url).scheme if has_scheme(url) else ""
     if scheme in ("", "file") or scheme in gopen_schemes:
-        return wds_gopen(url, "rb")
+        return gopen(url, "rb")
     return fsspec.open(url, "rb", **(storage_options or {})).open()
 
 
@@ -241,7 +240,11 @@ def _hard_link_data(tar: tarfile.TarFile, raw, member: tarfile.TarInfo, regular:
 
 def group_members(members: Iterator[dict], url: str) -> Iterator[dict]:
     """Samples from members, grouped by ``webdataset.tariterators.group_by_keys``; a key met again after another
-    key (its members are not adjacent, so webdataset would yield it twice) and a repeated member are named."""
+    key (its members are not adjacent, so webdataset would yield it twice) and a repeated member are named.
+
+    webdataset is imported here, not with this module: its package imports torch (``webdataset.pytorch``), and the
+    processes that only write shards (``cit data prepare``'s workers) should not pay 1.5 s for it."""
+    from webdataset.tariterators import base_plus_ext, group_by_keys
     seen: set[str] = set()
     try:
         for sample in group_by_keys(members, keys=base_plus_ext, lcase=True):
