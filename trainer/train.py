@@ -187,27 +187,27 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
         raise ConfigError("kd.mode=cached needs a logit cache: pass --cache URL (data.cache)")
     teacher_names = [name for _, name in slots]
     records: dict[str, TeacherRecord | None] = {name: None for name in teacher_names}
-    views = cfg.data.views
+    views, cache_attrs, features = cfg.data.views, None, cfg.objective.uses_features
     if cfg.data.cache:
-        cache = LogitCache.open(cfg.data.cache)
-        relation = cache_rows(manifest, cache.attrs.dataset_fingerprint, cfg.data.cache_data)   # subset: row map
-        check_cache(cache.attrs, relation.cache_manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
+        cache_attrs = LogitCache.open(cfg.data.cache).attrs
+        relation = cache_rows(manifest, cache_attrs.dataset_fingerprint, cfg.data.cache_data)   # subset: row map
+        check_cache(cache_attrs, relation.cache_manifest, cfg.augment, cfg.data.view_seed, teacher_names, num_classes,
                     cfg.data.cache)
-        warn_provenance(cache.attrs, cfg.data.cache, cfg.data.verify_views)
-        records = {name: cache.attrs.teacher(name) for name in teacher_names}
+        warn_provenance(cache_attrs, cfg.data.cache, cfg.data.verify_views)
+        records = {name: cache_attrs.teacher(name) for name in teacher_names}
         warn_kind_mismatch(cfg.kd, records)
-        if cfg.loss.topk > cache.attrs.topk:
+        if cfg.loss.topk > cache_attrs.topk:
             raise ConfigError(f"loss.topk={cfg.loss.topk} but the cache {cfg.data.cache} holds only "
-                              f"K={cache.attrs.topk} classes per view")
-        if views and views > cache.attrs.views:
-            raise DataError(f"data.views={views} but the cache has only E={cache.attrs.views} views")
-        views = views or cache.attrs.views
+                              f"K={cache_attrs.topk} classes per view")
+        if views and views > cache_attrs.views:
+            raise DataError(f"data.views={views} but the cache has only E={cache_attrs.views} views")
+        views = views or cache_attrs.views
     check_views(cfg.train.epochs, views, cfg.data.allow_repeat_views)
     in_chans = _channels(manifest, cfg)
     heads = student_heads(cfg)
     terms = kd_terms(cfg, heads)
-    if cfg.objective.uses_features:
-        check_feature_terms(cfg, cache.attrs if cfg.data.cache else None)
+    if features:
+        check_feature_terms(cfg, cache_attrs)
 
     torch.manual_seed(cfg.train.seed)               # the student's initial weights depend on the seed only
     student = build_student(cfg, num_classes, in_chans)
@@ -217,8 +217,7 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
                            teachers=tuple(teacher_names) if cached else (), verify=cfg.data.verify_views,
                            rank=runtime.rank, world=runtime.world,
                            row_map=relation.rows if cfg.data.cache else None,
-                           features=cached and cfg.objective.uses_features)
-    cache_attrs = cache.attrs if cfg.data.cache else None
+                           features=cached and features)
     temperatures = cache_attrs.temperatures if cached else None
     cache_topk = cache_attrs.topk if cache_attrs else 0
     steps = max(train_set.num_batches(cfg.train.batch_size, cfg.data.num_workers, rank=r)
@@ -232,15 +231,15 @@ def prepare(cfg: RunConfig, runtime: Runtime | None = None) -> Prepared:
     dims = ()
     if cfg.kd.mode == "online":
         teachers = load_online_teachers(cfg, records, num_classes, in_chans, runtime.device)
-        source = OnlineSource(teachers, target_model, cfg.objective.uses_features)
-        if cfg.objective.uses_features:
+        source = OnlineSource(teachers, target_model, features)
+        if features:
             dims = tuple(online_feature_dim(teachers, name) for name in teacher_names)
     elif cached:
-        dims = tuple(records[name].feature_dim for name in teacher_names) if cfg.objective.uses_features else ()
+        dims = tuple(records[name].feature_dim for name in teacher_names) if features else ()
         source = CachedSource(tuple(teacher_names), target_model, dims)
     else:
         source = NoSource(target_model)
-    if cfg.objective.uses_features:       # the projections train, checkpoint and resume with the student
+    if features:       # the projections train, checkpoint and resume with the student
         torch.manual_seed(cfg.train.seed + 1)
         student = FeatureStudent(student, [(t.teacher, t.head, dims[teacher_names.index(t.teacher)]) for t in terms],
                                  project=cfg.objective.feature_weight > 0)
