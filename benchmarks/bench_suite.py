@@ -18,6 +18,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from shared.io import atomic_write_text  # noqa: E402  (not benchmarks.common: this process need not start torch)
+
 DURATION = re.compile(r"^\s*([0-9.]+)s (call|setup|teardown)\s+(\S+)")
 OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
@@ -56,9 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"benchmark": "suite", **run_suite(args.pytest_args)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     la = result["machine"]["loadavg_start"][0], result["machine"]["loadavg_end"][0]
     for nodeid in result["failed"]:
         print(f"FAILED {nodeid}")
