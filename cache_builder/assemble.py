@@ -25,8 +25,8 @@ from cache_builder.errors import BuildError
 from cache_builder.store import inspect_out, remove_store
 from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, LogitCache, create_store,
                                  normalize_url)
-from shared.augment import ViewSpec
 from shared.store_lock import StoreLock
+from shared.view_spec import ViewSpec
 
 
 @dataclass
@@ -68,7 +68,7 @@ def merge_caches(a: str, b: str, out: str, *, force: bool = False,
     names = [t.name for t in teachers]
     for record in sb.attrs.teachers:
         if record.name in names:
-            if _teacher_id(record) != _teacher_id(sa.attrs.teacher(record.name)):
+            if record.identity() != sa.attrs.teacher(record.name).identity():
                 raise BuildError(f"cannot merge {a} and {b}: both have a teacher {record.name!r} but not the same "
                                  "one (checkpoint or settings differ); export one of them without it first")
         else:
@@ -123,11 +123,6 @@ def _open(url: str, storage_options: dict | None) -> LogitCache:
 def _span(views) -> str:
     views = list(views)
     return f"{views[0]}..{views[-1]}" if len(views) > 1 else str(views[0])
-
-
-def _teacher_id(record) -> dict:
-    from cache_builder.grow import teacher_identity
-    return teacher_identity(record)
 
 
 def _assemble(plan: _Plan, out: str, force: bool, storage_options: dict | None) -> AssembleSummary:

@@ -30,7 +30,8 @@ import torch
 from cache_builder.errors import BuildError
 from cache_builder.plan import group_units, plan_build, rank_share
 from cache_builder.runner import _run_units, write_whole_unit
-from cache_builder.store import StoreSession, _remove_partial_writes, check_out_reachable, inspect_out, remove_store
+from cache_builder.session import StoreSession
+from cache_builder.store import _remove_partial_writes, check_out_reachable, inspect_out, remove_store
 from cache_builder.streams import (check_shards_readable, check_teacher_channels, default_chunk_rows,
                                    measure_accuracy, open_test_set, read_rows, record_accuracy, render_rows)
 from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device, resolve_precision

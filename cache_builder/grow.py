@@ -32,7 +32,8 @@ from cache_builder.build import BuildSummary, _probe
 from cache_builder.errors import BuildError
 from cache_builder.plan import group_units, rank_share
 from cache_builder.runner import _run_units, write_whole_unit
-from cache_builder.store import StoreSession, _Dist, _remove_partial_writes
+from cache_builder.session import StoreSession, _Dist
+from cache_builder.store import _remove_partial_writes
 from cache_builder.streams import (check_shards_readable, check_teacher_channels, measure_accuracy,
                                    open_test_set, record_accuracy)
 from cache_builder.teachers import TeacherRunner, load_teachers, parse_teacher_args, resolve_device
@@ -63,15 +64,7 @@ class _Context:
     manifest: Manifest
     spec: ViewSpec
     device: torch.device
-    comm: object = None          # build._Dist under torchrun (rank 0's context), else None
-
-
-def teacher_identity(record: TeacherRecord) -> dict:
-    """The fields of a teacher record that decide its stored bits (not its accuracy or notes)."""
-    data = asdict(record)
-    data.pop("test_accuracy")
-    data.pop("extra")
-    return data
+    comm: object = None          # session._Dist under torchrun (rank 0's context), else None
 
 
 def extend_cache(url: str, views: int, settings: GrowSettings) -> BuildSummary:
@@ -228,7 +221,7 @@ def _extend(ctx: _Context, views: int, settings: GrowSettings) -> BuildSummary:
     pairs = [(t.name, overrides.get(t.name) or _recorded_checkpoint(ctx.url, t)) for t in attrs.teachers]
     runner = _runner(ctx, pairs)
     for loaded, stored in zip(runner.teachers, attrs.teachers):
-        if teacher_identity(loaded.record) != teacher_identity(stored):
+        if loaded.record.identity() != stored.identity():
             raise BuildError(f"teacher {stored.name}: checkpoint {loaded.checkpoint} is not the teacher cache "
                              f"{ctx.url} was built with ({_first_diff(loaded.record, stored)}); pass the right "
                              f"one with --teacher {stored.name}=CHECKPOINT")
@@ -267,15 +260,15 @@ def _add(ctx: _Context, pairs: list[tuple[str, str]], settings: GrowSettings) ->
     records = [t.record for t in runner.teachers]
     if pending_growth:
         planned = [TeacherRecord(**r) for r in pending_growth.get("teachers", [])]
-        if pending_growth.get("op") != "add-teacher" or [teacher_identity(r) for r in planned] != \
-                [teacher_identity(r) for r in records]:
+        if pending_growth.get("op") != "add-teacher" or [r.identity() for r in planned] != \
+                [r.identity() for r in records]:
             raise BuildError(f"cache {ctx.url} is in the middle of another change ({_describe(pending_growth)}); "
                              "rerun that command to finish it first")
         records = planned                     # keep the accuracy measured by the interrupted run
     else:
         stored = {t.name: t for t in attrs.teachers}
         already = [r.name for r in records if r.name in present]
-        if already and all(teacher_identity(stored[r.name]) == teacher_identity(r) for r in records
+        if already and all(stored[r.name].identity() == r.identity() for r in records
                            if r.name in stored) and len(already) == len(records):
             _drop_growth_map(ctx)              # an interrupted run that had already switched: only tidy up
             return BuildSummary(ctx.url, True, 0, 0, attrs.num_units, time.perf_counter() - started,
@@ -362,7 +355,7 @@ def _recorded_checkpoint(url: str, record: TeacherRecord) -> str:
 
 
 def _first_diff(a: TeacherRecord, b: TeacherRecord) -> str:
-    x, y = teacher_identity(a), teacher_identity(b)
+    x, y = a.identity(), b.identity()
     key = next(k for k in x if x[k] != y.get(k))
     return f"{key}: {str(x[key])[:40]} vs the cache's {str(y.get(key))[:40]}"
 

@@ -5,7 +5,7 @@ import fsspec
 import numpy as np
 
 from shared import provenance
-from shared.augment import ViewSpec
+from shared.view_spec import ViewSpec
 from shared.cache_schema import (FEATURE_ARRAYS, STATUS_COMPLETE, CacheError, normalize_url, open_root,
                                  read_attrs)
 

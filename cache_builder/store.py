@@ -1,18 +1,15 @@
-"""The output store: what ``--out`` holds, whether it can be reached, its removal, the partial writes a killed
-build leaves, and the session (process group, lease, threads) of one change of it by every rank."""
+"""The output store: what ``--out`` holds, whether it can be reached, its removal and the partial writes a killed
+build leaves (no torch: ``cit cache merge`` / ``export`` use it; the session of a change by every rank is
+``cache_builder.session``)."""
 from __future__ import annotations
 
 import os
 
 import fsspec
-import torch
-import torch.distributed as dist
 
 from cache_builder.errors import BuildError
 from shared.cache_schema import CACHE_FORMAT, CacheAttrs, normalize_url, open_root, read_attrs
 from shared.io import is_local
-from shared.reader import distributed_context
-from shared.store_lock import StoreLock
 
 
 def inspect_out(url: str, storage_options: dict | None) -> tuple[str, CacheAttrs | None]:
@@ -78,60 +75,3 @@ def _remove_partial_writes(url: str) -> None:
                     os.remove(os.path.join(folder, name))
                 except OSError:
                     pass
-
-
-class StoreSession:
-    """One change of a store by every rank: the process group, the store's lease (rank 0 takes it) and the
-    caller's thread count (a build pins its own), all given back on exit, whatever happened."""
-
-    def __init__(self):
-        self.comm = _Dist()
-        self.lock: StoreLock | None = None
-        self._caller_threads = torch.get_num_threads()
-
-    def __enter__(self) -> "StoreSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.lock is not None:
-            self.lock.release()
-        torch.set_num_threads(self._caller_threads)
-        self.comm.close()
-
-
-class _Dist:
-    """Collectives over a gloo group (works for CPU tensors whatever backend the caller initialised)."""
-
-    def __init__(self):
-        self.rank, self.world = distributed_context()
-        self.owned = False
-        self.group = None
-        if self.world > 1:
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self.owned = True
-            elif dist.get_backend() != "gloo":
-                self.group = dist.new_group(backend="gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def sum(self, value: int) -> int:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, group=self.group)
-        return int(t.item())
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.group)
-
-    def close(self) -> None:
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()

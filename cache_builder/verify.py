@@ -10,13 +10,11 @@ import collections
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from shared.augment import ViewSpec
 from shared.cache_schema import (STATUS_COMPLETE, STATUS_CREATING, CacheAttrs, expected_arrays, open_root,
                                  read_attrs)
 from shared.manifest import Manifest, ManifestError
-from shared.targets import encode_logits
+from shared.view_spec import ViewSpec
 
 MAX_REPORTED = 12
 
@@ -273,10 +271,13 @@ def _check_pixels(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, d
 
 def _recompute(root, attrs: CacheAttrs, spec: ViewSpec, manifest: Manifest, done: np.ndarray, m: int, teachers,
                device: str, batch_size: int, seed: int, report: VerifyReport) -> None:
+    import torch
+
     from cache_builder.errors import BuildError
     from cache_builder.streams import ReplayedViews
     from cache_builder.teachers import TeacherRunner, load_recorded_teachers, parse_teacher_args, resolve_device
     from shared.features import decode_features
+    from shared.targets import encode_logits
     overrides = dict(parse_teacher_args(teachers)) if teachers else {}
     pairs = []
     for t in attrs.teachers:

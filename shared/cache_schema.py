@@ -2,7 +2,7 @@
 
     <root>/                       group; attributes = CacheAttrs (format, fingerprint, spec, seed, E, K, teachers,
                                   build settings, status)
-    <root>/params                 float32 (E, N, P)   view params records (shared.augment.PARAMS_FIELDS)
+    <root>/params                 float32 (E, N, P)   view params records (shared.view_spec.PARAMS_FIELDS)
     <root>/digest                 uint32  (E, N)      crc32 of each view's uint8 pixels (shared.views.pixel_digest)
     <root>/done                   uint8   (E, n_chunks), one element per Zarr chunk: the completion map
     <root>/growth                 uint8   (E, n_chunks), only while teachers are being added: their completion map
@@ -88,6 +88,13 @@ class TeacherRecord:
     feature_dim: int | None = None     # width D of its stored pooled features (None: the cache stores none)
     feature_dtype: str | None = None   # dtype of their codes (``shared.features.FEATURE_DTYPE``)
 
+    def identity(self) -> dict:
+        """The fields that decide the teacher's stored bits (not its accuracy or notes)."""
+        data = asdict(self)
+        data.pop("test_accuracy")
+        data.pop("extra")
+        return data
+
 
 @dataclass
 class CacheAttrs:
@@ -97,7 +104,7 @@ class CacheAttrs:
     views: int
     topk: int
     seed: int
-    augment: dict                  # shared.augment.ViewSpec.to_dict()
+    augment: dict                  # shared.view_spec.ViewSpec.to_dict()
     chunk_rows: int
     teachers: list[TeacherRecord]
     status: str = STATUS_BUILDING
@@ -145,15 +152,13 @@ class CacheAttrs:
         Excluded: the status, the provenance (the pixel digests decide whether another environment renders the same
         views), per-teacher measurements/notes (``test_accuracy``, ``extra``) and mix settings that do not change
         the cached views (``ViewSpec.view_identity``: only ``exact`` mixing is part of a view)."""
-        from shared.augment import ViewSpec
+        from shared.view_spec import ViewSpec
         data = asdict(self)
         data.pop("status")
         data.pop("provenance")
         data.pop("growth")
         data["augment"] = ViewSpec.from_dict(data["augment"]).view_identity()
-        for teacher in data["teachers"]:
-            teacher.pop("test_accuracy")
-            teacher.pop("extra")
+        data["teachers"] = [t.identity() for t in self.teachers]
         return json.loads(json.dumps(data))
 
     def identity_diff(self, other: "CacheAttrs", ignore: tuple[str, ...] = ()) -> list[str]:

@@ -182,6 +182,7 @@ def test_help_of_every_command_and_subcommand():
 
 
 HELP_WITHOUT_TORCH = """
+import os
 import sys
 import click
 from click.testing import CliRunner
@@ -196,14 +197,45 @@ def walk(command, path=()):
 
 for path in walk(cit):
     assert CliRunner().invoke(cit, [*path, "--help"]).exit_code == 0, path
+
+def run(*args):
+    result = CliRunner().invoke(cit, list(args))
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    print(" ".join(args[:2]) + ":", result.output.splitlines()[0 if args[1] != "info" else 1])
+
+root = sys.argv[1]
+cache, train = os.path.join(root, "c.zarr"), os.path.join(root, "train", "tr.json")
+run("cache", "info", cache)
+run("cache", "verify", cache, "--data", train)
+run("cache", "export", cache, "--views", "1", "--out", os.path.join(root, "v0.zarr"))
+run("cache", "export", cache, "--views-from", "1", "--out", os.path.join(root, "v1.zarr"))
+run("cache", "merge", os.path.join(root, "v0.zarr"), os.path.join(root, "v1.zarr"), "--out",
+    os.path.join(root, "m.zarr"))
 heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
 print("imported:", heavy)
 """
 
 
-def test_help_and_argument_parsing_do_not_start_torch():
-    """Every command's ``--help`` in a fresh interpreter: none imports torch (seconds a user waits for nothing)."""
-    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+def test_help_and_commands_that_read_or_copy_a_cache_do_not_start_torch(tmp_path, tiny_teachers):
+    """Every command's ``--help``, and ``cache info | verify | export | merge`` on a real cache, in one fresh
+    interpreter: none imports torch or timm (seconds a user waits for nothing)."""
+    from cache_builder.build import build_cache
+    from shared.view_spec import ViewSpec
+    from tests.cache_fixtures import assert_bit_identical
+    from tests.shard_fixtures import make_shards
+    make_shards(str(tmp_path / "train"), num_samples=12, shard_size=6, prefix="tr")
+    build_cache(str(tmp_path / "train" / "tr.json"), [f"conv={tiny_teachers['conv']}"], str(tmp_path / "c.zarr"),
+                views=2, topk=3, spec=ViewSpec(image_size=8), batch_size=8, workers=0, threads=1, progress=False)
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("imported: []"), proc.stdout + proc.stderr[-2000:]
+    lines = [re.sub(r" in [0-9.]+s;", " in ...;", line) for line in proc.stdout.strip().splitlines()]
+    assert lines[-1] == "imported: []", proc.stdout + proc.stderr[-2000:]
+    copied = "teachers conv; copied {} units in ...; 0 units were already done"
+    assert lines[:-1] == [
+        "cache info: status       complete: 4/4 units (view x chunk) written",
+        f"cache verify: verify {tmp_path / 'c.zarr'}: OK",
+        f"cache export: cache {tmp_path / 'v0.zarr'}: complete; E=1, " + copied.format(2),
+        f"cache export: cache {tmp_path / 'v1.zarr'}: complete; views 1..1 (a range), " + copied.format(2),
+        f"cache merge: cache {tmp_path / 'm.zarr'}: complete; E=2, " + copied.format(4)], proc.stdout
+    assert_bit_identical(str(tmp_path / "c.zarr"), str(tmp_path / "m.zarr"))
