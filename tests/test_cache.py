@@ -23,7 +23,7 @@ from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
 from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.views import decode, render_view
-from tests.cache_fixtures import (REPO, assert_bit_identical, cli_command, free_port, invoke_cli, make_teacher,
+from tests.cache_fixtures import (REPO, ForkedCli, assert_bit_identical, free_port, invoke_cli, make_teacher,
                                   store_arrays)
 from tests.shard_fixtures import make_shards
 
@@ -140,7 +140,7 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
     done_dir = os.path.join(out, "done", "c")
     kills = []
     for attempt in range(2):
-        proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = ForkedCli(cache_cli, args, str(tmp_path))
         deadline = time.time() + 90
         if attempt == 0:     # early: while the store is being created or the first units are written
             while time.time() < deadline and proc.poll() is None and not os.path.exists(out):
@@ -151,7 +151,7 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
             while time.time() < deadline and proc.poll() is None and _count_files(done_dir) < target:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.05))
-        assert proc.poll() is None, "the build finished before it could be killed"
+        assert proc.poll() is None, f"the build finished before it could be killed: {proc.communicate()}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append(_count_files(done_dir))

@@ -24,7 +24,7 @@ from cache_builder.assemble import export_cache, merge_caches
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheError, LogitCache
-from tests.cache_fixtures import REPO, assert_bit_identical, cli_command
+from tests.cache_fixtures import REPO, ForkedCli, assert_bit_identical
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -142,7 +142,7 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     ref = reference(w, 4, ("conv",), fine=True)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ForkedCli(cache_cli, args, str(tmp_path))
     deadline = time.time() + 90
     new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
     while time.time() < deadline and proc.poll() is None and sum(map(os.path.exists, new_done)) < 3:
@@ -225,7 +225,7 @@ def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path)
     ref = reference(w, 2, ("conv", "inv"), fine=True)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ForkedCli(cache_cli, args, str(tmp_path))
     deadline = time.time() + 90
     marks = os.path.join(url, "growth", "c")
     while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
@@ -334,7 +334,7 @@ def fine_caches(grow_world, tmp_path_factory):
 def _kill_in_the_middle(args: list[str], out: str) -> None:
     """Start ``cit cache ARGS`` writing ``out``, kill -9 it once a few units are done; a reader in between is
     refused (the result is being written), and after the kill too (incomplete: rerun)."""
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ForkedCli(cache_cli, args, os.path.dirname(out))
     deadline = time.time() + 90
     marks = os.path.join(out, "done", "c")
     while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:

@@ -369,8 +369,11 @@ def _weights(run) -> dict[str, torch.Tensor]:
 def test_kill_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path):
     full = _cli_in_process(data, tmp_path / "full", "data.num_workers=2")     # the uninterrupted reference
     assert full.exit_code == 0, full.output[-2000:]
-    killed = _cli(data, tmp_path / "cut", "data.num_workers=2", "train.debug_kill_at_step=15")   # epoch 1 of 11/epoch
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from shared.cli import main as cit
+    from tests.cache_fixtures import ForkedCli
+    killed = ForkedCli(cit, ["train", *_cli_args(data, tmp_path / "cut", "data.num_workers=2",
+                                                 "train.debug_kill_at_step=15")], str(tmp_path))   # epoch 1 of 11/epoch
+    assert killed.wait(240) == -signal.SIGKILL, killed.communicate()[1][-2000:]
     from trainer.engine import load_state
     _, info = load_state(str(tmp_path / "cut/state.safetensors"))
     assert info["meta"]["epoch"] == 0                                  # died inside epoch 1
