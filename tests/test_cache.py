@@ -129,8 +129,8 @@ def test_rerun_of_a_complete_build_does_nothing(world):
 
 
 def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
-    views = 2
-    small = ["--views", str(views), "--chunk-rows", "10", "--batch-size", "4"]   # 40 small units
+    views = 1
+    small = ["--views", str(views), "--chunk-rows", "10", "--batch-size", "4"]   # 20 small units
     ref = str(tmp_path / "clean.zarr")
     build_cache(world["data"], world["teachers"], ref, views=views, topk=K, spec=SPEC, seed=5, batch_size=4,
                 chunk_rows=10, workers=0, threads=1, progress=False)
@@ -147,7 +147,7 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.3))
         else:                # after a random number of units, at a random point inside the next one
-            target = _count_files(done_dir) + rng.randint(1, 15)
+            target = _count_files(done_dir) + rng.randint(1, 8)
             while time.time() < deadline and proc.poll() is None and _count_files(done_dir) < target:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.05))
