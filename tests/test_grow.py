@@ -392,7 +392,7 @@ def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_comp
     order, and never a wrong value."""
     w = grow_world
     url, stop = copy_of(w, 2, ("conv",), str(tmp_path / "shared.zarr")), str(tmp_path / "stop")
-    readers = start_readers(url, reference(w, 4, ("conv", "inv")), stop, 3)
+    readers = start_readers(url, reference(w, 4, ("conv", "inv")), stop, 3, "null", "0.15")
     extend_cache(url, 4, settings(w))                          # the change, in this process
     add_teachers(url, [f"inv={w['inv']}"], settings(w))
     reports = reader_reports(readers, stop)
@@ -438,7 +438,7 @@ def test_extend_add_teacher_export_and_merge_on_s3(small_world, s3_options, tmp_
                 workers=0, threads=1, progress=False, storage_options=o)
     ref = reference(w, 2, ("conv", "inv"))
     stop = str(tmp_path / "stop")
-    readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.3")     # trainings reading the s3 cache meanwhile
+    readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.6")     # trainings reading the s3 cache meanwhile
     extend_cache(url, 2, settings(w, storage_options=o))
     add_teachers(url, [f"inv={w['inv']}"], settings(w, storage_options=o))
     for report in reader_reports(readers, stop):
