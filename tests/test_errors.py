@@ -466,6 +466,7 @@ def test_endpoint_lost_mid_build_is_one_line_that_says_rerun(shards, teachers, m
         import s3fs
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
         monkeypatch.setattr(runner_mod, "_write", write_then_lose_the_endpoint)
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)    # not 5 tries with back-off to a stopped server
         args = build_args(shards, teachers, "s3://bucket/c.zarr", "--chunk-rows", "10", "--storage-option",
                           'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}')
         line = one_line_error(CliRunner().invoke(cit, args))
