@@ -423,9 +423,9 @@ def s3_options():
 
 @pytest.fixture(scope="module")
 def small_world(grow_world):
-    """20 samples in 2 shards (2 units per view) for the s3:// changes: every S3 request is slow."""
+    """20 samples in one shard (one unit per view) for the s3:// changes: every S3 request is slow."""
     root = grow_world["root"] / "small"
-    data = make_shards(str(root / "train"), num_samples=20, shard_size=10, prefix="gs", seed=4)
+    data = make_shards(str(root / "train"), num_samples=20, shard_size=20, prefix="gs", seed=4)
     return {**grow_world, "root": root, "data": data.path, "built": {}}
 
 
