@@ -139,9 +139,9 @@ def test_grow_refusals_are_one_line(grow_world, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
     w = grow_world
-    ref = reference(w, 4, ("conv",), fine=True)
+    ref = reference(w, 3, ("conv",), fine=True)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
-    args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
+    args = ["extend", url, "--views", "3", "--data", w["data"], "--no-progress", "--workers", "0"]
     proc = ForkedCli(cache_cli, args, str(tmp_path))
     deadline = time.time() + 90
     new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
@@ -152,7 +152,7 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     proc.wait()
     # a reader of the interrupted store sees the old complete cache: E=2, its views intact
     cache = LogitCache.open(url)
-    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
+    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 3}
     assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
     from cache_builder import cache_info, format_info, verify_cache
     info = cache_info(url)
@@ -322,10 +322,10 @@ FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, th
 
 @pytest.fixture(scope="module")
 def fine_caches(grow_world, tmp_path_factory):
-    """Caches of 5-row chunks (12 chunks x 4 views): copying them takes long enough to be killed in the middle."""
+    """Caches of 5-row chunks (12 chunks x 3 views): copying them takes long enough to be killed in the middle."""
     w = grow_world
     root = tmp_path_factory.mktemp("fine")
-    out = {name: reference(w, 4, (name,), fine=True) for name in ("conv", "inv")}
+    out = {name: reference(w, 3, (name,), fine=True) for name in ("conv", "inv")}
     out["both"] = str(root / "both.zarr")
     merge_caches(out["conv"], out["inv"], out["both"])      # equal to a fresh build (tested above)
     return out
