@@ -23,7 +23,7 @@ from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
 from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.views import decode, render_view
-from tests.cache_fixtures import (REPO, assert_bit_identical, cli_command, free_port, invoke_cli, make_teacher,
+from tests.cache_fixtures import (REPO, ForkedCli, assert_bit_identical, free_port, invoke_cli, make_teacher,
                                   store_arrays)
 from tests.shard_fixtures import make_shards
 
@@ -48,8 +48,8 @@ def world(tmp_path_factory, tiny_teachers):
     return w
 
 
-def cli_args(w, out: str, *extra: str) -> list[str]:
-    args = ["build", "--data", w["data"], "--views", str(E), "--topk", str(K), "--seed", "5", "--out", out,
+def cli_args(w, out: str, *extra: str, views: int = E) -> list[str]:
+    args = ["build", "--data", w["data"], "--views", str(views), "--topk", str(K), "--seed", "5", "--out", out,
             "--batch-size", str(BATCH), "--threads", "1", "--test-data", w["test"], "--no-progress", *SETS, *extra]
     for t in w["teachers"]:
         args += ["--teacher", t]
@@ -129,29 +129,30 @@ def test_rerun_of_a_complete_build_does_nothing(world):
 
 
 def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
-    views = 2
-    small = ["--views", str(views), "--chunk-rows", "10", "--batch-size", "4"]   # 40 small units
+    views = 1
+    small = ["--chunk-rows", "10", "--batch-size", "4"]   # 20 small units
     ref = str(tmp_path / "clean.zarr")
     build_cache(world["data"], world["teachers"], ref, views=views, topk=K, spec=SPEC, seed=5, batch_size=4,
                 chunk_rows=10, workers=0, threads=1, progress=False)
     out = str(tmp_path / "killed.zarr")
-    args = [a for a in cli_args(world, out, *small, "--workers", "1") if a not in ("--test-data", world["test"])]
+    args = [a for a in cli_args(world, out, *small, "--workers", "1", views=views)
+            if a not in ("--test-data", world["test"])]
     rng = random.Random(int(time.time()))
     done_dir = os.path.join(out, "done", "c")
     kills = []
     for attempt in range(2):
-        proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = ForkedCli(cache_cli, args, str(tmp_path))
         deadline = time.time() + 90
         if attempt == 0:     # early: while the store is being created or the first units are written
             while time.time() < deadline and proc.poll() is None and not os.path.exists(out):
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.3))
         else:                # after a random number of units, at a random point inside the next one
-            target = _count_files(done_dir) + rng.randint(1, 15)
+            target = _count_files(done_dir) + rng.randint(1, 8)
             while time.time() < deadline and proc.poll() is None and _count_files(done_dir) < target:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.05))
-        assert proc.poll() is None, "the build finished before it could be killed"
+        assert proc.poll() is None, f"the build finished before it could be killed: {proc.communicate()}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append(_count_files(done_dir))
@@ -175,19 +176,25 @@ def _is_complete(url: str) -> bool:
         return False
 
 
-def test_torchrun_two_processes_equal_one(world, tmp_path):
+@pytest.fixture(scope="module")
+def view0(world, tmp_path_factory) -> str:
+    """View 0 of the reference build (an export: equal to a fresh one-view build)."""
+    return export_cache(world["ref"], str(tmp_path_factory.mktemp("view0") / "view0.zarr"), views=1).url
+
+
+def test_torchrun_two_processes_equal_one(world, view0, tmp_path):
     out = str(tmp_path / "ddp.zarr")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
            str(free_port()), "-m", "cache_builder.cli",
-           *cli_args(world, out, "--workers", "1")]
+           *cli_args(world, out, "--workers", "1", views=1)]      # 4 units for 2 ranks
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("complete") == 1          # one summary line (rank 0)
-    assert_bit_identical(world["ref"], out)
+    assert_bit_identical(view0, out)
 
 
-def test_s3_round_trip(world, tmp_path, monkeypatch):
+def test_s3_round_trip(world, view0, monkeypatch):
     pytest.importorskip("s3fs")
     from tests.cache_fixtures import start_moto
     server, port = start_moto()
@@ -209,8 +216,7 @@ def test_s3_round_trip(world, tmp_path, monkeypatch):
                               progress=False,
                               storage_options=options)
         assert summary.complete and summary.units_built == N // SHARD
-        local = export_cache(world["ref"], str(tmp_path / "view0.zarr"), views=1).url
-        assert_bit_identical(local, url, options)
+        assert_bit_identical(view0, url, options)
         cache = LogitCache.open(url, storage_options=options)
         ref = LogitCache.open(world["ref"])
         np.testing.assert_array_equal(cache.read_topk("inv", 0, 10, 60).logp, ref.read_topk("inv", 0, 10, 60).logp)

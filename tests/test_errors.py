@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from shared.cli import main as cit
+from tests.cache_fixtures import ForkedCli
 from tests.shard_fixtures import make_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,14 +260,11 @@ def test_scanning_a_directory_is_one_line(tmp_path):
 
 def test_sigint_says_how_to_resume_and_exits_130(shards, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     args = train_args(shards, run)
     args[args.index("--epochs") + 1] = "200"
-    # as a terminal's Ctrl-C meets it: a suite started in the background (`cmd &`) hands its children SIGINT
-    # ignored, and Python then installs no KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a forked `cit` (no fresh interpreter to pay for) with SIGINT as a terminal's Ctrl-C meets it (a
+    # KeyboardInterrupt), also when the suite was started in the background (`cmd &`) with SIGINT ignored
+    proc = ForkedCli(cit, args, str(tmp_path))
     try:
         deadline = time.time() + 120
         while not (run / "state.safetensors").exists() and time.time() < deadline and proc.poll() is None:
@@ -468,6 +466,7 @@ def test_endpoint_lost_mid_build_is_one_line_that_says_rerun(shards, teachers, m
         import s3fs
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bucket")
         monkeypatch.setattr(runner_mod, "_write", write_then_lose_the_endpoint)
+        monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)    # not 5 tries with back-off to a stopped server
         args = build_args(shards, teachers, "s3://bucket/c.zarr", "--chunk-rows", "10", "--storage-option",
                           'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}')
         line = one_line_error(CliRunner().invoke(cit, args))

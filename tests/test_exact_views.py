@@ -18,7 +18,7 @@ from shared import exact_math
 from shared.augment import PARAMS_FIELDS, ViewSpec, decode_record, encode_record, record_size
 from shared.mixing import MixParams
 from shared.views import VIEW_CODE
-from tests.cache_fixtures import REPO, invoke_cli, make_teacher, run_cli
+from tests.cache_fixtures import REPO, invoke_cli, make_teacher
 from tests.golden_views import GOLDEN_PATH, render_golden
 from tests.shard_fixtures import make_shards
 
@@ -116,16 +116,27 @@ AUG = ["--set", "augment.erase_prob=0.6", "--set", "augment.ra_prob=0.9", "--set
        "--set", "augment.std=[0.3]"]
 
 
+def _here() -> str:
+    """This process's CPU capability (the suite's own, unless ATEN_CPU_CAPABILITY was set when it started)."""
+    import torch
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _other_capability() -> str:
+    """A capability other than this process's, for a training that is not where the cache was built."""
+    return "avx2" if _here() == "DEFAULT" else "default"
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """A cache built in this process (under its capability, ``_here``), to be trained under another one."""
     root = tmp_path_factory.mktemp("exact")
     make_shards(str(root / "data"), num_samples=24, shard_size=12, seed=3, prefix="ex")
     teacher = make_teacher(str(root / "conv.pt"), "conv", seed=1, mean=(0.4,), std=(0.3,))
     cache = str(root / "c.zarr")
-    env = dict(os.environ, PYTHONPATH=REPO, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
-    result = run_cli("build", "--data", str(root / "data/ex.json"), "--teacher", f"conv={teacher}", "--views", "2",
-                     "--topk", "3", "--seed", "4", "--out", cache, "--batch-size", "8", "--threads", "1",
-                     "--no-progress", *AUG, env=env)
+    result = invoke_cli("build", "--data", str(root / "data/ex.json"), "--teacher", f"conv={teacher}", "--views",
+                        "2", "--topk", "3", "--seed", "4", "--out", cache, "--batch-size", "8", "--threads", "1",
+                        "--no-progress", *AUG)
     assert result.returncode == 0, result.stderr
     return {"root": root, "data": str(root / "data/ex.json"), "cache": cache}
 
@@ -151,18 +162,19 @@ def test_cache_records_digests_and_provenance(built):
     digests = np.asarray(root["digest"][:])
     assert digests.shape == (2, 24) and digests.dtype == np.uint32 and len(np.unique(digests)) == 48
     prov = dict(root.attrs)["provenance"]
-    assert prov["cpu_capability"] == "DEFAULT" and set(prov["libraries"]) >= {"pillow", "numpy", "torch", "zarr"}
+    assert prov["cpu_capability"] == _here() and set(prov["libraries"]) >= {"pillow", "numpy", "torch", "zarr"}
     assert dict(root.attrs)["view_code"] == VIEW_CODE
     info = invoke_cli("info", built["cache"])
-    assert info.returncode == 0 and "cpu DEFAULT" in info.stdout and "pixel digests" in info.stdout
+    assert info.returncode == 0 and f"cpu {_here()}" in info.stdout and "pixel digests" in info.stdout
     assert f"pillow {prov['libraries']['pillow']}" in info.stdout
 
 
 def test_cache_built_under_one_capability_trains_under_another(built, tmp_path):
-    result = _train(built, str(tmp_path / "run"), "avx2")
+    other = _other_capability()
+    result = _train(built, str(tmp_path / "run"), other)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("was built in another environment") == 1
-    assert "cpu_capability DEFAULT -> AVX2" in result.stderr
+    assert f"cpu_capability {_here()} -> {other.upper()}" in result.stderr
 
 
 def test_edited_shard_is_refused_by_train_and_found_by_verify(built, tmp_path):

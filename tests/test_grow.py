@@ -24,7 +24,7 @@ from cache_builder.assemble import export_cache, merge_caches
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheError, LogitCache
-from tests.cache_fixtures import REPO, assert_bit_identical, cli_command
+from tests.cache_fixtures import REPO, ForkedCli, assert_bit_identical
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -139,10 +139,10 @@ def test_grow_refusals_are_one_line(grow_world, tmp_path):
 @pytest.mark.slow
 def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_cache(grow_world, tmp_path):
     w = grow_world
-    ref = reference(w, 4, ("conv",), fine=True)
+    ref = reference(w, 3, ("conv",), fine=True)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
-    args = ["extend", url, "--views", "4", "--data", w["data"], "--no-progress", "--workers", "0"]
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ["extend", url, "--views", "3", "--data", w["data"], "--no-progress", "--workers", "0"]
+    proc = ForkedCli(cache_cli, args, str(tmp_path))
     deadline = time.time() + 90
     new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
     while time.time() < deadline and proc.poll() is None and sum(map(os.path.exists, new_done)) < 3:
@@ -152,7 +152,7 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     proc.wait()
     # a reader of the interrupted store sees the old complete cache: E=2, its views intact
     cache = LogitCache.open(url)
-    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 4}
+    assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 3}
     assert np.array_equal(cache.read_topk("conv", 1, 0, N).logp, LogitCache.open(ref).read_topk("conv", 1, 0, N).logp)
     from cache_builder import cache_info, format_info, verify_cache
     info = cache_info(url)
@@ -225,7 +225,7 @@ def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path)
     ref = reference(w, 2, ("conv", "inv"), fine=True)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ForkedCli(cache_cli, args, str(tmp_path))
     deadline = time.time() + 90
     marks = os.path.join(url, "growth", "c")
     while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
@@ -322,10 +322,10 @@ FINE = dict(topk=K, spec=SPEC, seed=5, batch_size=4, chunk_rows=5, workers=0, th
 
 @pytest.fixture(scope="module")
 def fine_caches(grow_world, tmp_path_factory):
-    """Caches of 5-row chunks (12 chunks x 4 views): copying them takes long enough to be killed in the middle."""
+    """Caches of 5-row chunks (12 chunks x 3 views): copying them takes long enough to be killed in the middle."""
     w = grow_world
     root = tmp_path_factory.mktemp("fine")
-    out = {name: reference(w, 4, (name,), fine=True) for name in ("conv", "inv")}
+    out = {name: reference(w, 3, (name,), fine=True) for name in ("conv", "inv")}
     out["both"] = str(root / "both.zarr")
     merge_caches(out["conv"], out["inv"], out["both"])      # equal to a fresh build (tested above)
     return out
@@ -334,7 +334,7 @@ def fine_caches(grow_world, tmp_path_factory):
 def _kill_in_the_middle(args: list[str], out: str) -> None:
     """Start ``cit cache ARGS`` writing ``out``, kill -9 it once a few units are done; a reader in between is
     refused (the result is being written), and after the kill too (incomplete: rerun)."""
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = ForkedCli(cache_cli, args, os.path.dirname(out))
     deadline = time.time() + 90
     marks = os.path.join(out, "done", "c")
     while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
@@ -392,7 +392,7 @@ def test_many_readers_during_extend_and_add_teacher_read_the_old_or_the_new_comp
     order, and never a wrong value."""
     w = grow_world
     url, stop = copy_of(w, 2, ("conv",), str(tmp_path / "shared.zarr")), str(tmp_path / "stop")
-    readers = start_readers(url, reference(w, 4, ("conv", "inv")), stop, 3)
+    readers = start_readers(url, reference(w, 4, ("conv", "inv")), stop, 3, "null", "0.15")
     extend_cache(url, 4, settings(w))                          # the change, in this process
     add_teachers(url, [f"inv={w['inv']}"], settings(w))
     reports = reader_reports(readers, stop)
@@ -423,9 +423,9 @@ def s3_options():
 
 @pytest.fixture(scope="module")
 def small_world(grow_world):
-    """20 samples in 2 shards (2 units per view) for the s3:// changes: every S3 request is slow."""
+    """20 samples in one shard (one unit per view) for the s3:// changes: every S3 request is slow."""
     root = grow_world["root"] / "small"
-    data = make_shards(str(root / "train"), num_samples=20, shard_size=10, prefix="gs", seed=4)
+    data = make_shards(str(root / "train"), num_samples=20, shard_size=20, prefix="gs", seed=4)
     return {**grow_world, "root": root, "data": data.path, "built": {}}
 
 
@@ -438,7 +438,7 @@ def test_extend_add_teacher_export_and_merge_on_s3(small_world, s3_options, tmp_
                 workers=0, threads=1, progress=False, storage_options=o)
     ref = reference(w, 2, ("conv", "inv"))
     stop = str(tmp_path / "stop")
-    readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.3")     # trainings reading the s3 cache meanwhile
+    readers = start_readers(url, ref, stop, 1, json.dumps(o), "0.6")     # trainings reading the s3 cache meanwhile
     extend_cache(url, 2, settings(w, storage_options=o))
     add_teachers(url, [f"inv={w['inv']}"], settings(w, storage_options=o))
     for report in reader_reports(readers, stop):

@@ -369,8 +369,11 @@ def _weights(run) -> dict[str, torch.Tensor]:
 def test_kill_mid_epoch_then_resume_equals_uninterrupted(data, tmp_path):
     full = _cli_in_process(data, tmp_path / "full", "data.num_workers=2")     # the uninterrupted reference
     assert full.exit_code == 0, full.output[-2000:]
-    killed = _cli(data, tmp_path / "cut", "data.num_workers=2", "train.debug_kill_at_step=15")   # epoch 1 of 11/epoch
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from shared.cli import main as cit
+    from tests.cache_fixtures import ForkedCli
+    killed = ForkedCli(cit, ["train", *_cli_args(data, tmp_path / "cut", "data.num_workers=2",
+                                                 "train.debug_kill_at_step=15")], str(tmp_path))   # epoch 1 of 11/epoch
+    assert killed.wait(240) == -signal.SIGKILL, killed.communicate()[1][-2000:]
     from trainer.engine import load_state
     _, info = load_state(str(tmp_path / "cut/state.safetensors"))
     assert info["meta"]["epoch"] == 0                                  # died inside epoch 1
@@ -539,11 +542,14 @@ def test_report_groups_seeds_into_variants(data, tmp_path):
 
 
 def test_cli_reports_bad_input_as_an_error_message(data, tmp_path):
-    """Through the real `cit` entry point: a clear one-line error and a non-zero exit, no traceback."""
-    env = dict(os.environ, PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "shared.cli", "train", "--data", data["train"], "--cache", data["cache"],
-           "--conv-teacher", "resnet", "--out", str(tmp_path / "run"), "--set", f"data.view_seed={VIEW_SEED}",
-           "--set", "augment.ra_magnitude_std=0.0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "teacher 'resnet' is not in it" in proc.stderr and "Traceback" not in proc.stderr
+    """Through the real `cit` entry point (in this process: nothing here needs a process of its own): a clear
+    one-line error and a non-zero exit, no traceback."""
+    from click.testing import CliRunner
+
+    from shared.cli import main as cit
+    result = CliRunner().invoke(cit, ["train", "--data", data["train"], "--cache", data["cache"], "--conv-teacher",
+                                      "resnet", "--out", str(tmp_path / "run"), "--set", f"data.view_seed={VIEW_SEED}",
+                                      "--set", "augment.ra_magnitude_std=0.0"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "teacher 'resnet' is not in it" in result.stderr and "Traceback" not in result.stderr
+    assert [line.startswith("Error:") for line in result.stderr.splitlines()] == [True], result.stderr
