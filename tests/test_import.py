@@ -19,7 +19,7 @@ from PIL import Image
 from shared.checkpoint import load_checkpoint, read_meta
 from shared.cli import main
 from shared.models import create_model, list_models
-from shared.models.importers import ImportSpec, WeightsImportError, import_weights
+from shared.models.importers import ImportSpec, import_weights
 from shared.models.normalize import resize_views, teacher_input
 from tests.shard_fixtures import make_shards
 

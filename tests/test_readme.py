@@ -211,14 +211,17 @@ run("cache", "export", cache, "--views", "1", "--out", os.path.join(root, "v0.za
 run("cache", "export", cache, "--views-from", "1", "--out", os.path.join(root, "v1.zarr"))
 run("cache", "merge", os.path.join(root, "v0.zarr"), os.path.join(root, "v1.zarr"), "--out",
     os.path.join(root, "m.zarr"))
+# one process writes the shards here; with --workers N each worker runs the same write_shard
+run("data", "prepare", "fashion-mnist", "--source", sys.argv[2], "--out", os.path.join(root, "fm"), "--per-class", "1",
+    "--workers", "1")
 heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
 print("imported:", heavy)
 """
 
 
-def test_help_and_commands_that_read_or_copy_a_cache_do_not_start_torch(tmp_path, tiny_teachers):
-    """Every command's ``--help``, and ``cache info | verify | export | merge`` on a real cache, in one fresh
-    interpreter: none imports torch or timm (seconds a user waits for nothing)."""
+def test_help_and_commands_that_read_or_copy_a_cache_do_not_start_torch(tmp_path, tiny_teachers, fake_fashion_mnist):
+    """Every command's ``--help``, ``cache info | verify | export | merge`` on a real cache and ``data prepare``, in
+    one fresh interpreter: none imports torch or timm (seconds a user waits for nothing)."""
     from cache_builder.build import build_cache
     from shared.view_spec import ViewSpec
     from tests.cache_fixtures import assert_bit_identical
@@ -226,8 +229,8 @@ def test_help_and_commands_that_read_or_copy_a_cache_do_not_start_torch(tmp_path
     make_shards(str(tmp_path / "train"), num_samples=12, shard_size=6, prefix="tr")
     build_cache(str(tmp_path / "train" / "tr.json"), [f"conv={tiny_teachers['conv']}"], str(tmp_path / "c.zarr"),
                 views=2, topk=3, spec=ViewSpec(image_size=8), batch_size=8, workers=0, threads=1, progress=False)
-    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, str(tmp_path), fake_fashion_mnist.folder],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [re.sub(r" in [0-9.]+s;", " in ...;", line) for line in proc.stdout.strip().splitlines()]
     assert lines[-1] == "imported: []", proc.stdout + proc.stderr[-2000:]
@@ -237,5 +240,7 @@ def test_help_and_commands_that_read_or_copy_a_cache_do_not_start_torch(tmp_path
         f"cache verify: verify {tmp_path / 'c.zarr'}: OK",
         f"cache export: cache {tmp_path / 'v0.zarr'}: complete; E=1, " + copied.format(2),
         f"cache export: cache {tmp_path / 'v1.zarr'}: complete; views 1..1 (a range), " + copied.format(2),
-        f"cache merge: cache {tmp_path / 'm.zarr'}: complete; E=2, " + copied.format(4)], proc.stdout
+        f"cache merge: cache {tmp_path / 'm.zarr'}: complete; E=2, " + copied.format(4),
+        f"data prepare: {tmp_path / 'fm' / 'train.json'}: 10 samples, 10 classes, 1 shards, "
+        + lines[-2].split("shards, ")[-1]], proc.stdout
     assert_bit_identical(str(tmp_path / "c.zarr"), str(tmp_path / "m.zarr"))

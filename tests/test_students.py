@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shared.augment import ViewSpec
 from shared.targets import encode_logits
-from trainer.losses import CiTLoss, KDTerm, LossConfig
+from trainer.losses import CiTLoss, KDTerm, LossConfig, TargetModel
 from trainer.objectives import CiTObjective, HardDistillation, OneHeadKD, WeightSchedule
-from trainer.losses import TargetModel
 from trainer.targets import Targets
 
 TEMPS = (1.0, 2.0)
