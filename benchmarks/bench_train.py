@@ -400,7 +400,8 @@ def join_part(folder: str, quick: bool) -> dict:
     from trainer.data import make_loader
     from trainer.train import prepare
     shard28, shard224 = (64, 4) if quick else (JOIN_SHARDS[28], JOIN_SHARDS[224])
-    batch, passes = (16, 2) if quick else (32, 4)
+    # passes per size: a 28 px pass is a few seconds, and one pass's rate moves by a few percent, so it gets more
+    batch, passes = (16, {28: 2, 224: 2}) if quick else (32, {28: 16, 224: 4})
     m28 = make_data(os.path.join(folder, "data28"), 2 * shard28, shard_size=shard28)
     c28 = os.path.join(folder, "cache28.zarr")
     write_random_cache(c28, m28, views=1, chunk_rows=shard28)
@@ -409,17 +410,17 @@ def join_part(folder: str, quick: bool) -> dict:
     write_random_cache(c224, m224, views=1, spec=SPEC224, num_classes=1000, chunk_rows=shard224)
     out = {"loader": {}, "step": {}}
     for size, manifest, cache, spec, shard in ((28, m28, c28, SPEC, shard28), (224, m224, c224, SPEC224, shard224)):
-        row = loader_ratio(manifest, spec, cache, ("conv", "inv"), batch, passes)
+        row = loader_ratio(manifest, spec, cache, ("conv", "inv"), batch, passes[size])
         row["shard_size"] = shard
         row["piece_read_ms"] = piece_read_ms(cache, ("conv", "inv"), shard, reps=2 if quick else 20)
         out["loader"][str(size)] = row
         print(f"  loader {size} px: {json.dumps(row['images_per_cpu_s'])} images/CPU-s, cached/none "
               f"{row['cached_over_none']:.3f}; {row['piece_read_ms']:.1f} ms CPU per piece read", flush=True)
-    runs = [(arch, m28, c28, arch, batch, (), 1 if quick else 30)
+    runs = [(arch, m28, c28, arch, batch, (), 1 if quick else 60)
             for arch in (("cit_nano",) if quick else ("cit_nano", "cit_tiny"))]
     # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
     runs.append(("cit_tiny@224px", m224, c224, "cit_tiny", 2 if quick else 8,
-                 (*spec_sets(SPEC224), "data.verify_shards=false"), 1 if quick else 20))
+                 (*spec_sets(SPEC224), "data.verify_shards=false"), 1 if quick else 40))
     for name, manifest, cache, arch, size, sets, reps in runs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -31,7 +31,7 @@ MIX_NONE, MIX_MIXUP, MIX_CUTMIX = 0, 1, 2
 
 @dataclass(frozen=True)
 class MixParams:
-    """One row's mixing decision: the ``mix`` part of the params record (``shared.augment.PARAMS_FIELDS``), which
+    """One row's mixing decision: the ``mix`` part of the params record (``shared.view_spec.PARAMS_FIELDS``), which
     comes last, so it is the last ``SIZE`` floats of an exact-mode record."""
     kind: int = MIX_NONE
     partner: int = -1          # partner row (global), -1 when not mixed
@@ -81,7 +81,7 @@ def partner_of(manifest: Manifest, row: int, window: int, seed: int, view: int) 
 
 
 def sample_mix(spec, seed: int, key: str, view: int, row: int, partner: int) -> MixParams:
-    """λ, mixup-or-cutmix and the box for one row (``spec``: a ``shared.augment.ViewSpec``)."""
+    """λ, mixup-or-cutmix and the box for one row (``spec``: a ``shared.view_spec.ViewSpec``)."""
     rng = _generator(seed, key, view, "mix")
     u_apply, u_switch, u_cy, u_cx = rng.random(4)
     use_cutmix = spec.cutmix_alpha > 0 and (spec.mixup_alpha <= 0 or u_switch < spec.mix_switch_prob)

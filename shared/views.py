@@ -33,6 +33,12 @@ def pixel_digest(pixels: torch.Tensor | np.ndarray) -> int:
     return zlib.crc32(array)
 
 
+def view_digests(views: "list[RenderedView]") -> np.ndarray:
+    """``pixel_digest`` of many rendered views (uint32): their arrays are uint8 and C-contiguous by construction,
+    so each is one crc32 call (the trainer checks every view of every batch against the cache)."""
+    return np.fromiter((zlib.crc32(v.array) for v in views), dtype=np.uint32, count=len(views))
+
+
 @dataclass
 class RenderedView:
     array: np.ndarray             # uint8 (C, H, W), C-contiguous: what the teacher sees and the student trains on

@@ -25,7 +25,7 @@ from shared.errors import CitUserError
 from shared.cache_schema import FEATURE_ARRAYS, TEACHER_ARRAYS, CacheAttrs, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.reader import Piece, RawSample, ShardStream, read_piece, seed_worker
-from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, pixel_digest, render_eval, \
+from shared.views import VIEW_CODE, LoadedRows, RenderedView, make_renderer, render_eval, view_digests, \
     view_mismatch
 from trainer.losses import CachedTargets
 
@@ -269,8 +269,9 @@ def read_block(cache: LogitCache, view: int, piece: Piece, teachers: list[str], 
 def check_views_match(view: int, items: list[Rendered], params: np.ndarray, digests: np.ndarray) -> None:
     """The batch's replayed params records and pixel digests against the cached ones: one array comparison each
     (bit for bit), plus one crc32 per view; the first mismatching row is explained by ``view_mismatch``."""
-    replayed = np.stack([it.view.params for it in items]).astype(np.float32, copy=False)
-    got = np.fromiter((pixel_digest(it.view.array) for it in items), dtype=np.uint32, count=len(items))
+    views = [it.view for it in items]
+    replayed = np.stack([v.params for v in views]).astype(np.float32, copy=False)
+    got = view_digests(views)
     cached = np.ascontiguousarray(params, dtype=np.float32)
     bad_params = (replayed.view(np.uint32) != cached.view(np.uint32)).any(axis=1) \
         if replayed.shape == cached.shape else np.ones(len(items), bool)
@@ -282,10 +283,12 @@ def check_views_match(view: int, items: list[Rendered], params: np.ndarray, dige
 
 
 def _runs(items: list[Rendered]) -> Iterator[tuple[Piece, int, int]]:
-    """(piece, start, stop) of the batch's consecutive items from one piece (a batch spans at most a few)."""
+    """(piece, start, stop) of the batch's consecutive items from one piece (a batch spans at most a few).  Pieces
+    are compared by identity (the stream hands out one object per piece): an equal copy would only start a new
+    run, which finds the block it needs already held."""
     start = 0
     for i in range(1, len(items) + 1):
-        if i == len(items) or items[i].piece != items[start].piece:
+        if i == len(items) or items[i].piece is not items[start].piece:
             yield items[start].piece, start, i
             start = i
 
