@@ -261,7 +261,7 @@ def test_scanning_a_directory_is_one_line(tmp_path):
 def test_sigint_says_how_to_resume_and_exits_130(shards, tmp_path):
     run = tmp_path / "run"
     args = train_args(shards, run)
-    args[args.index("--epochs") + 1] = "200"
+    args[args.index("--epochs") + 1] = "100000"       # never finishes before the signal, however late it comes
     # a forked `cit` (no fresh interpreter to pay for) with SIGINT as a terminal's Ctrl-C meets it (a
     # KeyboardInterrupt), also when the suite was started in the background (`cmd &`) with SIGINT ignored
     proc = ForkedCli(cit, args, str(tmp_path))
