@@ -1,5 +1,5 @@
-"""The session of one change of a store by every rank: the process group (collectives over gloo), the store's
-lease (rank 0 takes it) and the caller's thread count, all given back on exit."""
+"""What every rank of a build or growth holds while it changes a store (kept apart from ``cache_builder.store``,
+which ``cit cache merge`` / ``export`` use without torch)."""
 from __future__ import annotations
 
 import torch

@@ -65,7 +65,7 @@ def parse_teacher_args(items) -> list[tuple[str, str]]:
 def load_recorded_teachers(attrs, pairs: list[tuple[str, str]], device: torch.device) -> list[Teacher]:
     """The teachers of a finished cache (``attrs``: its ``CacheAttrs``) at ``pairs`` (name, checkpoint), each checked
     to be the checkpoint the cache recorded (sha256), for re-running them on its views."""
-    from shared.augment import ViewSpec
+    from shared.view_spec import ViewSpec
     loaded = load_teachers(pairs, attrs.num_classes, device, view_size=ViewSpec.from_dict(attrs.augment).image_size)
     for t in loaded:
         expected = attrs.teacher(t.name).checkpoint_sha256

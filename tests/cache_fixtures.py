@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import socket
 import subprocess
 import sys
@@ -143,6 +144,25 @@ class ForkedCli:
         self.wait(timeout)
         with open(self.stdout_path) as out, open(self.stderr_path) as err:
             return out.read(), err.read()
+
+    def run_until(self, reached, what: str, timeout: float = 90) -> None:
+        """Poll (every 2 ms) until ``reached()`` holds, then fail if the child has ended: ``what`` (the command)
+        finished before it could be stopped."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.poll() is None and not reached():
+            time.sleep(0.002)
+        assert self.poll() is None, f"{what} finished before it could be killed: {self.communicate()}"
+
+    def kill9(self) -> None:
+        """SIGKILL, and wait for the child to be gone."""
+        self.kill()
+        self.wait()
+
+
+def count_written(folder: str) -> int:
+    """Files written under ``folder`` (done flags, growth marks), not Zarr's temporary ``*.partial`` files; 0 while it
+    does not exist."""
+    return sum(len([f for f in files if not f.endswith(".partial")]) for _, _, files in os.walk(folder))
 
 
 def _forked_main(group, args: list[str], stdout_path: str, stderr_path: str) -> None:

@@ -5,7 +5,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,8 +22,8 @@ from shared.augment import ViewParams, ViewSpec, apply_view, to_model_input
 from shared.cache_schema import STATUS_BUILDING, STATUS_COMPLETE, CacheError, LogitCache
 from shared.manifest import Manifest
 from shared.views import decode, render_view
-from tests.cache_fixtures import (REPO, ForkedCli, assert_bit_identical, free_port, invoke_cli, make_teacher,
-                                  store_arrays)
+from tests.cache_fixtures import (REPO, ForkedCli, assert_bit_identical, count_written, free_port, invoke_cli,
+                                  make_teacher, store_arrays)
 from tests.shard_fixtures import make_shards
 
 E, K, N, SHARD, BATCH = 3, 5, 200, 50, 16
@@ -142,31 +141,22 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path):
     kills = []
     for attempt in range(2):
         proc = ForkedCli(cache_cli, args, str(tmp_path))
-        deadline = time.time() + 90
         if attempt == 0:     # early: while the store is being created or the first units are written
-            while time.time() < deadline and proc.poll() is None and not os.path.exists(out):
-                time.sleep(0.002)
+            proc.run_until(lambda: os.path.exists(out), "the build")
             time.sleep(rng.uniform(0.0, 0.3))
         else:                # after a random number of units, at a random point inside the next one
-            target = _count_files(done_dir) + rng.randint(1, 8)
-            while time.time() < deadline and proc.poll() is None and _count_files(done_dir) < target:
-                time.sleep(0.002)
+            target = count_written(done_dir) + rng.randint(1, 8)
+            proc.run_until(lambda: count_written(done_dir) >= target, "the build")
             time.sleep(rng.uniform(0.0, 0.05))
         assert proc.poll() is None, f"the build finished before it could be killed: {proc.communicate()}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills.append(_count_files(done_dir))
+        proc.kill9()
+        kills.append(count_written(done_dir))
     assert not _is_complete(out) and kills[-1] < views * N // 10, kills
     result = invoke_cli(*args)                    # the resume is not killed: in this process
     assert result.returncode == 0, result.stderr
     assert "complete" in result.stdout and f"{kills[-1]} units were already done" in result.stdout
     assert_bit_identical(ref, out)
     assert LogitCache.open(out).attrs.teachers == LogitCache.open(ref).attrs.teachers
-
-
-def _count_files(folder: str) -> int:
-    """Written done flags (not Zarr's temporary ``*.partial`` files)."""
-    return sum(len([f for f in files if not f.endswith(".partial")]) for _, _, files in os.walk(folder))
 
 
 def _is_complete(url: str) -> bool:

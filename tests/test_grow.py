@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from cache_builder.assemble import export_cache, merge_caches
 from cache_builder.grow import GrowSettings, add_teachers, extend_cache
 from shared.augment import ViewSpec
 from shared.cache_schema import CacheError, LogitCache
-from tests.cache_fixtures import REPO, ForkedCli, assert_bit_identical
+from tests.cache_fixtures import REPO, ForkedCli, assert_bit_identical, count_written
 from tests.shard_fixtures import make_shards
 
 K, N, SHARD, BATCH = 3, 60, 20, 8
@@ -143,13 +141,9 @@ def test_kill_9_during_extend_then_rerun_is_identical_and_readers_see_the_old_ca
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["extend", url, "--views", "3", "--data", w["data"], "--no-progress", "--workers", "0"]
     proc = ForkedCli(cache_cli, args, str(tmp_path))
-    deadline = time.time() + 90
     new_done = [os.path.join(url, "done", "c", "2", str(c)) for c in range(N // 5)]
-    while time.time() < deadline and proc.poll() is None and sum(map(os.path.exists, new_done)) < 3:
-        time.sleep(0.002)
-    assert proc.poll() is None, "the extend finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.run_until(lambda: sum(map(os.path.exists, new_done)) >= 3, "the extend")
+    proc.kill9()
     # a reader of the interrupted store sees the old complete cache: E=2, its views intact
     cache = LogitCache.open(url)
     assert cache.is_complete and cache.attrs.views == 2 and cache.attrs.growth == {"op": "extend", "views": 3}
@@ -226,13 +220,8 @@ def test_kill_9_during_add_teacher_then_rerun_is_identical(grow_world, tmp_path)
     url = copy_of(w, 2, ("conv",), str(tmp_path / "killed.zarr"), fine=True)
     args = ["add-teacher", url, f"inv={w['inv']}", "--data", w["data"], "--no-progress", "--workers", "0"]
     proc = ForkedCli(cache_cli, args, str(tmp_path))
-    deadline = time.time() + 90
-    marks = os.path.join(url, "growth", "c")
-    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
-        time.sleep(0.002)
-    assert proc.poll() is None, "add-teacher finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.run_until(lambda: count_written(os.path.join(url, "growth", "c")) >= 3, "add-teacher")
+    proc.kill9()
     cache = LogitCache.open(url)       # the old complete cache: one teacher
     assert cache.is_complete and cache.teacher_names == ["conv"] and cache.attrs.growth["op"] == "add-teacher"
     r = CliRunner().invoke(cache_cli, args)          # the rerun, in this process
@@ -335,15 +324,10 @@ def _kill_in_the_middle(args: list[str], out: str) -> None:
     """Start ``cit cache ARGS`` writing ``out``, kill -9 it once a few units are done; a reader in between is
     refused (the result is being written), and after the kill too (incomplete: rerun)."""
     proc = ForkedCli(cache_cli, args, os.path.dirname(out))
-    deadline = time.time() + 90
-    marks = os.path.join(out, "done", "c")
-    while time.time() < deadline and proc.poll() is None and len(_files(marks) if os.path.isdir(marks) else []) < 3:
-        time.sleep(0.002)
+    proc.run_until(lambda: count_written(os.path.join(out, "done", "c")) >= 3, args[0])
     with pytest.raises(CacheError, match="is being built by pid"):
         LogitCache.open(out)
-    assert proc.poll() is None, f"{args[0]} finished before it could be killed: {proc.communicate()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill9()
     with pytest.raises(CacheError, match=r"incomplete .*rerunning the command that wrote it"):
         LogitCache.open(out)
 
