@@ -68,19 +68,21 @@ def target_log_probs(logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tens
         raise ValueError(f"tail mode must be one of {TAIL_MODES}, got {mode!r}")
     *lead, kk = logp.shape
     k = min(topk or kk, kk)
-    scaled = logp.float() / tau
+    scaled = logp.float() if isinstance(tau, (int, float)) and tau == 1 else logp.float() / tau
     if mode == "renormalize":
-        scaled = scaled[..., :k]
-        top = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
-        fill = torch.full((*lead, 1), -math.inf, device=logp.device)
+        top = torch.log_softmax(scaled[..., :k], dim=-1)
+        fill = None
+    elif k == num_classes:                                    # every class kept: no tail (its log-mass is −inf)
+        top, fill = torch.log_softmax(scaled, dim=-1), None
     else:
         tail = tail.float().unsqueeze(-1)
-        top = log1mexp(tail) + scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        top = log1mexp(tail) + torch.log_softmax(scaled, dim=-1)
         if k < kk:                                            # the dropped classes join the tail
             tail = torch.logaddexp(tail, torch.logsumexp(top[..., k:], dim=-1, keepdim=True))
             top = top[..., :k]
-        fill = tail - math.log(num_classes - k) if k < num_classes else torch.full_like(tail, -math.inf)
-    dense = fill.expand(*lead, num_classes).clone()
+        fill = tail - math.log(num_classes - k)
+    dense = (torch.full((*lead, num_classes), -math.inf, device=logp.device) if fill is None
+             else fill.expand(*lead, num_classes).clone())
     return dense.scatter_(-1, indices[..., :k].long(), top)
 
 

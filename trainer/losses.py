@@ -58,7 +58,8 @@ class LossConfig:
 def kd_kl(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau: float) -> torch.Tensor:
     """τ²·KL(q ‖ σ(s/τ)), batchmean; ``teacher_log_probs`` are the teacher's log-probabilities at τ (logits work
     too at τ = 1: they are normalised here).  Classes with zero teacher probability (−inf) add nothing."""
-    return kd_kl_stacked(student_logits.unsqueeze(0), teacher_log_probs.unsqueeze(0), tau)[0]
+    log_q = F.log_softmax(teacher_log_probs.float(), dim=-1)
+    return kd_kl_stacked(student_logits.unsqueeze(0), log_q.unsqueeze(0), tau)[0]
 
 
 class CachedTargets(Mapping):
@@ -122,15 +123,16 @@ def mix_log_probs(log_q: torch.Tensor, lam: torch.Tensor, partner: torch.Tensor)
 
 
 def kd_kl_stacked(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, tau) -> torch.Tensor:
-    """``kd_kl`` of T terms at once: (T, B, C) student logits and teacher log-probabilities, ``tau`` a float or a
-    (T, 1, 1) tensor; returns the (T,) per-term τ²·KL (one log_softmax of all student heads, no host sync).
+    """``kd_kl`` of T terms at once: (T, B, C) student logits and teacher log-probabilities (normalised: the
+    target model's, which sum to one by construction), ``tau`` a float or a (T, 1, 1) tensor; returns the (T,) per-term τ²·KL (one log_softmax of all student heads, no host sync).
     (A hand-written backward measured no faster on the CPU: the autograd engine's fixed cost per backward
     dominates at these sizes, not the ops.)"""
-    log_p_s = F.log_softmax(student_logits.float() / tau, dim=-1)
-    p_t = F.log_softmax(teacher_log_probs.float(), dim=-1).exp()
+    z = student_logits.float()
+    log_p_s = F.log_softmax(z if isinstance(tau, (int, float)) and tau == 1 else z / tau, dim=-1)
+    p_t = teacher_log_probs.float().exp()
     kl = torch.special.xlogy(p_t, p_t) - p_t * log_p_s         # xlogy(0, 0) = 0: -inf teacher entries are safe
     tau2 = (tau * tau).view(-1) if isinstance(tau, torch.Tensor) else tau * tau
-    return kl.sum(dim=(1, 2)) / student_logits.shape[1] * tau2
+    return kl.sum(dim=(1, 2)) * (tau2 / student_logits.shape[1])
 
 
 @dataclass
@@ -198,9 +200,8 @@ class TargetModel:
     def stacked(self, targets: Mapping, keys: list[tuple[str, float]]) -> torch.Tensor:
         """(U, B, C) log-probabilities of the (teacher, τ) ``keys``, built together (a τ that is not cached falls
         back to the per-target approximation, warned about before training)."""
-        first = targets[keys[0][0]]
-        if isinstance(first, torch.Tensor):
-            return self._stacked_online(targets, keys, first.device)
+        if not isinstance(targets, CachedTargets) and isinstance(targets[keys[0][0]], torch.Tensor):
+            return self._stacked_online(targets, keys, targets[keys[0][0]].device)
         self._require_cache()
         slots = [self.cached_slot(tau) for _, tau in keys]
         if self.tail != "renormalize" and any(s is None for s in slots):
@@ -271,23 +272,17 @@ class CiTLoss(torch.nn.Module):
             held = self._on_device[device] = ((taus, weights), (tau, torch.tensor(weights, device=device)))
         return held[1]
 
-    def _keys(self) -> list[tuple[str, float]]:
-        """The distinct (teacher, τ) targets of the terms, in term order."""
-        keys = []
-        for term in self.terms:
-            if (term.teacher, term.tau) not in keys:
-                keys.append((term.teacher, term.tau))
-        return keys
-
     def targets(self, targets: Mapping, mix: "MixInfo | None" = None) -> torch.Tensor:
         """(terms, B, C) teacher log-probabilities of every KD term, built for all teachers at once (one target
-        build, one scatter); ``approx`` mixing mixes them in the same pass."""
-        keys = self._keys()
+        build, one scatter) from the terms' distinct (teacher, τ) keys; ``approx`` mixing mixes them in the same
+        pass."""
+        keys = list(dict.fromkeys((t.teacher, t.tau) for t in self.terms))
         log_q = self.model.stacked(targets, keys)
         if mix is not None and mix.partner_index is not None:     # approx: temper, then mix
             log_q = mix_log_probs(log_q, mix.lam, mix.partner_index)
-        order = [keys.index((t.teacher, t.tau)) for t in self.terms]
-        return log_q if order == list(range(len(keys))) else log_q[order]
+        if len(keys) == len(self.terms):
+            return log_q
+        return log_q[[keys.index((t.teacher, t.tau)) for t in self.terms]]
 
     def forward(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, targets: dict | None = None,
                 mix: "MixInfo | None" = None, kd_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
