@@ -54,6 +54,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.expm1(x.clamp_max(0.0)).neg_())
 
 
+def tempered(x: torch.Tensor, tau) -> torch.Tensor:
+    """x / τ, as a float32 tensor; at τ = 1 (a number) no op runs: the common case costs nothing on small batches,
+    where a step's KD part is counted in ops, not flops."""
+    x = x.float()
+    return x if isinstance(tau, (int, float)) and tau == 1 else x / tau
+
+
 def target_log_probs(logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, tau, num_classes: int,
                      topk: int = 0, mode: str = "uniform") -> torch.Tensor:
     """Dense (..., C) fp32 log-probabilities of the teacher at temperature ``tau``.
@@ -68,7 +75,7 @@ def target_log_probs(logp: torch.Tensor, indices: torch.Tensor, tail: torch.Tens
         raise ValueError(f"tail mode must be one of {TAIL_MODES}, got {mode!r}")
     *lead, kk = logp.shape
     k = min(topk or kk, kk)
-    scaled = logp.float() if isinstance(tau, (int, float)) and tau == 1 else logp.float() / tau
+    scaled = tempered(logp, tau)
     if mode == "renormalize":
         top = torch.log_softmax(scaled[..., :k], dim=-1)
         fill = None

@@ -91,9 +91,10 @@ def test_target_is_exact_and_spreads_the_tail_uniformly():
         q = loss.model.log_probs(_topk(full, 3), tau).exp().double()
         np.testing.assert_allclose(q.numpy(), _teacher_probs(full, 3, tau), rtol=1e-5, atol=1e-7)
         assert torch.allclose(q.sum(1), torch.ones(5, dtype=torch.float64))                # total mass 1
-    # K = C: the teacher's full tempered distribution
-    q = loss.model.log_probs(_topk(full, 10), 2.0).exp().double().numpy()
-    np.testing.assert_allclose(q, np.exp(_log_softmax(full / 2.0)), rtol=1e-5)
+    # K = C: the teacher's full tempered distribution (τ = 1 skips the divide, τ = 2 does not)
+    for tau in (1.0, 2.0):
+        q = loss.model.log_probs(_topk(full, 10), tau).exp().double().numpy()
+        np.testing.assert_allclose(q, np.exp(_log_softmax(full / tau)), rtol=1e-5)
     # renormalise: no tail mass, the top-k renormalised at τ
     renorm = TargetModel(LossConfig(tail="renormalize"), 10, TEMPS).log_probs(_topk(full, 3), 2.0)
     p = _teacher_probs(full, 3, 2.0)
