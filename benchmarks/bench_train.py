@@ -183,8 +183,9 @@ def paired_steps(prepared: dict, rounds: int, batch_size: int, warmup: int = 2) 
 def loader_ratio(manifest: str, spec: ViewSpec, cache: str, teachers: tuple[str, ...], batch_size: int,
                  passes: int) -> dict:
     """Images per CPU-second of the training loader (read, decode, replay, batch; + the cache join and its
-    params/digest check for ``cached``), one process, passes interleaved in alternating order; the ratio is the
-    median of the per-pass-pair ratios."""
+    params/digest check for ``cached``), one process.  In each pass both loaders advance batch by batch in turn
+    (the order alternating), each batch's CPU time charged to its loader, so load that drifts during a pass hits
+    both alike; the ratio is the median of the per-pass ratios."""
     from shared.manifest import Manifest
     from trainer.data import TrainViews, make_loader
     man = Manifest.load(manifest)
@@ -194,12 +195,26 @@ def loader_ratio(manifest: str, spec: ViewSpec, cache: str, teachers: tuple[str,
     rate: dict[str, list[float]] = {m: [] for m in loaders}
     wall: dict[str, list[float]] = {m: [] for m in loaders}
     for r in range(passes + 1):                    # pass 0 warms caches (files, allocator) and is not counted
-        for m in (("none", "cached") if r % 2 else ("cached", "none")):
-            cpu, started = time.process_time(), time.perf_counter()
-            images = sum(len(batch) for batch in loaders[m])
-            if r:
-                rate[m].append(images / (time.process_time() - cpu))
-                wall[m].append(images / (time.perf_counter() - started))
+        streams = {m: iter(loader) for m, loader in loaders.items()}
+        cpu, clock, images = dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0.0), dict.fromkeys(loaders, 0)
+        step = 0
+        while streams:
+            for m in (("none", "cached") if step % 2 else ("cached", "none")):
+                if m not in streams:
+                    continue
+                c, w = time.process_time(), time.perf_counter()
+                batch = next(streams[m], None)
+                cpu[m] += time.process_time() - c
+                clock[m] += time.perf_counter() - w
+                if batch is None:
+                    del streams[m]
+                else:
+                    images[m] += len(batch)
+            step += 1
+        if r:
+            for m in loaders:
+                rate[m].append(images[m] / cpu[m])
+                wall[m].append(images[m] / clock[m])
     pairs = [c / n for c, n in zip(rate["cached"], rate["none"])]
     return {"images_per_cpu_s": {m: statistics.median(v) for m, v in rate.items()},
             "images_per_wall_s": {m: statistics.median(v) for m, v in wall.items()},
@@ -228,7 +243,26 @@ def step_ratio(ps: dict, batch, reps: int, warmup: int = 2) -> dict:
                 step[m].append(time.perf_counter() - started)
     pairs = [n / c for n, c in zip(step["none"], step["cached"])]
     return {"step_ms": {m: 1e3 * statistics.median(v) for m, v in step.items()},
-            "step_cached_over_none": statistics.median(pairs)}
+            "step_cached_over_none": statistics.median(pairs), "pairs": len(pairs),
+            "pair_quartiles": statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs}
+
+
+def adamw_step_ms(model: torch.nn.Module, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of one AdamW step over ``model``'s parameter groups (with its last gradients) in torch's three
+    implementations: the per-tensor loop (torch's default on the CPU), foreach, and fused (``make_optimizer``'s)."""
+    from trainer.engine import param_groups
+    out = {}
+    for name, kind in (("for_loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, **kind)
+        times = []
+        for _ in range(reps + warmup):
+            started = time.perf_counter()
+            opt.step()
+            if next(model.parameters()).is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        out[name] = 1e3 * statistics.median(times[warmup:])
+    return out
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -401,7 +435,7 @@ def join_part(folder: str, quick: bool) -> dict:
     from trainer.train import prepare
     shard28, shard224 = (64, 4) if quick else (JOIN_SHARDS[28], JOIN_SHARDS[224])
     # passes per size: a 28 px pass is a few seconds, and one pass's rate moves by a few percent, so it gets more
-    batch, passes = (16, {28: 2, 224: 2}) if quick else (32, {28: 16, 224: 4})
+    batch, passes = (16, {28: 2, 224: 2}) if quick else (32, {28: 12, 224: 4})
     m28 = make_data(os.path.join(folder, "data28"), 2 * shard28, shard_size=shard28)
     c28 = os.path.join(folder, "cache28.zarr")
     write_random_cache(c28, m28, views=1, chunk_rows=shard28)
@@ -416,8 +450,9 @@ def join_part(folder: str, quick: bool) -> dict:
         out["loader"][str(size)] = row
         print(f"  loader {size} px: {json.dumps(row['images_per_cpu_s'])} images/CPU-s, cached/none "
               f"{row['cached_over_none']:.3f}; {row['piece_read_ms']:.1f} ms CPU per piece read", flush=True)
-    runs = [(arch, m28, c28, arch, batch, (), 1 if quick else 60)
-            for arch in (("cit_nano",) if quick else ("cit_nano", "cit_tiny"))]
+    # step pairs per student (``pair_quartiles``: one pair's spread): 200 of cit_nano's ~75 ms steps, 60 of cit_tiny's
+    runs = [(arch, m28, c28, arch, batch, (), 1 if quick else reps)
+            for arch, reps in ((("cit_nano", 200),) if quick else (("cit_nano", 200), ("cit_tiny", 60)))]
     # the paper's student at 224 px, C = 1000, batch 8 (as in --part paper224), on the same fixed-batch footing
     runs.append(("cit_tiny@224px", m224, c224, "cit_tiny", 2 if quick else 8,
                  (*spec_sets(SPEC224), "data.verify_shards=false"), 1 if quick else 40))
@@ -426,8 +461,11 @@ def join_part(folder: str, quick: bool) -> dict:
             warnings.simplefilter("ignore")
             ps = {m: prepare(run_config(manifest, cache, arch, m, size, 0, 1, {}, sets)) for m in ("none", "cached")}
         one = next(iter(make_loader(ps["cached"].train_set, size, 0, pin_memory=False)))
-        out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps, warmup=1 if quick else 2)
-        print(f"  step {name}: cached/none {out['step'][name]['step_cached_over_none']:.3f}", flush=True)
+        row = out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps,
+                                             warmup=1 if quick else 2)
+        row["adamw_step_ms"] = adamw_step_ms(ps["cached"].student, reps)
+        print(f"  step {name}: cached/none {row['step_cached_over_none']:.3f}; AdamW step "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in row["adamw_step_ms"].items()), flush=True)
     return out
 
 

@@ -40,7 +40,7 @@ FIELDS: dict[str, list[str]] = {
                "exact_cache_cost.build_time_ratio", "exact_cache_cost.bytes_ratio"],
     "demo": ["settings.command", "wall_seconds", "runs.*.loadavg_start"],
     "suite": ["command", "wall_seconds", "cpu_seconds", "passed", "machine.loadavg_start"],
-    "train_join": ["settings.command", "join.loader", "join.step"],
+    "train_join": ["settings.command", "join.loader", "join.step", "join.step.cit_nano.adamw_step_ms.fused"],
     "train_paper224": ["settings.command", "paper224.student", "paper224.batch_size", "paper224.runs"],
     "grow": ["settings.command", "extend.ratio_vs_fresh", "add_teacher.ratio_vs_fresh"],
     "claims": ["settings.command", "settings.per_class", "settings.views_E", "settings.seeds", "teachers",
@@ -165,6 +165,13 @@ def minutes(seconds: float) -> str:
     return f"{whole // 60} min {whole % 60:02d} s"
 
 
+def adamw_note(step: dict) -> str:
+    """The optimiser step the trainer uses (fused) beside torch's CPU default (a loop over the tensors)."""
+    ms = step["adamw_step_ms"]
+    return (f"; cit_nano's AdamW step {ms['fused']:.2f} ms fused (what `cit train` uses) vs {ms['for_loop']:.2f} ms "
+            f"torch's per-tensor default, {ms['foreach']:.2f} ms foreach")
+
+
 def users_wait_rows(r: dict) -> list[tuple[str, str, str]]:
     """Where a user waits: the training loader's join, the 224 px step, growing a cache, the demo."""
     rows = []
@@ -173,7 +180,8 @@ def users_wait_rows(r: dict) -> list[tuple[str, str, str]]:
         rows.append(("training loader with cached KD ÷ without, images per CPU-second, paired (goal ≥ 0.97); "
                      "step cached KD ÷ no KD, paired median (goal ≥ 0.99)", r["train_join"]["settings"]["command"],
                      ", ".join(f"loader {px} px {v['cached_over_none']:.3f}" for px, v in j["loader"].items())
-                     + "; " + ", ".join(f"step {m} {v['step_cached_over_none']:.3f}" for m, v in j["step"].items())))
+                     + "; " + ", ".join(f"step {m} {v['step_cached_over_none']:.3f}" for m, v in j["step"].items())
+                     + adamw_note(j["step"]["cit_nano"])))
     if r.get("train_paper224"):
         p = r["train_paper224"]["paper224"]
         cells = []

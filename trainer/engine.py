@@ -132,8 +132,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one: on the CPU it is ~5× the default (foreach) step
-    (cit_nano: 0.86 vs 4.25 ms, measured), on CUDA one launch for every parameter."""
+    """AdamW with torch's fused kernel where it has one: on the CPU torch's default is a loop over the tensors,
+    ~5× slower for cit_nano (``benchmarks/bench_train.py --part join``: ``adamw_step_ms``); on CUDA one launch
+    for every parameter."""
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              fused=fused or None)
