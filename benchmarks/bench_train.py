@@ -247,13 +247,13 @@ def step_ratio(ps: dict, batch, reps: int, warmup: int = 2) -> dict:
             "pair_quartiles": statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs}
 
 
-def adamw_step_ms(model: torch.nn.Module, reps: int, warmup: int = 2) -> dict[str, float]:
+def adamw_step_ms(model: torch.nn.Module, weight_decay: float, reps: int, warmup: int = 2) -> dict[str, float]:
     """Median ms of one AdamW step over ``model``'s parameter groups (with its last gradients) in torch's three
     implementations: the per-tensor loop (torch's default on the CPU), foreach, and fused (``make_optimizer``'s)."""
     from trainer.engine import param_groups
     out = {}
     for name, kind in (("for_loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
-        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, **kind)
+        opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=1e-4, **kind)
         times = []
         for _ in range(reps + warmup):
             started = time.perf_counter()
@@ -463,7 +463,7 @@ def join_part(folder: str, quick: bool) -> dict:
         one = next(iter(make_loader(ps["cached"].train_set, size, 0, pin_memory=False)))
         row = out["step"][name] = step_ratio(ps, one.to(ps["cached"].runtime.device), reps=reps,
                                              warmup=1 if quick else 2)
-        row["adamw_step_ms"] = adamw_step_ms(ps["cached"].student, reps)
+        row["adamw_step_ms"] = adamw_step_ms(ps["cached"].student, ps["cached"].cfg.train.weight_decay, reps)
         print(f"  step {name}: cached/none {row['step_cached_over_none']:.3f}; AdamW step "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in row["adamw_step_ms"].items()), flush=True)
     return out
