@@ -199,8 +199,9 @@ class TargetModel:
     def stacked(self, targets: Mapping, keys: list[tuple[str, float]]) -> torch.Tensor:
         """(U, B, C) log-probabilities of the (teacher, τ) ``keys``, built together (a τ that is not cached falls
         back to the per-target approximation, warned about before training)."""
-        if not isinstance(targets, CachedTargets) and isinstance(targets[keys[0][0]], torch.Tensor):
-            return self._stacked_online(targets, keys, targets[keys[0][0]].device)
+        first = None if isinstance(targets, CachedTargets) else targets[keys[0][0]]   # a loader's stack: cached
+        if isinstance(first, torch.Tensor):
+            return self._stacked_online(targets, keys, first.device)
         self._require_cache()
         slots = [self.cached_slot(tau) for _, tau in keys]
         if self.tail != "renormalize" and any(s is None for s in slots):
